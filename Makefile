@@ -1,0 +1,41 @@
+# The two commands of README.md:  `make demo` (set-up + nightly on demo data)  and  `make test`.
+# Both build .venv on first use and reuse it after; the stamp file tracks the requirements.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_DIR ?= demo
+DEMO_LIMIT ?= 10000
+CONF ?= conf/local.yaml
+
+.PHONY: demo test venv datasets clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Debian packages the demo and the tests read (DESIGN.md, "Reference data and models").
+datasets:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+$(DEMO_DIR)/catalog.parquet: | $(STAMP) datasets
+	$(BIN)/lookalike demo-data --out $(DEMO_DIR) --limit $(DEMO_LIMIT)
+
+demo: $(STAMP) datasets $(DEMO_DIR)/catalog.parquet
+	$(BIN)/lookalike nightly --conf $(CONF)
+
+test: $(STAMP) datasets
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO_DIR) out

@@ -1,0 +1,80 @@
+"""Reading the catalog: any of parquet, csv, json or delta, checked and normalised to the contract columns.
+
+The catalog is the one input the whole night depends on, so its problems stop the run before any work is
+done, with examples: a missing required column, null or duplicate `item_id`s. Problems of single rows that
+the rest of the catalog can live without (a null or unreadable `image_uri`) are left to the embed stage,
+which quarantines them and goes on.
+"""
+from __future__ import annotations
+
+import posixpath
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lookalike import tables
+from lookalike.config import Config
+from lookalike.errors import LookalikeError
+
+REQUIRED_COLUMNS = ("item_id", "image_uri")
+# Optional contract columns: their type, and the value a row without one gets (no stock flag = in stock).
+OPTIONAL_COLUMNS = {"category": ("string", None), "title": ("string", None), "in_stock": ("boolean", True)}
+COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+_URI_SCHEME = r"^[A-Za-z][A-Za-z0-9+.\-]*:"
+_EXAMPLES = 5
+
+
+class CatalogError(LookalikeError, ValueError):
+    """The catalog cannot be used as it is; the message names the problem and example rows."""
+
+
+def catalog_folder(catalog_path: str) -> str:
+    """The folder a catalog sits in: relative image URIs are relative to it, as they are in a dataset dump."""
+    return posixpath.dirname(catalog_path.rstrip("/"))
+
+
+def resolve_uri(uri: Column, base: str) -> Column:
+    """Absolute paths and URIs stay as they are; relative paths are joined to `base`."""
+    absolute = uri.startswith("/") | uri.rlike(_URI_SCHEME)
+    return F.when(uri.isNull() | (F.trim(uri) == "") | absolute, uri).otherwise(
+        F.concat(F.lit(base.rstrip("/") + "/"), uri))
+
+
+def _load(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+    if fmt == "delta":
+        return tables.read(spark, path)
+    reader = spark.read.format(fmt)
+    if fmt == "csv":
+        reader = reader.option("header", "true")
+    return reader.load(path)
+
+
+def validate(df: DataFrame, source: str) -> DataFrame:
+    """Check the contract of a raw catalog frame and return it with exactly COLUMNS, typed."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise CatalogError(f"catalog {source} lacks required column(s) {missing}; it has {df.columns}")
+    df = df.select(
+        F.col("item_id").cast("string").alias("item_id"),
+        F.col("image_uri").cast("string").alias("image_uri"),
+        *[F.coalesce((F.col(name) if name in df.columns else F.lit(None)).cast(dtype), F.lit(default).cast(dtype))
+          .alias(name) for name, (dtype, default) in OPTIONAL_COLUMNS.items()],
+    )
+    nulls = df.filter(F.col("item_id").isNull() | (F.trim("item_id") == "")).limit(_EXAMPLES).collect()
+    if nulls:
+        examples = ", ".join(repr(r["image_uri"]) for r in nulls)
+        raise CatalogError(f"catalog {source} has rows without item_id, e.g. image_uri {examples}")
+    dupes = (df.groupBy("item_id").count().filter("count > 1")
+             .orderBy(F.desc("count"), "item_id").limit(_EXAMPLES).collect())
+    if dupes:
+        total = df.groupBy("item_id").count().filter("count > 1").count()
+        examples = ", ".join(f"{r['item_id']!r} (x{r['count']})" for r in dupes)
+        raise CatalogError(f"catalog {source} has {total} duplicate item_id(s), e.g. {examples}")
+    return df
+
+
+def read_catalog(spark: SparkSession, cfg: Config) -> DataFrame:
+    """The validated catalog with relative image URIs resolved against the catalog's folder."""
+    path, fmt = cfg["catalog.path"], cfg["catalog.format"]
+    df = validate(_load(spark, path, fmt), source=path)
+    return df.withColumn("image_uri", resolve_uri(F.col("image_uri"), catalog_folder(path)))

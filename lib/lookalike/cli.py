@@ -1,0 +1,105 @@
+"""The `lookalike` command line: one sub-command per stage, plus demo-data, nightly and report.
+
+Every stage command takes `--conf FILE` and repeatable `--set dotted.key=value`, validates the config before
+Spark starts, and turns a LookalikeError into one line on stderr and a non-zero exit. `jobs/<stage>.py` calls
+`main` with the stage's name, so spark-submit and the CLI run the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lookalike import config as config_mod
+from lookalike import stages
+from lookalike.errors import LookalikeError
+
+log = logging.getLogger("lookalike")
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_NOT_BUILT = 3
+
+STAGE_HELP = {
+    "embed": "catalog -> embeddings, quarantine",
+    "index": "embeddings -> FAISS shards + manifests",
+    "similar": "-> similar_items",
+    "recommend": "events + embeddings -> recommendations",
+    "nightly": "embed -> index -> similar -> recommend, incremental, one run id",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookalike", description="Visual-similarity pipeline on Spark.")
+    parser.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo-data", help="build the Fashion-MNIST demo catalog and events")
+    demo.add_argument("--out", required=True, type=Path, help="folder to write (created if missing)")
+    demo.add_argument("--limit", type=int, default=None, help="first N images only (default: all 70,000)")
+    demo.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    for name, text in STAGE_HELP.items():
+        _add_conf_args(commands.add_parser(name, help=text))
+    report = commands.add_parser("report", help="visual HTML report of the last run")
+    _add_conf_args(report)
+    report.add_argument("--out", required=True, type=Path, help="HTML file to write")
+    return parser
+
+
+def _add_conf_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conf", required=True, help="YAML config file (see conf/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set embed.batch_size=32 (repeatable)")
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.conf, args.overrides)
+    if name != "nightly" and not stages.is_built(name):
+        print(f"lookalike: the {name} stage is not built yet", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    from lookalike.session import get_spark  # pyspark only once the config is known to be good
+
+    spark = get_spark(cfg)
+    run_id = stages.new_run_id()
+    if name == "nightly":
+        from lookalike import nightly
+
+        nightly.run(cfg, spark, run_id)
+    else:
+        result = stages.load_stage(name)(cfg, spark, run_id)
+        log.info("%s done: %s", name, result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "demo-data":
+            from lookalike.demo_data import build_demo_data
+
+            summary = build_demo_data(args.out, limit=args.limit, seed=args.seed)
+            log.info("demo data: %s", summary)
+            return 0
+        if args.command == "report":
+            config_mod.load(args.conf, args.overrides)
+            print("lookalike: the report command is not built yet", file=sys.stderr)
+            return EXIT_NOT_BUILT
+        return _run_stage(args.command, args)
+    except config_mod.ConfigError as err:
+        print(f"lookalike: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LookalikeError as err:
+        print(f"lookalike: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run_job(command: str) -> None:
+    """Entry for `jobs/<stage>.py` under spark-submit: the same code path as `lookalike <stage>`."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Configuration: one flat schema of dotted keys, YAML files, `--set key=value` overrides, validation.
+
+Everything is checked before Spark starts, so a typo in a nightly config costs a one-line error instead of a
+cluster allocation. The schema below is the single source of truth for defaults; README.md documents every
+key (a test keeps the two in step).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lookalike.errors import LookalikeError
+
+
+class ConfigError(LookalikeError, ValueError):
+    """A configuration problem, with a one-line message that names the key or path."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type, default and the constraints checked before a run."""
+
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    required: bool = False
+    is_path: bool = False  # resolved to an absolute path; local paths are checked to exist when `must_exist`
+    must_exist: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+SCHEMA: dict[str, Key] = {
+    "catalog.path": Key(str, None, "Catalog table: a file or folder (or URI) of items to embed.",
+                        required=True, is_path=True, must_exist=True),
+    "catalog.format": Key(str, "parquet", "Format of `catalog.path`.",
+                          choices=("parquet", "csv", "json", "delta")),
+    "events.path": Key(str, None, "Interaction events (parquet) for `recommend`; unset skips recommendations.",
+                       nullable=True, is_path=True, must_exist=True),
+    "output.root": Key(str, None, "Folder (or URI) under which tables/, indexes/ and export/ are written.",
+                       required=True, is_path=True),
+    "spark.master": Key(str, None, "Spark master. Unset: the one spark-submit gives, else `local[*]`.",
+                        nullable=True),
+    "spark.app_name": Key(str, "lookalike", "Spark application name."),
+    "spark.driver_memory": Key(str, "4g", "Driver JVM heap (only applies when lookalike starts the JVM)."),
+    "spark.shuffle_partitions": Key(int, 16, "`spark.sql.shuffle.partitions`; adaptive execution coalesces "
+                                             "small ones.", minimum=1),
+    "spark.tune_malloc": Key(bool, True, "Give Python workers glibc malloc settings that stop the allocator "
+                                         "returning activation buffers to the OS every batch (3x CPU "
+                                         "inference speed here)."),
+    "spark.conf": Key(dict, {}, "Extra Spark settings passed to the session verbatim, e.g. "
+                                "`{spark.executor.memory: 8g}`."),
+    "model.name": Key(str, "efficientnet-lite0", "Embedding model from the registry (see Models)."),
+    "model.weights": Key(str, None, "Local weights file, for registry models that take one (torchvision).",
+                         nullable=True, is_path=True, must_exist=True),
+    "embed.batch_size": Key(int, 64, "Images per inference batch.", minimum=1),
+    "embed.image_size": Key(int, None, "Model input size in pixels; unset uses the model's own size.",
+                            nullable=True, minimum=16),
+    "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
+    "similar.k": Key(int, 10, "Neighbours kept per item in `similar_items`.", minimum=1),
+    "recommend.n": Key(int, 10, "Recommendations kept per user.", minimum=1),
+}
+
+
+class Config(Mapping[str, Any]):
+    """Validated configuration, read by dotted key: `cfg["embed.batch_size"]`."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values:
+            raise KeyError(f"unknown config key {key!r}")
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new validated config with some keys replaced (used by tests and by stages that derive configs)."""
+        merged = dict(self._values)
+        merged.update(overrides)
+        return validate(merged, base_dir=Path.cwd())
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested YAML mappings to dotted keys; `spark.conf` stays a mapping because it is one value."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and key not in SCHEMA:
+            flat.update(_flatten(value, prefix=f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dotted.key=value` with the value read as a YAML scalar, so `--set embed.batch_size=32` is an int."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _check_type(key: str, spec: Key, value: Any) -> Any:
+    if value is None:
+        if spec.nullable or (spec.default is None and not spec.required):
+            return None
+        raise ConfigError(f"{key}: must be set")
+    expected = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    if float in expected and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is an int subclass in Python; a YAML `true` for an int key is a mistake, not a 1.
+    if isinstance(value, bool) and bool not in expected:
+        raise ConfigError(f"{key}: expected {_type_name(spec)}, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {_type_name(spec)}, got {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigError(f"{key}: must be >= {spec.minimum}, got {value!r}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ConfigError(f"{key}: must be <= {spec.maximum}, got {value!r}")
+    return value
+
+
+def _type_name(spec: Key) -> str:
+    types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _resolve_path(value: str, base_dir: Path) -> str:
+    if not _is_local(value):
+        return value
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    return str(path.resolve())
+
+
+def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str] | None = None) -> Config:
+    """Check every key against SCHEMA and fill defaults.
+
+    `need_paths` limits the existence checks to the inputs the command actually reads (the demo-data command
+    needs no catalog); `None` checks them all. Relative paths resolve against `base_dir` (the working folder).
+    """
+    unknown = sorted(set(values) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)"
+                                                                  if len(unknown) > 1 else ""))
+    checked: dict[str, Any] = {}
+    for key, spec in SCHEMA.items():
+        value = values.get(key, spec.default)
+        if value is None and spec.required:
+            raise ConfigError(f"{key}: required but not set")
+        value = _check_type(key, spec, value)
+        if spec.is_path and value is not None:
+            value = _resolve_path(value, base_dir)
+        checked[key] = value
+    for key in SCHEMA if need_paths is None else need_paths:
+        spec, value = SCHEMA[key], checked.get(key)
+        if spec.must_exist and value is not None and _is_local(value) and not os.path.exists(value):
+            raise ConfigError(f"{key}: path does not exist: {value}")
+    return Config(checked)
+
+
+def load(conf_file: str | os.PathLike[str] | None, overrides: Iterable[str] = (),
+         need_paths: Iterable[str] | None = None) -> Config:
+    """Read a YAML config file, apply `--set` overrides and validate the result."""
+    tree: dict[str, Any] = {}
+    if conf_file is not None:
+        path = Path(conf_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from err
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = dict(loaded or {})
+    flat = _flatten(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+    return validate(flat, base_dir=Path.cwd(), need_paths=need_paths)

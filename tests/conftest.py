@@ -1,0 +1,33 @@
+"""Shared fixtures: one SparkSession for the whole test session (starting a JVM costs seconds)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from lookalike import config as config_mod
+from lookalike.session import get_spark
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(tmp: Path, **overrides: object) -> config_mod.Config:
+    """A valid config whose output lives under `tmp`; catalog defaults to an empty placeholder file."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    catalog = tmp / "catalog.parquet"
+    if "catalog.path" not in overrides and not catalog.exists():
+        catalog.write_bytes(b"")
+    values = {"catalog.path": str(catalog), "output.root": str(tmp / "out"),
+              "spark.master": "local[2]", "spark.shuffle_partitions": 4, "spark.driver_memory": "2g",
+              "spark.conf": {"spark.ui.enabled": "false"}}
+    values.update(overrides)
+    return config_mod.validate(values, base_dir=tmp)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
+    session = get_spark(make_config(tmp_path_factory.mktemp("spark")))
+    yield session
+    session.stop()

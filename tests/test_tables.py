@@ -1,0 +1,173 @@
+"""The Delta table layer: atomic commits, failed and killed writes, replace by key, concurrent readers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lookalike import tables
+from lookalike.tables import TableError
+from tests.conftest import REPO
+
+
+def frame(spark: SparkSession, ids: range, value: str = "v1", partitions: int = 2) -> DataFrame:
+    return spark.createDataFrame([(f"i{i:04d}", value, [float(i), 1.0]) for i in ids],
+                                 "item_id string, value string, vec array<float>").repartition(partitions)
+
+
+def rows(spark: SparkSession, path: str) -> dict[str, str]:
+    return {r["item_id"]: r["value"] for r in tables.read(spark, path).collect()}
+
+
+def test_create_append_overwrite(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    assert tables.write(frame(spark, range(10)), path).version == 0
+    tables.write(frame(spark, range(10, 15)), path, mode="append")
+    assert len(rows(spark, path)) == 15
+    result = tables.write(frame(spark, range(3), "v2"), path, mode="overwrite")
+    assert result.version == 2 and result.rows_added == 3
+    assert rows(spark, path) == {f"i{i:04d}": "v2" for i in range(3)}
+    # Any Delta reader sees the same version: delta-rs reads what Spark wrote.
+    pdf = DeltaTable(path).to_pandas()
+    assert sorted(pdf["item_id"]) == ["i0000", "i0001", "i0002"]
+    assert list(pdf.loc[pdf["item_id"] == "i0001", "vec"].iloc[0]) == [1.0, 1.0]
+
+
+def test_replace_by_key_rewrites_only_touched_files(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(0, 50), partitions=1), path)
+    tables.write(frame(spark, range(50, 100), partitions=1), path)  # a second file, untouched below
+    before = set(DeltaTable(path).file_uris())
+    upsert = frame(spark, [3, 7, 200], "v2", partitions=1)
+    delete = spark.createDataFrame([("i0010",), ("i9999",)], "item_id string")
+    result = tables.replace_by_key(upsert, path, "item_id", delete_keys=delete)
+    assert result.files_removed == 1
+    after = rows(spark, path)
+    assert len(after) == 100 - 1 + 1  # minus i0010, plus i0200
+    assert after["i0003"] == after["i0007"] == after["i0200"] == "v2"
+    assert "i0010" not in after and after["i0060"] == "v1"
+    untouched = [uri for uri in before if uri in set(DeltaTable(path).file_uris())]
+    assert len(untouched) == 1
+    # Nothing touched, nothing committed.
+    empty = spark.createDataFrame([], "item_id string, value string, vec array<float>")
+    assert tables.replace_by_key(empty, path, "item_id").version == result.version
+
+
+def test_schema_drift_is_refused(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(3)), path)
+    wrong_type = spark.createDataFrame([("a", 1, [1.0])], "item_id string, value int, vec array<float>")
+    with pytest.raises(TableError, match="column 'value' is int32, table has string"):
+        tables.write(wrong_type, path)
+    missing = spark.createDataFrame([("a", "x")], "item_id string, value string")
+    with pytest.raises(TableError, match=r"missing column\(s\) \['vec'\]"):
+        tables.replace_by_key(missing, path, "item_id")
+    assert len(rows(spark, path)) == 3
+
+
+def test_missing_table_is_a_clear_error(spark: SparkSession, tmp_path: Path) -> None:
+    with pytest.raises(TableError, match="no Delta table at"):
+        tables.read(spark, str(tmp_path / "absent"))
+
+
+def test_failed_write_leaves_previous_version(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(20)), path)
+
+    @F.udf("string")
+    def explode_on_last(item_id):  # type: ignore[no-untyped-def] - hints would make Spark guess a pandas UDF
+        if item_id == "i0019":
+            raise ValueError("executor died half-way")
+        return "v2"
+
+    broken = frame(spark, range(20), partitions=4).withColumn("value", explode_on_last("item_id"))
+    with pytest.raises(Exception, match="executor died half-way"):
+        tables.write(broken, path, mode="overwrite")
+    assert tables.version(path) == 0
+    assert set(rows(spark, path).values()) == {"v1"} and len(rows(spark, path)) == 20
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    from pyspark.sql import functions as F
+    from lookalike import tables
+    from tests.conftest import make_config
+    from lookalike.session import get_spark
+    from pathlib import Path
+    spark = get_spark(make_config(Path(sys.argv[2])))
+    @F.udf("string")
+    def slow(item_id):
+        time.sleep(0.05)
+        return "v2"
+    df = spark.range(4000, numPartitions=8).select(
+        F.format_string("i%04d", "id").alias("item_id")).withColumn("value", slow("item_id")).withColumn(
+        "vec", F.array(F.lit(1.0).cast("float")))
+    print("WRITING", flush=True)
+    tables.write(df, sys.argv[1], mode="overwrite")
+    print("COMMITTED", flush=True)
+""")
+
+
+def test_killed_write_leaves_previous_version(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(20)), path)
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), path, str(tmp_path / "w")], stdout=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "WRITING"
+        # Kill the driver and its JVM once executors have started writing Parquet files into the table.
+        deadline = time.time() + 120
+        while not list((tmp_path / "t" / tables.DATA_DIR).rglob("*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((tmp_path / "t" / tables.DATA_DIR).rglob("*.parquet")), "writer never started writing"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert tables.version(path) == 0
+    assert rows(spark, path) == {f"i{i:04d}": "v1" for i in range(20)}
+    tables.write(frame(spark, range(5), "v3"), path, mode="overwrite")  # and the table still takes writes
+    assert rows(spark, path) == {f"i{i:04d}": "v3" for i in range(5)}
+
+
+def test_concurrent_reader_never_sees_a_partial_version(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(100), "v0", partitions=4), path)
+    seen: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                got = tables.read(spark, path).groupBy("value").count().collect()
+                seen.append((len(got), sum(r["count"] for r in got)))
+            except BaseException as err:  # noqa: BLE001 - any failure of the reader is the finding
+                errors.append(err)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for generation in range(1, 5):
+            tables.write(frame(spark, range(100), f"v{generation}", partitions=4), path, mode="overwrite")
+            tables.replace_by_key(frame(spark, range(0, 100, 2), f"w{generation}", partitions=4), path, "item_id")
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert seen, "reader never completed a read"
+    # Every read saw a whole version: 100 rows, of one value (after overwrite) or two (after replace-by-key).
+    assert all(total == 100 and groups in (1, 2) for groups, total in seen), seen
