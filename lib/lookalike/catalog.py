@@ -49,16 +49,25 @@ def _load(spark: SparkSession, path: str, fmt: str) -> DataFrame:
     return reader.load(path)
 
 
-def validate(df: DataFrame, source: str) -> DataFrame:
-    """Check the contract of a raw catalog frame and return it with exactly COLUMNS, typed."""
+def validate(df: DataFrame, source: str, keep: tuple[str, ...] = ()) -> DataFrame:
+    """Check the contract of a raw catalog frame and return it with exactly COLUMNS, typed.
+
+    `keep` names further columns a stage needs as they are (the shard column, when it is not a contract one).
+    """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise CatalogError(f"catalog {source} lacks required column(s) {missing}; it has {df.columns}")
+    extra = [c for c in keep if c not in COLUMNS]
+    absent = [c for c in extra if c not in df.columns]
+    if absent:
+        raise CatalogError(f"catalog {source} lacks column(s) {absent} named by index.shard_by; "
+                           f"it has {df.columns}")
     df = df.select(
         F.col("item_id").cast("string").alias("item_id"),
         F.col("image_uri").cast("string").alias("image_uri"),
         *[F.coalesce((F.col(name) if name in df.columns else F.lit(None)).cast(dtype), F.lit(default).cast(dtype))
           .alias(name) for name, (dtype, default) in OPTIONAL_COLUMNS.items()],
+        *extra,
     )
     nulls = df.filter(F.col("item_id").isNull() | (F.trim("item_id") == "")).limit(_EXAMPLES).collect()
     if nulls:
@@ -76,5 +85,5 @@ def validate(df: DataFrame, source: str) -> DataFrame:
 def read_catalog(spark: SparkSession, cfg: Config) -> DataFrame:
     """The validated catalog with relative image URIs resolved against the catalog's folder."""
     path, fmt = cfg["catalog.path"], cfg["catalog.format"]
-    df = validate(_load(spark, path, fmt), source=path)
+    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],))
     return df.withColumn("image_uri", resolve_uri(F.col("image_uri"), catalog_folder(path)))

@@ -63,7 +63,22 @@ SCHEMA: dict[str, Key] = {
     "embed.batch_size": Key(int, 64, "Images per inference batch.", minimum=1),
     "embed.image_size": Key(int, None, "Model input size in pixels; unset uses the model's own size.",
                             nullable=True, minimum=16),
+    "embed.device": Key(str, "auto", "Where inference runs: auto (the task's GPU when Spark gives one, else "
+                                     "CPU), cpu, or cuda (fail without a GPU).", choices=("auto", "cpu", "cuda")),
+    "embed.partition_size": Key(int, 1000, "Catalog items per Spark task (at least 2 tasks per core).",
+                                minimum=1),
+    "embed.decode_threads": Key(int, 2, "Threads per task that read, decode and preprocess images ahead of "
+                                        "inference.", minimum=1),
+    "embed.max_pixels": Key(int, 100_000_000, "Images whose header claims more pixels are quarantined as "
+                                              "too_large before decoding (decompression bombs).", minimum=1),
+    "embed.max_bytes": Key(int, 64 * 1024 * 1024, "Image files larger than this are quarantined as too_large.",
+                           minimum=1),
+    "embed.max_bad_fraction": Key(float, 0.2, "The run stops, committing nothing, when more than this share "
+                                              "of the images it tried fails (a broken mount must not empty "
+                                              "the table).", minimum=0.0, maximum=1.0),
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
+    "index.max_shard_size": Key(int, 200_000, "Shards with more items are split into hash sub-shards "
+                                              "(value#00, value#01, ...).", minimum=2),
     "similar.k": Key(int, 10, "Neighbours kept per item in `similar_items`.", minimum=1),
     "recommend.n": Key(int, 10, "Recommendations kept per user.", minimum=1),
 }

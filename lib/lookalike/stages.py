@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from lookalike.config import Config
 
 STAGES: dict[str, str | None] = {
-    "embed": None,
+    "embed": "lookalike.embed:run",
     "index": None,
     "similar": None,
     "recommend": None,

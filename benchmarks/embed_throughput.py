@@ -1,0 +1,116 @@
+"""Embed throughput: the Spark stage end to end against a plain single-process PyTorch loop.
+
+Same N catalog images (Fashion-MNIST demo files), same model, same cores, same run. Each variant runs in its
+own process so that its malloc settings and thread counts are its own:
+
+  loop            decode, preprocess, infer in one Python process, torch using every core, tuned malloc
+  spark           `embed.run` end to end on local[*] (one task per core, one torch thread per task)
+  spark-no-malloc the same stage with spark.tune_malloc=false (glibc defaults)
+  spark-224       the same stage at the model's native 224 px instead of the configured size
+
+The ratios printed at the end are what to read; absolute rates vary with the machine and its neighbours.
+
+    .venv/bin/python benchmarks/embed_throughput.py --n 2000 --image-size 112
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lookalike.session import MALLOC_ENV
+
+LOOP = """
+import json, sys, time
+import numpy as np, pandas as pd, torch
+from PIL import Image
+from lookalike import models
+catalog, size, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+embedder = models.get_embedder("efficientnet-lite0", device="cpu", image_size=size)
+paths = pd.read_parquet(catalog)["image_uri"].tolist()
+folder = catalog.rsplit("/", 1)[0]
+started = time.perf_counter()
+out = []
+for i in range(0, len(paths), batch):
+    images = []
+    for p in paths[i:i + batch]:
+        with open(f"{folder}/{p}", "rb") as f:
+            images.append(Image.open(f).convert("RGB"))
+    out.append(embedder.embed(images))
+seconds = time.perf_counter() - started
+print(json.dumps({"images": sum(len(o) for o in out), "seconds": seconds}))
+"""
+
+STAGE = """
+import json, sys, time
+from pathlib import Path
+from lookalike import config, embed
+from lookalike.session import get_spark
+cfg = config.load(sys.argv[1], sys.argv[2:])
+spark = get_spark(cfg)
+spark.range(4).count()  # JVM and Python workers up before the clock starts, as in a nightly run
+started = time.perf_counter()
+result = embed.run(cfg, spark, "bench")
+seconds = time.perf_counter() - started
+print(json.dumps({"images": result.rows_out, "seconds": seconds, "model_loads": result.metrics["model_loads"]}))
+"""
+
+
+def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                         check=False)
+    if out.returncode != 0:
+        sys.exit(f"variant failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000, help="images (default 2000)")
+    parser.add_argument("--image-size", type=int, default=112, help="input size of the main variants")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--skip-slow", action="store_true", help="only loop and spark at --image-size")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    subprocess.run([sys.executable, "-m", "lookalike.cli", "--log-level", "WARNING", "demo-data",
+                    "--out", str(work / "demo"), "--limit", str(args.n)], check=True)
+    catalog = str(work / "demo" / "catalog.parquet")
+    conf = work / "bench.yaml"
+    conf.write_text(f"catalog: {{path: {catalog}}}\nembed: {{batch_size: {args.batch_size}, "
+                    f"image_size: {args.image_size}}}\nspark: {{conf: {{spark.ui.enabled: 'false'}}}}\n")
+    tuned = {**os.environ, **MALLOC_ENV}
+    plain = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+
+    def stage(name: str, *sets: str, env: dict[str, str] = plain) -> dict:
+        return _run(STAGE, [str(conf), f"output.root={work / name}", *sets], env)
+
+    results: dict[str, dict] = {}
+    results["loop"] = _run(LOOP, [catalog, str(args.image_size), str(args.batch_size), str(cores)], tuned)
+    results["spark"] = stage("spark")
+    if not args.skip_slow:
+        results["spark-no-malloc"] = stage("nomalloc", "spark.tune_malloc=false")
+        results["spark-224"] = stage("s224", "embed.image_size=224")
+    print(f"\n{args.n} Fashion-MNIST images, efficientnet-lite0, {cores} cores, batch {args.batch_size}")
+    print(f"{'variant':<18}{'px':>5}{'images':>8}{'seconds':>9}{'img/s':>9}")
+    for name, r in results.items():
+        px = 224 if name == "spark-224" else args.image_size
+        print(f"{name:<18}{px:>5}{r['images']:>8}{r['seconds']:>9.1f}{r['images'] / r['seconds']:>9.1f}")
+    rate = {name: r["images"] / r["seconds"] for name, r in results.items()}
+    print(f"\nspark stage / plain loop:               {rate['spark'] / rate['loop']:.2f}x  (target >= 0.85)")
+    if not args.skip_slow:
+        print(f"tuned malloc / glibc default (stage):   {rate['spark'] / rate['spark-no-malloc']:.2f}x")
+        print(f"{args.image_size} px / 224 px (stage):              {rate['spark'] / rate['spark-224']:.2f}x")
+    print(f"model loads in the stage: {results['spark']['model_loads']}")
+
+
+if __name__ == "__main__":
+    started = time.time()
+    main()
+    print(f"(benchmark wall time {time.time() - started:.0f} s)")

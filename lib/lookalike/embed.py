@@ -1,0 +1,174 @@
+"""The embed stage: catalog -> `embeddings` and `quarantine`, incrementally.
+
+Driver side only: which items need work, how the work is partitioned, and what is committed. The executors
+run `inference.embed_rows` inside an iterator pandas UDF, with the model cached per Python worker
+(`models.get_embedder`). Results go to a staging Parquet folder first, so inference runs exactly once even
+though three things are derived from it (embeddings, quarantine, counts), and nothing is committed until the
+bad-image guard has looked at the whole run.
+
+An item is embedded again only when the sha256 of its image bytes or the model version changed; items that
+left the catalog, or whose image can no longer be used, leave `embeddings`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.functions import pandas_udf
+
+from lookalike import catalog, models, shards, tables
+from lookalike.config import Config
+from lookalike.errors import LookalikeError
+from lookalike.inference import EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, embed_rows
+from lookalike.progress import Progress
+from lookalike.stages import StageResult
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS, QUARANTINE = "embeddings", "quarantine"
+
+
+class TooManyBadImages(LookalikeError):
+    """More of the run's images failed than `embed.max_bad_fraction` allows: likely a broken mount or URI."""
+
+
+def settings_from(cfg: Config) -> EmbedSettings:
+    spec = models.get_spec(cfg["model.name"])
+    return EmbedSettings(
+        model_name=spec.name, weights=cfg["model.weights"],
+        image_size=cfg["embed.image_size"] or spec.image_size, batch_size=cfg["embed.batch_size"],
+        device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"], max_bytes=cfg["embed.max_bytes"],
+        decode_threads=cfg["embed.decode_threads"])
+
+
+def model_version(settings: EmbedSettings) -> str:
+    """Name, weights hash and input size: a change of any of them changes every embedding."""
+    return f"{models.model_version(settings.model_name, settings.weights)}/{settings.image_size}px"
+
+
+def _embed_udf(settings: EmbedSettings, counters: dict):
+    """The iterator pandas UDF; everything it closes over is plain data or a Spark accumulator."""
+
+    @pandas_udf(OUTPUT_SCHEMA)
+    def embed_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        import torch
+
+        context = TaskContext.get()
+        gpus = context.resources().get("gpu")
+        # One torch thread per task core: with local[N] N single-threaded tasks beat one task with N threads.
+        torch.set_num_threads(max(1, int(context.cpus())))
+        loads_before = models.load_count()
+        device = models.resolve_device(settings.device, list(gpus.addresses) if gpus else [])
+        embedder = models.get_embedder(settings.model_name, settings.weights, device, settings.image_size)
+        counters["model_loads"].add(models.load_count() - loads_before)
+        with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool:
+            for uris, known in batches:
+                frame = embed_rows(list(uris), list(known), settings, embedder, pool)
+                status = frame["status"]
+                for name in (EMBEDDED, UNCHANGED, FAILED):
+                    counters[name].add(int((status == name).sum()))
+                yield frame
+
+    return embed_images
+
+
+def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
+    """Enough tasks to keep every core busy and report progress, few enough that each amortises its start."""
+    return max(1, min(max(math.ceil(n_items / partition_size), 2 * spark.sparkContext.defaultParallelism),
+                      n_items))
+
+
+def _check_bad_fraction(counts: dict[str, int], staged: DataFrame, max_fraction: float) -> None:
+    attempted = counts[EMBEDDED] + counts[FAILED]
+    if attempted == 0 or counts[FAILED] / attempted <= max_fraction:
+        return
+    reasons = (staged.filter(F.col("status") == FAILED).groupBy("error_kind")
+               .agg(F.count("*").alias("n"), F.first("image_uri").alias("example"))
+               .orderBy(F.desc("n")).limit(3).collect())
+    detail = "; ".join(f"{r['error_kind']}: {r['n']} (e.g. {r['example']})" for r in reasons)
+    raise TooManyBadImages(
+        f"{counts[FAILED]} of {attempted} images failed ({counts[FAILED] / attempted:.0%} > "
+        f"embed.max_bad_fraction {max_fraction:.0%}); nothing was committed. {detail}")
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    started = time.time()
+    settings = settings_from(cfg)
+    version = model_version(settings)
+    root = cfg["output.root"]
+    emb_path, q_path = tables.table_path(root, EMBEDDINGS), tables.table_path(root, QUARANTINE)
+    items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
+    items = items.select("item_id", "image_uri", "shard").cache()
+    n_items = items.count()
+    existing = tables.read(spark, emb_path) if tables.exists(emb_path) else None
+    known = (existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known"))
+             if existing is not None else spark.createDataFrame([], "item_id string, known string"))
+    work = items.join(known, "item_id", "left").repartition(
+        _partitions(spark, n_items, cfg["embed.partition_size"]))
+    log.info("embed %s: %d catalog items, model %s, %d partitions", run_id, n_items, version,
+             work.rdd.getNumPartitions())
+
+    counters = {name: spark.sparkContext.accumulator(0) for name in (EMBEDDED, UNCHANGED, FAILED, "model_loads")}
+    results = work.select("item_id", "image_uri", "shard",
+                          _embed_udf(settings, counters)("image_uri", "known").alias("r")).select(
+        "item_id", "image_uri", "shard", "r.*")
+    staging = f"{root.rstrip('/')}/staging/{run_id}/embed"
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.batch_size * 4))
+    with Progress(f"embed {run_id}", n_items, counters):
+        results.write.mode("overwrite").parquet(staging)
+    staged = spark.read.parquet(staging)
+    # Counted from the staged rows, not the accumulators, which a retried task can count twice.
+    by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
+    counts = {name: by_status.get(name, 0) for name in (EMBEDDED, UNCHANGED, FAILED)}
+    _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"])
+    embedded_at = F.current_timestamp()
+
+    new_rows = staged.filter(F.col("status") == EMBEDDED).select(
+        "item_id", "shard", "embedding", F.lit(version).alias("model"), "image_sha256", "width", "height",
+        F.lit(run_id).alias("run_id"), embedded_at.alias("embedded_at"))
+    if existing is None:
+        tables.write(new_rows, emb_path, mode="overwrite")
+    else:
+        # Unchanged images whose shard moved (a category grew past index.max_shard_size) keep their vector.
+        moved = (existing.join(staged.filter(F.col("status") == UNCHANGED)
+                               .select("item_id", F.col("shard").alias("new_shard")), "item_id")
+                 .filter(F.col("shard") != F.col("new_shard"))
+                 .withColumn("shard", F.col("new_shard")).select(*new_rows.columns))
+        gone = existing.select("item_id").join(
+            staged.filter(F.col("status") != FAILED).select("item_id"), "item_id", "left_anti")
+        tables.replace_by_key(new_rows.unionByName(moved), emb_path, "item_id", delete_keys=gone)
+
+    failed = staged.filter(F.col("status") == FAILED).select(
+        "item_id", "image_uri", "error_kind", "error_message", F.lit(run_id).alias("run_id"),
+        embedded_at.alias("seen_at"))
+    if tables.exists(q_path):
+        healed = tables.read(spark, q_path).select("item_id").join(failed.select("item_id"), "item_id", "left_anti")
+        tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
+    else:
+        tables.write(failed, q_path, mode="overwrite")
+    _remove(spark, staging)
+    items.unpersist()
+
+    seconds = time.time() - started
+    processed = counts[EMBEDDED] + counts[FAILED]
+    if processed == 0:
+        log.info("embed %s: nothing to embed, all %d images unchanged", run_id, counts[UNCHANGED])
+    metrics = {"embedded": counts[EMBEDDED], "unchanged": counts[UNCHANGED], "quarantined": counts[FAILED],
+               "model_loads": counters["model_loads"].value, "seconds": round(seconds, 3),
+               "images_per_s": round(processed / seconds, 2) if seconds else 0.0}
+    log.info("embed %s: %s", run_id, metrics)
+    return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)
+
+
+def _remove(spark: SparkSession, path: str) -> None:
+    """Delete the staging folder through Hadoop's file system, which reaches every URI Spark wrote to."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)

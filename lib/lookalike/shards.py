@@ -1,0 +1,44 @@
+"""Shard assignment: which index shard each catalog item belongs to, and the shard's folder name.
+
+Shards follow a catalog column (`index.shard_by`, default `category`) because shoppers compare within a
+category and because a category-sized index fits one task. A value with more than `index.max_shard_size`
+items is split into hash sub-shards (`Bag#00`, `Bag#01`, ...) so that no single task must hold too many
+vectors; the hash of `item_id` keeps an item in the same sub-shard night after night.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+NO_VALUE = "(none)"  # shard of items whose shard column is null or empty
+_UNSAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+def folder_name(shard: str) -> str:
+    """A safe, unique file name for a shard: readable slug plus a short hash of the exact value.
+
+    The hash keeps distinct values apart after slugging ("T-shirt/top" and "T-shirt top" both slug to
+    "t-shirt_top").
+    """
+    slug = _UNSAFE.sub("_", shard.lower()).strip("._")[:60] or "shard"
+    return f"{slug}-{hashlib.sha1(shard.encode()).hexdigest()[:8]}"
+
+
+def _shard_value(column: str) -> Column:
+    value = F.trim(F.col(column).cast("string"))
+    return F.when(value.isNull() | (value == ""), F.lit(NO_VALUE)).otherwise(value)
+
+
+def assign(catalog: DataFrame, shard_by: str, max_shard_size: int) -> DataFrame:
+    """The catalog with a `shard` column: the `shard_by` value, or value#NN when the value is too big."""
+    base = catalog.withColumn("_shard_base", _shard_value(shard_by))
+    sizes = base.groupBy("_shard_base").count()
+    parts = F.ceil(F.col("count") / F.lit(max_shard_size)).cast("int")
+    sub = F.pmod(F.xxhash64("item_id"), parts)
+    return (base.join(F.broadcast(sizes), "_shard_base")
+            .withColumn("shard", F.when(parts <= 1, F.col("_shard_base"))
+                        .otherwise(F.format_string("%s#%02d", F.col("_shard_base"), sub)))
+            .drop("_shard_base", "count"))

@@ -1,0 +1,115 @@
+"""read_bytes: local paths, file: URIs and pyarrow filesystems, every failure as an ImageError kind."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import pyarrow.fs as pafs
+import pytest
+
+from lookalike import reader
+from lookalike.decode import ImageError
+from lookalike.reader import read_bytes, remote_filesystem
+
+PAYLOAD = b"\xff\xd8\xff" + bytes(range(256)) * 4
+
+
+@pytest.fixture()
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "an image.jpg"  # a space, so file: URIs must be percent-decoded
+    path.write_bytes(PAYLOAD)
+    return path
+
+
+def kind_of(uri: str, max_bytes: int = 10_000) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        read_bytes(uri, max_bytes)
+    assert "\n" not in caught.value.message
+    return caught.value
+
+
+def test_reads_a_local_path(image_file: Path) -> None:
+    assert read_bytes(str(image_file), 10_000) == PAYLOAD
+
+
+def test_reads_file_uris_in_both_spellings(image_file: Path) -> None:
+    assert read_bytes(image_file.as_uri(), 10_000) == PAYLOAD  # file:///...an%20image.jpg
+    assert read_bytes("file:" + quote(str(image_file)), 10_000) == PAYLOAD  # Hadoop's file:/...
+
+
+def test_file_uri_with_a_host_is_unreadable_and_says_how_to_fix_it() -> None:
+    error = kind_of("file://images/a.jpg")
+    assert error.kind == "unreadable"
+    assert "file:///absolute/path" in error.message
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    uri = str(tmp_path / "nope.jpg")
+    error = kind_of(uri)
+    assert error.kind == "missing"
+    assert uri in error.message
+
+
+def test_path_through_a_file_is_missing(image_file: Path) -> None:
+    assert kind_of(str(image_file / "child.jpg")).kind == "missing"
+
+
+@pytest.mark.parametrize("uri", ["", None])
+def test_no_uri_is_missing(uri: str) -> None:
+    assert kind_of(uri).kind == "missing"
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    error = kind_of(str(tmp_path))
+    assert error.kind == "unreadable"
+    assert str(tmp_path) in error.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_without_read_permission_is_unreadable(image_file: Path) -> None:
+    image_file.chmod(0)
+    assert kind_of(str(image_file)).kind == "unreadable"
+
+
+def test_permission_errors_map_to_unreadable() -> None:
+    # Root-proof check of the mapping the permission test above exercises for real.
+    error = reader._os_error("s3://b/k.jpg", PermissionError(13, "Permission denied"))
+    assert (error.kind, error.message) == ("unreadable", "s3://b/k.jpg: Permission denied")
+
+
+def test_byte_limit_is_inclusive(image_file: Path) -> None:
+    assert read_bytes(str(image_file), len(PAYLOAD)) == PAYLOAD
+    error = kind_of(str(image_file), max_bytes=len(PAYLOAD) - 1)
+    assert error.kind == "too_large"
+    assert str(len(PAYLOAD)) in error.message
+
+
+def test_remote_reads_go_through_one_cached_filesystem() -> None:
+    # pyarrow's mock:// filesystem is in-memory and new per from_uri: a file written into the first one is
+    # only readable later if the reader kept that filesystem.
+    filesystem, path = remote_filesystem("mock:///bucket/cached/a.jpg")
+    assert path == "bucket/cached/a.jpg"
+    filesystem.create_dir("bucket/cached")
+    with filesystem.open_output_stream(path) as out:
+        out.write(PAYLOAD)
+    assert read_bytes("mock:///bucket/cached/a.jpg", 10_000) == PAYLOAD
+    assert kind_of("mock:///bucket/cached/a.jpg", max_bytes=10).kind == "too_large"
+    assert kind_of("mock:///bucket/cached/other.jpg").kind == "missing"
+    assert kind_of("mock:///bucket/cached").kind == "unreadable"
+
+
+def test_hadoop_s3_schemes_map_to_s3_and_share_a_filesystem() -> None:
+    # Region and endpoint given, so building the filesystem needs no network.
+    options = "?region=us-east-1&endpoint_override=127.0.0.1:9"
+    first, first_path = remote_filesystem(f"s3a://shop-images/a%20b.jpg{options}")
+    second, second_path = remote_filesystem(f"s3a://shop-images/c/d.jpg{options}")
+    assert isinstance(first, pafs.S3FileSystem)
+    assert second is first
+    assert (first_path, second_path) == ("shop-images/a b.jpg", "shop-images/c/d.jpg")
+
+
+def test_unsupported_scheme_is_unreadable() -> None:
+    error = kind_of("ftp://example.com/a.jpg")
+    assert error.kind == "unreadable"
+    assert "ftp://example.com/a.jpg" in error.message
