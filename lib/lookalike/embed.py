@@ -41,9 +41,10 @@ class TooManyBadImages(LookalikeError):
 
 def settings_from(cfg: Config) -> EmbedSettings:
     spec = models.get_spec(cfg["model.name"])
+    image_size = cfg["embed.image_size"] or spec.image_size
     return EmbedSettings(
-        model_name=spec.name, weights=cfg["model.weights"],
-        image_size=cfg["embed.image_size"] or spec.image_size, batch_size=cfg["embed.batch_size"],
+        model_name=spec.name, weights=cfg["model.weights"], image_size=image_size,
+        decode_size=math.ceil(image_size / spec.crop_fraction), batch_size=cfg["embed.batch_size"],
         device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"], max_bytes=cfg["embed.max_bytes"],
         decode_threads=cfg["embed.decode_threads"])
 

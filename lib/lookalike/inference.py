@@ -33,6 +33,7 @@ class EmbedSettings:
     model_name: str
     weights: str | None
     image_size: int
+    decode_size: int  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
     batch_size: int
     device: str
     max_pixels: int
@@ -60,7 +61,7 @@ def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings, embed
         sha = hashlib.sha256(data).hexdigest()
         if sha == known_sha:
             return _Loaded(sha256=sha, unchanged=True)
-        decoded = decode_image(data, settings.max_pixels, target_size=settings.image_size)
+        decoded = decode_image(data, settings.max_pixels, target_size=settings.decode_size)
         return _Loaded(sha256=sha, pixels=embedder.pixels(decoded.image), width=decoded.width,
                        height=decoded.height)
     except ImageError as err:
