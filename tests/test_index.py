@@ -1,0 +1,116 @@
+"""The index stage on Spark: one build per shard, LATEST published last, old builds pruned, model checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from lookalike import index, shard_index, tables
+from lookalike.config import Config
+from tests.conftest import make_config
+
+DIM = 32
+MODEL = "test-model@0000/32px"
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(4, n // 200), DIM))
+    x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(spark: SparkSession, root: Path, sizes: dict[str, int], model: str = MODEL) -> None:
+    rows = []
+    for s, (shard, n) in enumerate(sizes.items()):
+        for i, vec in enumerate(clustered(n, seed=s)):
+            rows.append((f"{shard}-{i:05d}", shard, vec.tolist(), model))
+    df = spark.createDataFrame(rows, "item_id string, shard string, embedding array<float>, model string").select(
+        "item_id", "shard", "embedding", "model", F.lit("sha").alias("image_sha256"), F.lit(1).alias("width"),
+        F.lit(1).alias("height"), F.lit("r0").alias("run_id"), F.current_timestamp().alias("embedded_at"))
+    tables.write(df, tables.table_path(str(root), "embeddings"), mode="overwrite")
+
+
+def config(tmp_path: Path, **overrides: object) -> Config:
+    return make_config(tmp_path, **{"index.flat_below": 2000, **overrides})
+
+
+def test_builds_every_shard_and_publishes_latest(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    root = cfg["output.root"]
+    write_embeddings(spark, Path(root), {"Bag": 300, "T-shirt/top": 12000})
+    result = index.run(cfg, spark, "20260101T000000Z-aaaaaa")
+    assert index.latest_build(root) == "20260101T000000Z-aaaaaa"
+    summary = index.build_summary(root, "20260101T000000Z-aaaaaa")
+    assert summary["model"] == MODEL and summary["dim"] == DIM
+    kinds = {s["shard"]: s["kind"] for s in summary["shards"]}
+    assert kinds == {"Bag": "flat", "T-shirt/top": "ivfpq"}
+    recalls = {s["shard"]: s["recall_at_10"] for s in summary["shards"]}
+    assert recalls["Bag"] == 1.0  # exact search
+    assert result.rows_in == 12300 and result.metrics["min_recall_at_10"] == min(recalls.values())
+    reached = {s["shard"]: s["target_reached"] for s in summary["shards"]}
+    assert reached["T-shirt/top"] == (recalls["T-shirt/top"] >= 0.95)  # the manifest says when it fell short
+
+    # The recall in the manifest is what a fresh exact comparison finds on the same search path.
+    vectors = clustered(12000, seed=1)
+    shard = index.load_shard(root, "20260101T000000Z-aaaaaa", "T-shirt/top", model=MODEL, dim=DIM)
+    manifest = shard.manifest
+    assert set(manifest) >= {"factory", "dim", "ntotal", "nprobe", "recall_at_10", "model", "build_seconds",
+                             "bytes"}
+    assert manifest["bytes"] <= manifest["flat_bytes"] / 4
+    ids = np.array([int(i.split("-")[-1]) for i in shard.item_ids.to_pylist()])
+    ordered = vectors[ids]  # FAISS id order
+    rng = np.random.default_rng(42)
+    rows = rng.choice(len(ordered), 300, replace=False)
+    _, found = shard.search(ordered, ordered[rows], 11)
+    exact = np.argsort(-(ordered[rows] @ ordered.T), axis=1)[:, :11]
+    recall = np.mean([len((set(f) - {r}) & (set(e[:11]) - {r})) / 10 for f, e, r in zip(found, exact, rows)])
+    assert abs(recall - manifest["recall_at_10"]) < 0.05, (recall, manifest["recall_at_10"])
+
+
+def test_failed_build_keeps_latest_and_old_builds_are_pruned(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"index.keep_builds": 2})
+    root = cfg["output.root"]
+    write_embeddings(spark, Path(root), {"Bag": 50, "Shoe": 60})
+    for run in ("20260101T000000Z-000001", "20260102T000000Z-000002"):
+        index.run(cfg, spark, run)
+    # A shard whose vectors are not unit length makes its task fail half-way through the build.
+    bad = tables.read(spark, tables.table_path(root, "embeddings")).withColumn(
+        "embedding", F.when(F.col("shard") == "Shoe", F.transform("embedding", lambda x: x * 3).cast("array<float>"))
+        .otherwise(F.col("embedding")))
+    tables.write(bad, tables.table_path(root, "embeddings"), mode="overwrite")
+    with pytest.raises(Exception):
+        index.run(cfg, spark, "20260103T000000Z-000003")
+    assert index.latest_build(root) == "20260102T000000Z-000002"
+    write_embeddings(spark, Path(root), {"Bag": 50, "Shoe": 60})
+    index.run(cfg, spark, "20260104T000000Z-000004")
+    kept = sorted(p.name for p in (Path(root) / "indexes").iterdir() if p.is_dir())
+    assert kept == ["20260102T000000Z-000002", "20260104T000000Z-000004"]  # the failed one is gone too
+    assert (Path(root) / "indexes" / "LATEST").read_text() == "20260104T000000Z-000004"
+
+
+def test_mismatched_model_is_refused(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    root = cfg["output.root"]
+    write_embeddings(spark, Path(root), {"Bag": 40})
+    index.run(cfg, spark, "r1")
+    with pytest.raises(index.IndexBuildError, match="index built with model 'test-model@0000/32px', expected"):
+        index.load_shard(root, "r1", "Bag", model="efficientnet-lite0@ffff/224px", dim=DIM)
+    with pytest.raises(index.IndexBuildError, match="no index build published"):
+        index.latest_build(str(tmp_path / "elsewhere"))
+
+
+def test_mixed_models_in_embeddings_are_refused(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    root = Path(cfg["output.root"])
+    write_embeddings(spark, root, {"Bag": 20})
+    other = tables.read(spark, tables.table_path(str(root), "embeddings")).withColumn(
+        "item_id", F.concat("item_id", F.lit("x"))).withColumn("model", F.lit("other@1/8px"))
+    tables.write(other, tables.table_path(str(root), "embeddings"), mode="append")
+    with pytest.raises(index.IndexBuildError, match="expected exactly one"):
+        index.run(cfg, spark, "r1")
+    assert not (root / "indexes" / "LATEST").exists()
