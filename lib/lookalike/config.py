@@ -79,7 +79,27 @@ SCHEMA: dict[str, Key] = {
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
     "index.max_shard_size": Key(int, 200_000, "Shards with more items are split into hash sub-shards "
                                               "(value#00, value#01, ...).", minimum=2),
+    "index.flat_below": Key(int, 32_768, "Shards with fewer items get exact (Flat) search instead of IVF-PQ.",
+                            minimum=1),
+    "index.target_recall": Key(float, 0.95, "nprobe is raised per shard until recall@10 against exact search "
+                                            "reaches this.", minimum=0.0, maximum=1.0),
+    "index.reduce_dim": Key(int, None, "Rotate and reduce vectors to this dimension (OPQ) before PQ; unset "
+                                       "keeps the full dimension.", nullable=True, minimum=4),
+    "index.keep_builds": Key(int, 3, "Complete index builds kept under indexes/ (older ones are removed).",
+                             minimum=1),
     "similar.k": Key(int, 10, "Neighbours kept per item in `similar_items`.", minimum=1),
+    "similar.scope": Key(str, "shard", "Where an item's neighbours come from: its own shard, or every shard "
+                                       "(merged by score).", choices=("shard", "all")),
+    "similar.min_score": Key(float, None, "Neighbours with a lower cosine are left out (an item may then "
+                                          "get fewer than k); unset keeps the k best whatever their score.",
+                             nullable=True, minimum=-1.0, maximum=1.0),
+    "similar.in_stock_only": Key(bool, False, "Only in-stock catalog items become neighbours (every item "
+                                              "still gets its list); reads the catalog's `in_stock`."),
+    "similar.exclude_duplicates": Key(bool, True, "Items with the same image bytes (`image_sha256`) are not "
+                                                  "each other's neighbours; they are listed in `duplicates`."),
+    "similar.chunk_size": Key(int, 10_000, "Most queries per Spark task: a big shard's queries are split "
+                                           "into chunks of about this many items (fewer when that would leave "
+                                           "a core without two tasks).", minimum=1),
     "recommend.n": Key(int, 10, "Recommendations kept per user.", minimum=1),
 }
 

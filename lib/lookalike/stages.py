@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 STAGES: dict[str, str | None] = {
     "embed": "lookalike.embed:run",
-    "index": None,
-    "similar": None,
+    "index": "lookalike.index:run",
+    "similar": "lookalike.similar:run",
     "recommend": None,
 }
 

@@ -1,0 +1,586 @@
+"""The similar stage: every item in `embeddings` -> its `similar.k` most similar items in `similar_items`.
+
+Work layout. The driver stages the vectors of the shards to (re)compute once, as Parquet partitioned by shard
+and query chunk (`<output.root>/staging/<run_id>/similar/items/shard_dir=<folder>/chunk=<c>/`), and plans
+work units (target shard, query shard, chunk). One Spark task runs a few consecutive units: for each it
+takes the target shard from a one-entry per-worker cache (index from the latest build, vectors read from
+the staged folder, put in FAISS id order and checked by `LoadedShard.align`), reads the query chunk and
+searches. Units are sorted by target, so a reused Python worker loads each shard about once and never holds
+two. With `similar.scope: shard` an item's only target is its own shard; with `all` every (target, chunk)
+pair is a unit and Spark merges the per-target top-k lists by score. That merge is exact: a target's own
+top k holds everything it can contribute to the global top k.
+
+Search. The index proposes candidates and they are re-scored exactly (`shard_index.search`), so `score` is a
+true cosine. Candidates that may not be neighbours are filtered after the search: the item itself, items
+with the same image bytes (`similar.exclude_duplicates`), items out of stock (`similar.in_stock_only`) and
+scores under `similar.min_score`. Self and duplicates are one rule: every item carries an exclusion key, the
+hash of its `image_sha256` (its own `item_id` when duplicates may be neighbours), and a candidate sharing the
+query's key is dropped. So that k survive, a query asks for k plus the members of its own group in the
+target, divided by the target's in-stock share; rows still short are asked again 4x wider, twice, and what
+is left is scored exhaustively against the shard's vectors. Members of a duplicate group have identical
+vectors and the same exclusions, so each group is searched once and its list shared: a placeholder image
+used by thousands of items costs one query, not thousands of ever wider ones.
+
+Duplicates. Items with the same `image_sha256` form a group; its smallest `item_id` is the canonical item
+and every other member gets one row in `duplicates` (`item_id`, `duplicate_of` = the canonical item,
+`run_id` of the run that first saw the pair). The table spans the whole catalog, whatever the shards.
+
+Incremental. A shard's fingerprint joins the `vectors_sha256` of its index in the latest build with a digest
+of its rows in `embeddings` (item ids, the embed run that wrote each vector, exclusion keys, stock flags).
+`<output.root>/state/similar_items.json`, written after each commit, keeps the fingerprints, the settings
+and the table version the last run left. The next run recomputes only the shards whose fingerprint changed
+and replaces their items' rows by key; items that left `embeddings` are deleted. Everything is recomputed
+(and the table overwritten) when the settings changed, the table is not the version the state recorded
+(edited, restored or the state lost), or, with `scope: all`, any shard changed, since any item may then
+have a new neighbour. Nightly index builds rebuild every shard, but unchanged vectors keep their
+`vectors_sha256`, so a new build alone does not make a shard dirty.
+
+Freshness. The index must have been built from the current embeddings: a shard whose item count differs
+from its index's is refused on the driver, one whose vectors differ is refused by `align` in the task. Both
+raise `StaleIndexError`, which asks for `lookalike index` to be re-run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from lookalike import catalog, index, shard_index, shards, tables
+from lookalike.config import Config
+from lookalike.index_params import RECALL_K
+from lookalike.stages import StageResult
+
+log = logging.getLogger(__name__)
+
+SIMILAR_ITEMS, DUPLICATES, EMBEDDINGS = "similar_items", "duplicates", "embeddings"
+STATE_FILE = "state/similar_items.json"
+STATE_VERSION = 1
+RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
+                           ("score", pa.float32())])
+WIDEN = 4
+"""A row still short of k after filtering is asked again with this many times the candidates."""
+MAX_WIDENINGS = 2
+"""Wider searches before a short row is scored exhaustively: re-rank cost grows with the candidates, so
+past ~16x the planned fetch scoring the whole shard is about as cheap and certainly complete."""
+EXACT_SHARE = 4
+"""A search for more than 1/4 of a shard's items goes straight to exhaustive scoring."""
+EXACT_BATCH_BYTES = 64 * 2**20
+"""Score matrix computed at once by exhaustive scoring: bounds its transient memory."""
+TASK_ERROR = "lookalike-stale-index:"
+"""Prefix of the message a task fails with when its shard's vectors do not match the index, so that the
+driver can find it in Spark's wrapped exception and raise `StaleIndexError` with it."""
+
+
+class StaleIndexError(index.IndexBuildError):
+    """The latest index build does not match the current embeddings: `lookalike index` must run first."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config that decides the table's content; a change recomputes every shard."""
+
+    k: int
+    scope: str
+    min_score: float | None
+    in_stock_only: bool
+    exclude_duplicates: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        return cls(k=cfg["similar.k"], scope=cfg["similar.scope"], min_score=cfg["similar.min_score"],
+                   in_stock_only=cfg["similar.in_stock_only"], exclude_duplicates=cfg["similar.exclude_duplicates"])
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task needs, as plain values pickled into the task's closure."""
+
+    output_root: str
+    build: str
+    model: str
+    dim: int
+    staging: str
+    k: int
+    min_score: float | None
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """Search the queries of one staged chunk of `source` against the index of `target`."""
+
+    target: str
+    source: str
+    chunk: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TargetShard:
+    """One shard as a worker searches it: the index, the vectors in FAISS id order (re-rank and exhaustive
+    scoring), and per FAISS id the exclusion key and whether the item may be a neighbour."""
+
+    loaded: shard_index.LoadedShard
+    vectors: np.ndarray
+    keys: np.ndarray
+    eligible: np.ndarray
+
+    def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`fetch` re-ranked candidates per query, with the candidate budget the index was tuned for."""
+        manifest = self.loaded.manifest
+        return shard_index.search(self.loaded.index, self.vectors, queries, fetch, manifest["nprobe"],
+                                  rerank_budget(manifest["rerank_k"], fetch))
+
+
+# ----------------------------------------------------------------------------------------- search math
+
+def rerank_budget(tuned: int, fetch: int) -> int:
+    """Exact re-rank candidates for a search of `fetch` results.
+
+    The index was tuned on `tuned` candidates for the 11 results of a query that finds itself first
+    (`shard_index.build` drops self), so each further 10 results get another `tuned`. Flat (0) stays 0.
+    """
+    return tuned * max(1, math.ceil((fetch - 1) / RECALL_K))
+
+
+def group_sizes(query_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """How many of the target's items share each query's exclusion key (itself, its duplicates): all of
+    them score at the top and are filtered out, so they are asked for on top of k."""
+    values, counts = np.unique(keys, return_counts=True)
+    at = np.minimum(np.searchsorted(values, query_keys), len(values) - 1)
+    return np.where(values[at] == query_keys, counts[at], 0)
+
+
+def planned_fetch(k: int, excluded: np.ndarray, eligible_share: float) -> np.ndarray:
+    """Candidates per query so that k usually survive one search: k plus the query's own group, scaled by
+    the share of the target that may be a neighbour at all."""
+    return np.ceil((k + excluded) / eligible_share).astype(np.int64)
+
+
+def select(ids: np.ndarray, scores: np.ndarray, query_keys: np.ndarray, keys: np.ndarray, eligible: np.ndarray,
+           k: int, min_score: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first k candidates of each row (rows best first, at least k columns) that may be neighbours of
+    the row's query: a real id, another exclusion key, eligible, not under `min_score`. Returns (ids,
+    scores) padded with -1 and -inf, and how many each row kept."""
+    safe = np.maximum(ids, 0)
+    usable = (ids >= 0) & eligible[safe] & (keys[safe] != query_keys[:, None])
+    if min_score is not None:
+        usable &= scores >= min_score
+    order = np.argsort(~usable, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(usable, order, axis=1)
+    return (np.where(kept, np.take_along_axis(ids, order, axis=1), -1),
+            np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32),
+            kept.sum(axis=1))
+
+
+def settled(kept: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int, min_score: float | None) -> np.ndarray:
+    """Rows a wider search cannot improve: k kept, or candidates already under `min_score` (the rest of
+    the shard scores lower still)."""
+    done = kept >= k
+    if min_score is not None:
+        done |= np.where(ids >= 0, scores, np.inf).min(axis=1) < min_score
+    return done
+
+
+def exhaustive(vectors: np.ndarray, queries: np.ndarray, query_keys: np.ndarray, keys: np.ndarray,
+               eligible: np.ndarray, k: int, min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every item of the shard scored: complete by construction, for the rows the index could not fill."""
+    n = len(vectors)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    top = min(k, n)
+    batch = max(1, EXACT_BATCH_BYTES // (4 * n))
+    for start in range(0, len(queries), batch):
+        rows = slice(start, start + batch)
+        exact = queries[rows] @ vectors.T
+        usable = eligible[None, :] & (keys[None, :] != query_keys[rows, None])
+        if min_score is not None:
+            usable &= exact >= min_score
+        exact = np.where(usable, exact, -np.inf)
+        best = np.argpartition(-exact, top - 1, axis=1)[:, :top]
+        best_scores = np.take_along_axis(exact, best, axis=1)
+        order = np.lexsort((best, -best_scores), axis=1)  # best first, ties in FAISS id (item_id) order
+        best, best_scores = np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
+        ids[rows, :top] = np.where(np.isfinite(best_scores), best, -1)
+        scores[rows, :top] = best_scores
+    return ids, scores
+
+
+def neighbours(target: TargetShard, queries: np.ndarray, query_keys: np.ndarray, k: int,
+               min_score: float | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The k best neighbours in `target` of each query, best first, as FAISS ids and cosines (-1/-inf
+    padding where fewer exist), and how many distinct queries needed exhaustive scoring."""
+    _, first, inverse = np.unique(query_keys, return_index=True, return_inverse=True)
+    reps, rep_keys = queries[first], query_keys[first]
+    ids = np.full((len(reps), k), -1, dtype=np.int64)
+    scores = np.full((len(reps), k), -np.inf, dtype=np.float32)
+    if not target.eligible.any():
+        return ids[inverse], scores[inverse], 0
+    n = len(target.vectors)
+    fetch = planned_fetch(k, group_sizes(rep_keys, target.keys), float(target.eligible.mean()))
+    pending, to_score = np.arange(len(reps)), []
+    for _ in range(MAX_WIDENINGS + 1):
+        wide = fetch[pending] * EXACT_SHARE > n
+        to_score.append(pending[wide])
+        pending, short = pending[~wide], [np.empty(0, dtype=np.int64)]
+        for size in np.unique(fetch[pending]):
+            rows = pending[fetch[pending] == size]
+            found_scores, found = target.search(reps[rows], int(size))
+            ids[rows], scores[rows], kept = select(found, found_scores, rep_keys[rows], target.keys,
+                                                   target.eligible, k, min_score)
+            short.append(rows[~settled(kept, found, found_scores, k, min_score)])
+        pending = np.concatenate(short)
+        fetch[pending] *= WIDEN
+    rows = np.concatenate([*to_score, pending])
+    if rows.size:
+        ids[rows], scores[rows] = exhaustive(target.vectors, reps[rows], rep_keys[rows], target.keys,
+                                             target.eligible, k, min_score)
+    return ids[inverse], scores[inverse], int(rows.size)
+
+
+def result_rows(query_ids: pa.Array, target_ids: pa.Array, ids: np.ndarray, scores: np.ndarray) -> pa.RecordBatch:
+    """One row per found neighbour; rank is its column + 1, dense because padding only trails.
+    Scores are clipped to [-1, 1]: a cosine, even where float32 rounding puts a twin at 1.0000001."""
+    found = ids >= 0
+    rows, columns = np.nonzero(found)
+    return pa.record_batch([query_ids.take(rows), pa.array(columns + 1, type=pa.int32()),
+                            target_ids.take(ids[found]), pa.array(np.clip(scores[found], -1.0, 1.0))],
+                           schema=RESULT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+def changed_shards(previous: Mapping[str, Any] | None, fingerprints: Mapping[str, str], settings: Settings,
+                   table_version: int | None) -> set[str]:
+    """The shards whose `similar_items` rows must be recomputed (module docstring, "Incremental")."""
+    everything = set(fingerprints)
+    if (previous is None or previous.get("version") != STATE_VERSION or previous["settings"] != asdict(settings)
+            or table_version is None or previous["table_version"] != table_version):
+        return everything
+    changed = {shard for shard, fp in fingerprints.items() if previous["shards"].get(shard) != fp}
+    if settings.scope == "all" and (changed or set(previous["shards"]) != everything):
+        return everything
+    return changed
+
+
+def plan_units(chunk_sizes: Mapping[str, Mapping[int, int]], targets: list[str], scope: str) -> list[Unit]:
+    """Every (target, query chunk) pair to search, sorted by target so that a worker reuses a loaded shard."""
+    return sorted(Unit(target, source, chunk, size)
+                  for source, chunks in chunk_sizes.items() for chunk, size in chunks.items()
+                  for target in (targets if scope == "all" else [source]))
+
+
+def task_size(chunk_size: int, queries: int, targets_per_query: int, parallelism: int) -> int:
+    """Searches per task: `similar.chunk_size`, or fewer when that would leave a core idle, so that every
+    core gets about two tasks (a small catalog is not one task on one core)."""
+    return max(1, min(chunk_size, math.ceil(queries * targets_per_query / (2 * parallelism))))
+
+
+def pack(units: list[Unit], per_task: int) -> list[list[Unit]]:
+    """Consecutive units grouped into tasks of about `per_task` queries: a big chunk is a task of its
+    own, many small shards share one, so that a catalog of tiny categories does not pay one task each."""
+    tasks: list[list[Unit]] = []
+    size = per_task
+    for unit in units:
+        if size + unit.size > per_task:
+            tasks.append([])
+            size = 0
+        tasks[-1].append(unit)
+        size += unit.size
+    return tasks
+
+
+def fingerprint(vectors_sha256: str, count: int, digest: str) -> str:
+    """What a shard's rows depend on: the vectors its index was built from and its rows in `embeddings`."""
+    return f"{vectors_sha256}:{count}:{digest}"
+
+
+# ----------------------------------------------------------------------------------------- executors
+
+_worker_shard: dict[tuple[str, str, str], TargetShard] = {}
+
+
+def target_shard(job: Job, shard: str) -> tuple[TargetShard, bool]:
+    """The worker's copy of a target shard and whether it was loaded just now.
+
+    Cached in this module, which a reused Python worker keeps across tasks (like `models.get_embedder`);
+    keyed by build, shard and staging folder, since stock flags and keys are this run's. One entry only:
+    the previous shard is dropped before the next loads, so a worker never holds two.
+    """
+    key = (job.build, shard, job.staging)
+    if key in _worker_shard:
+        return _worker_shard[key], False
+    _worker_shard.clear()
+    _worker_shard[key] = _load_target(job, shard)
+    return _worker_shard[key], True
+
+
+def _load_target(job: Job, shard: str) -> TargetShard:
+    """The shard's index and its staged rows in FAISS id order; vectors that differ from the build's fail
+    the task with `TASK_ERROR`. At its peak this holds the vectors twice (as read and as aligned)."""
+    item_ids, vectors, keys, eligible = _read_staged(job, f"shard_dir={shards.folder_name(shard)}")
+    try:
+        loaded = index.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
+        aligned = loaded.align(item_ids, vectors)
+    except (ValueError, index.IndexBuildError) as err:
+        raise RuntimeError(f"{TASK_ERROR} shard {shard!r} of index build {job.build}: {err}") from err
+    positions = pc.index_in(loaded.item_ids, value_set=item_ids).to_numpy()
+    return TargetShard(loaded=loaded, vectors=aligned, keys=keys[positions], eligible=eligible[positions])
+
+
+def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """Item ids, vectors, exclusion keys and eligibility of a staged folder: a shard, or one query chunk."""
+    fs, folder = _filesystem(f"{job.staging}/{relative}")
+    table = pq.read_table(folder, filesystem=fs, columns=["item_id", "embedding", "dup_key", "eligible"])
+    return (table["item_id"].combine_chunks(), _matrix(table["embedding"], job.dim), table["dup_key"].to_numpy(),
+            table["eligible"].to_numpy())
+
+
+def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """An array<float> column as an (n, dim) float32 matrix, without a Python object per row."""
+    flat = pc.list_flatten(column).to_numpy()
+    if flat.size != len(column) * dim:
+        raise ValueError(f"embeddings are not all {dim}-dimensional")
+    return flat.astype(np.float32, copy=False).reshape(len(column), dim)
+
+
+def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.RecordBatch:
+    """One unit's rows. A function of its own so that no reference to the target outlives it: the next
+    unit's target then replaces it in memory instead of joining it."""
+    target, loaded = target_shard(job, unit.target)
+    query_ids, queries, query_keys, _ = _read_staged(
+        job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}")
+    ids, scores, scored = neighbours(target, queries, query_keys, job.k, job.min_score)
+    counters["shard_loads"].add(int(loaded))
+    counters["exhaustive"].add(scored)
+    return result_rows(query_ids, target.loaded.item_ids, ids, scores)
+
+
+def _search_tasks(job: Job, tasks: list[list[Unit]], counters: Mapping[str, Any]) -> Callable:
+    """The mapInArrow body: each input row is a task number, each task a list of units."""
+
+    def run_tasks(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        faiss.omp_set_num_threads(max(1, int(TaskContext.get().cpus())))  # one thread per task core
+        for batch in batches:
+            for task in batch.column(0).to_pylist():
+                for unit in tasks[task]:
+                    yield _search_unit(job, unit, counters)
+
+    return run_tasks
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    return (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
+
+
+def _read_json(path: str) -> dict | None:
+    fs, local = _filesystem(path)
+    if fs.get_file_info(local).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(local) as stream:
+        return json.loads(stream.read())
+
+
+def _items(spark: SparkSession, cfg: Config, settings: Settings) -> DataFrame:
+    """`embeddings` with each item's exclusion key and whether it may be a neighbour."""
+    items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS)).select(
+        "item_id", "shard", "embedding", "model", "image_sha256", "run_id")
+    by_item = F.xxhash64(F.lit("item"), F.col("item_id"))
+    key = (F.when(F.col("image_sha256").isNotNull(), F.xxhash64(F.lit("image"), F.col("image_sha256")))
+           .otherwise(by_item) if settings.exclude_duplicates else by_item)
+    eligible = F.lit(True)
+    if settings.in_stock_only:  # an item no longer in the catalog is not offered either
+        stock = catalog.read_catalog(spark, cfg).select("item_id", "in_stock")
+        items, eligible = items.join(stock, "item_id", "left"), F.coalesce(F.col("in_stock"), F.lit(False))
+    return items.withColumn("dup_key", key).withColumn("eligible", eligible)
+
+
+def _shard_stats(items: DataFrame) -> dict[str, tuple[int, str, list[str]]]:
+    """Per shard: item count, an order-free digest of what decides its rows, and its models. Reads no
+    vectors: a re-embedded item has a new embed `run_id`."""
+    digest = F.sum(F.xxhash64("item_id", "run_id", "dup_key", "eligible").cast("decimal(38,0)"))
+    rows = items.groupBy("shard").agg(F.count("*").alias("n"), digest.alias("digest"),
+                                      F.collect_set("model").alias("models")).collect()
+    return {r["shard"]: (r["n"], str(r["digest"]), list(r["models"])) for r in rows}
+
+
+def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mapping[str, Any], build: str) -> None:
+    """Refuse a build that was made for other embeddings (its vectors are checked later, in the tasks)."""
+    fix = "re-run `lookalike index` (after `lookalike embed`), then `lookalike similar`"
+    models = sorted({m for _, _, ms in stats.values() for m in ms})
+    if models != [summary["model"]]:
+        raise StaleIndexError(f"embeddings hold model(s) {models}, index build {build} was made for "
+                              f"{summary['model']!r}; {fix}")
+    built = {entry["shard"]: entry["ntotal"] for entry in summary["shards"]}
+    for shard in sorted(set(stats) | set(built)):
+        have, indexed = stats.get(shard, (0,))[0], built.get(shard, 0)
+        if have != indexed:
+            raise StaleIndexError(f"shard {shard!r} has {have} items in embeddings but {indexed} in index build "
+                                  f"{build}: embeddings changed since the index was built; {fix}")
+
+
+def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id: str) -> int:
+    """Update `duplicates`: new or changed pairs get this run id, members that left a group leave."""
+    canonical = F.min("item_id").over(Window.partitionBy("image_sha256"))
+    found = (items.filter(F.col("image_sha256").isNotNull()).select("item_id", canonical.alias("duplicate_of"))
+             .filter(F.col("item_id") != F.col("duplicate_of")).cache())
+    path = tables.table_path(root, DUPLICATES)
+    fresh = found.withColumn("run_id", F.lit(run_id))
+    if tables.exists(path):
+        current = tables.read(spark, path)
+        gone = current.select("item_id").join(found.select("item_id"), "item_id", "left_anti")
+        tables.replace_by_key(fresh.join(current, ["item_id", "duplicate_of"], "left_anti").select(*fresh.columns),
+                              path, "item_id", delete_keys=gone)
+    else:
+        tables.write(fresh, path, mode="overwrite")
+    count = found.count()
+    found.unpersist()
+    return count
+
+
+def _stage(spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chunk_size: int,
+           staging: str) -> dict[str, dict[int, int]]:
+    """Write the vectors of `counts`' shards partitioned by shard folder and query chunk; returns the
+    queries per (shard, chunk) that were written.
+
+    Chunks follow the exclusion key, so that a duplicate group lands in one chunk and is searched once.
+    """
+    plan = spark.createDataFrame(
+        [(shard, shards.folder_name(shard), max(1, math.ceil(n / chunk_size))) for shard, n in counts.items()],
+        "shard string, shard_dir string, chunks int")
+    staged = (items.join(F.broadcast(plan), "shard")
+              .select("item_id", "embedding", "dup_key", "eligible", "shard_dir",
+                      F.pmod("dup_key", F.col("chunks")).cast("int").alias("chunk")))
+    staged.repartition("shard_dir", "chunk").write.partitionBy("shard_dir", "chunk").parquet(staging)
+    by_folder = {shards.folder_name(shard): shard for shard in counts}
+    sizes: dict[str, dict[int, int]] = {}
+    for row in spark.read.parquet(staging).groupBy("shard_dir", "chunk").count().collect():
+        sizes.setdefault(by_folder[str(row["shard_dir"])], {})[int(row["chunk"])] = row["count"]
+    return sizes
+
+
+def _stale_error(err: Exception) -> StaleIndexError | None:
+    """The task's stale-index message out of Spark's wrapped exception, if that is what failed."""
+    match = re.search(re.escape(TASK_ERROR) + r" ([^\n]*)", str(err))
+    if match is None:
+        return None
+    return StaleIndexError(f"{match.group(1)}; re-run `lookalike index` (after `lookalike embed`), "
+                           "then `lookalike similar`")
+
+
+def _write_state(path: str, state: Mapping[str, Any]) -> None:
+    """Publish the state file whole (`index._write_text`): a reader sees the old or the new one."""
+    fs, local = _filesystem(path)
+    fs.create_dir(local.rsplit("/", 1)[0], recursive=True)
+    index._write_text(path, json.dumps(state, indent=2, sort_keys=True))
+
+
+def _remove(path: str) -> None:
+    fs, local = _filesystem(path)
+    if fs.get_file_info(local).type != pafs.FileType.NotFound:
+        fs.delete_dir(local)
+
+
+def _fingerprints(root: str, build: str, stats: Mapping[str, tuple[int, str, list[str]]]) -> dict[str, str]:
+    """Each shard's fingerprint, with the `vectors_sha256` from its manifest in the build."""
+    folder = f"{index.indexes_root(root)}/{build}"
+    return {shard: fingerprint(_read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")
+                               ["vectors_sha256"], n, digest)
+            for shard, (n, digest, _) in stats.items()}
+
+
+def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, run_id: str, out: str) -> dict:
+    """Run the tasks and write their rows (merged across targets for scope all) to `out`; returns the
+    executors' counters. A task that found its shard stale fails the run with `StaleIndexError`."""
+    counters = {name: spark.sparkContext.accumulator(0) for name in ("shard_loads", "exhaustive")}
+    one_per_partition = spark.range(0, len(tasks), 1, numPartitions=len(tasks))  # a Spark task per task
+    found = one_per_partition.mapInArrow(_search_tasks(job, tasks, counters), from_arrow_schema(RESULT_SCHEMA))
+    if scope == "all":
+        best_first = Window.partitionBy("item_id").orderBy(F.desc("score"), "similar_item_id")
+        found = (found.withColumn("rank", F.row_number().over(best_first)).filter(F.col("rank") <= job.k)
+                 .select(*RESULT_SCHEMA.names))
+    try:
+        found.withColumn("run_id", F.lit(run_id)).write.parquet(out)
+    except Exception as err:
+        stale = _stale_error(err)
+        if stale is None:
+            raise
+        raise stale from err
+    return {name: counter.value for name, counter in counters.items()}
+
+
+def _commit(spark: SparkSession, items: DataFrame, results: DataFrame, path: str, changed: set[str],
+            every_shard: bool) -> None:
+    """Overwrite the table when every shard was computed; else replace the changed shards' items by key
+    and delete every other item that is not in an unchanged shard (it left `embeddings`)."""
+    if every_shard:
+        tables.write(results, path, mode="overwrite")
+        return
+    keep = items.filter(~F.col("shard").isin(sorted(changed))).select("item_id")
+    leaving = tables.read(spark, path).select("item_id").distinct().join(keep, "item_id", "left_anti")
+    tables.replace_by_key(results, path, "item_id", delete_keys=leaving)
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    started = time.time()
+    settings = Settings.from_config(cfg)
+    root = cfg["output.root"]
+    build = index.latest_build(root)
+    summary = index.build_summary(root, build)
+    items = _items(spark, cfg, settings)
+    stats = _shard_stats(items)
+    _check_fresh(stats, summary, build)
+    n_items = sum(n for n, _, _ in stats.values())
+    fingerprints = _fingerprints(root, build, stats)
+    state_path, path = f"{root.rstrip('/')}/{STATE_FILE}", tables.table_path(root, SIMILAR_ITEMS)
+    changed = changed_shards(_read_json(state_path), fingerprints, settings, tables.version(path))
+    metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed)),
+               "duplicates": float(_commit_duplicates(spark, items, root, run_id))}
+    if not changed:
+        log.info("similar %s: all %d shards unchanged since the last run, nothing to do", run_id, len(stats))
+        metrics["seconds"] = round(time.time() - started, 3)
+        return StageResult("similar", rows_in=n_items, rows_out=0, metrics=metrics)
+
+    staging = f"{root.rstrip('/')}/staging/{run_id}/similar"
+    targets = sorted(changed) if settings.scope == "shard" else sorted(stats)
+    job = Job(output_root=root, build=build, model=summary["model"], dim=summary["dim"],
+              staging=f"{staging}/items", k=settings.k, min_score=settings.min_score)
+    n_queries = sum(stats[shard][0] for shard in changed)
+    size = task_size(cfg["similar.chunk_size"], n_queries, len(targets) if settings.scope == "all" else 1,
+                     spark.sparkContext.defaultParallelism)
+    try:
+        sizes = _stage(spark, items, {shard: stats[shard][0] for shard in targets}, size, job.staging)
+        tasks = pack(plan_units({shard: sizes[shard] for shard in changed}, targets, settings.scope), size)
+        log.info("similar %s: %d of %d shards to compute (scope %s, build %s): %d queries in %d tasks",
+                 run_id, len(changed), len(stats), settings.scope, build, n_queries, len(tasks))
+        counters = _search(spark, job, tasks, settings.scope, run_id, f"{staging}/results")
+        results = spark.read.parquet(f"{staging}/results")
+        _commit(spark, items, results, path, changed, every_shard=changed == set(stats))
+        rows_out = results.count()
+    finally:
+        _remove(staging)
+    _write_state(state_path, {"version": STATE_VERSION, "run_id": run_id, "build": build,
+                              "settings": asdict(settings), "table_version": tables.version(path),
+                              "shards": fingerprints})
+    metrics.update({"queries": float(n_queries), "tasks": float(len(tasks)),
+                    "shard_loads": float(counters["shard_loads"]), "exhaustive_queries": float(counters["exhaustive"]),
+                    "seconds": round(time.time() - started, 3)})
+    log.info("similar %s: %d rows for %d items; %s", run_id, rows_out, n_items, metrics)
+    return StageResult("similar", rows_in=n_items, rows_out=rows_out, metrics=metrics)
