@@ -26,6 +26,17 @@ def make_config(tmp: Path, **overrides: object) -> config_mod.Config:
     return config_mod.validate(values, base_dir=tmp)
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread() -> Iterator[None]:
+    """One OpenMP thread: on a busy 2-core machine FAISS's spinning threads make small builds 10x slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     session = get_spark(make_config(tmp_path_factory.mktemp("spark")))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -19,13 +18,7 @@ DIM = 64
 MODEL = "efficientnet-lite0@test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    """One OpenMP thread: on a busy 2-core machine FAISS's spinning threads make small builds 10x slower."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, seed: int, *, clusters: int = 100, dim: int = DIM) -> np.ndarray:

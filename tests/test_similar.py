@@ -6,7 +6,6 @@ Synthetic clustered vectors go into an `embeddings` table, `index.run` builds th
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -28,13 +27,7 @@ TWINS = ["Bag-00000", "Bag-00001", "Bag-00002", "Bag-00003"]  # one image, four 
 CROSS_TWIN = ("Bag-00010", "Shoe-00000")  # the same image in two categories
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    """FAISS's spinning threads make small searches slow on a busy 2-core machine (driver-side tests)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, seed: int, clusters: int = 12) -> np.ndarray:
