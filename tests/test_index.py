@@ -1,7 +1,6 @@
 """The index stage on Spark: one build per shard, LATEST published last, old builds pruned, model checked."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import index, shard_index, tables
+from lookalike import index, shards, tables
 from lookalike.config import Config
 from tests.conftest import make_config
 
@@ -91,6 +90,30 @@ def test_failed_build_keeps_latest_and_old_builds_are_pruned(spark: SparkSession
     kept = sorted(p.name for p in (Path(root) / "indexes").iterdir() if p.is_dir())
     assert kept == ["20260102T000000Z-000002", "20260104T000000Z-000004"]  # the failed one is gone too
     assert (Path(root) / "indexes" / "LATEST").read_text() == "20260104T000000Z-000004"
+
+
+def test_unchanged_shards_are_reused_and_changed_ones_rebuilt(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    root = cfg["output.root"]
+    write_embeddings(spark, Path(root), {"Bag": 50, "Shoe": 60})
+    first = index.run(cfg, spark, "20260101T000000Z-000001")
+    assert first.metrics["shards_built"] == 2 and first.metrics["shards_reused"] == 0
+    again = index.run(cfg, spark, "20260102T000000Z-000002")
+    assert again.metrics["shards_built"] == 0 and again.metrics["shards_reused"] == 2
+    # The copied shard is complete and identical; the build stands on its own after older ones are pruned.
+    old, new = (Path(root) / "indexes" / run / shards.folder_name("Bag")
+                for run in ("20260101T000000Z-000001", "20260102T000000Z-000002"))
+    assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in old.iterdir())
+    assert (new / "index.faiss").read_bytes() == (old / "index.faiss").read_bytes()
+    # One shard's vectors change (same item ids, same embed run id): only that shard is rebuilt.
+    moved = tables.read(spark, tables.table_path(root, "embeddings")).withColumn(
+        "embedding", F.when(F.col("shard") == "Shoe", F.reverse("embedding")).otherwise(F.col("embedding")))
+    tables.write(moved, tables.table_path(root, "embeddings"), mode="overwrite")
+    third = index.run(cfg, spark, "20260103T000000Z-000003")
+    assert third.metrics["shards_built"] == 1 and third.metrics["shards_reused"] == 1
+    # Other index settings rebuild everything.
+    fourth = index.run(cfg.with_overrides({"index.target_recall": 0.9}), spark, "20260104T000000Z-000004")
+    assert fourth.metrics["shards_built"] == 2
 
 
 def test_mismatched_model_is_refused(spark: SparkSession, tmp_path: Path) -> None:

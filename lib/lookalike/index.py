@@ -5,20 +5,26 @@ Driver side only. Spark groups the embeddings by shard and hands each shard to o
 the index (`shard_index`). The driver writes a build summary and only then `indexes/LATEST`, so readers only
 ever see complete builds; a build that dies leaves `LATEST` on the previous one, and its partial folder is
 removed by a later run's pruning. Builds older than the newest `index.keep_builds` are removed.
+
+Incremental: each shard's summary row records `members` (`members_digest`: its items, their vectors, the
+index settings). A shard whose members are unchanged since the latest build is not
+rebuilt: its files are copied into the new build, so every build folder stays complete on its own.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import index_params, shard_index, shards, tables
+from lookalike import index_params, shard_index, shards, storage, tables
 from lookalike.config import Config
 from lookalike.errors import LookalikeError
 from lookalike.stages import StageResult
@@ -29,34 +35,49 @@ LATEST = "LATEST"
 BUILD_SUMMARY = "build.json"
 SUMMARY_SCHEMA = ("shard string, folder string, ntotal long, kind string, factory string, nprobe int, "
                   "recall_at_10 double, target_reached boolean, bytes long, build_seconds double")
+SHARD_FILES = (shard_index.INDEX_FILE, shard_index.IDS_FILE, shard_index.MANIFEST_FILE)  # manifest last
 
 
 class IndexBuildError(LookalikeError):
     """No usable index build: none published yet, or one built for other embeddings."""
 
 
+class StaleIndexError(IndexBuildError):
+    """The latest index build does not match the current embeddings: `lookalike index` must run first."""
+
+
 def indexes_root(output_root: str) -> str:
     return f"{output_root.rstrip('/')}/indexes"
 
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    return (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
-
-
 def latest_build(output_root: str) -> str:
     """The run id of the newest complete build, from `indexes/LATEST`."""
-    fs, root = _fs(indexes_root(output_root))
-    if fs.get_file_info(f"{root}/{LATEST}").type == pafs.FileType.NotFound:
+    text = storage.read_text(f"{indexes_root(output_root)}/{LATEST}")
+    if text is None:
         raise IndexBuildError(f"no index build published under {indexes_root(output_root)} (run `lookalike index`)")
-    with fs.open_input_stream(f"{root}/{LATEST}") as stream:
-        return stream.read().decode().strip()
+    return text.strip()
 
 
 def build_summary(output_root: str, run_id: str) -> dict:
     """The summary of one complete build: its model, dimension and one entry per shard."""
-    fs, root = _fs(indexes_root(output_root))
-    with fs.open_input_stream(f"{root}/{run_id}/{BUILD_SUMMARY}") as stream:
-        return json.loads(stream.read())
+    return storage.read_json(f"{indexes_root(output_root)}/{run_id}/{BUILD_SUMMARY}")
+
+
+def check_fresh(counts: Mapping[str, int], models: Iterable[str], summary: Mapping[str, Any], build: str,
+                then: str) -> None:
+    """Refuse a build made for other embeddings: another model, or a shard whose item count differs from
+    `counts` (items per shard in `embeddings` now). `then` names the command to re-run afterwards."""
+    fix = f"re-run `lookalike index` (after `lookalike embed`), then `{then}`"
+    models = sorted(set(models))
+    if models != [summary["model"]]:
+        raise StaleIndexError(f"embeddings hold model(s) {models}, index build {build} was made for "
+                              f"{summary['model']!r}; {fix}")
+    built = {entry["shard"]: entry["ntotal"] for entry in summary["shards"]}
+    for shard in sorted(set(counts) | set(built)):
+        have, indexed = counts.get(shard, 0), built.get(shard, 0)
+        if have != indexed:
+            raise StaleIndexError(f"shard {shard!r} has {have} items in embeddings but {indexed} in index build "
+                                  f"{build}: embeddings changed since the index was built; {fix}")
 
 
 def load_shard(output_root: str, run_id: str, shard: str, *, model: str, dim: int) -> shard_index.LoadedShard:
@@ -68,22 +89,9 @@ def load_shard(output_root: str, run_id: str, shard: str, *, model: str, dim: in
         raise IndexBuildError(f"{err}; re-run `lookalike index` after `lookalike embed`") from err
 
 
-def _write_text(path: str, text: str) -> None:
-    """Replace a small file so that a reader sees the old or the new text, never a mix."""
-    fs, local = _fs(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{local}.tmp-{time.time_ns()}"
-        with fs.open_output_stream(tmp) as stream:
-            stream.write(text.encode())
-        fs.move(tmp, local)  # rename(2): atomic on a local or POSIX file system
-    else:
-        with fs.open_output_stream(local) as stream:  # one PUT: object stores replace whole objects
-            stream.write(text.encode())
-
-
 def _prune(output_root: str, keep: int, current: str) -> list[str]:
     """Remove builds beyond the newest `keep` complete ones, and any incomplete build but `current`."""
-    fs, root = _fs(indexes_root(output_root))
+    fs, root = storage.filesystem(indexes_root(output_root))
     folders = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
                      if info.type == pafs.FileType.Directory)
     complete = [name for name in folders
@@ -119,33 +127,77 @@ def _shard_builder(build_dir: str, run_id: str, cfg: Config):
     return build_one
 
 
+def members_digest(embeddings: DataFrame, settings: str) -> dict[str, str]:
+    """Per shard, what its index depends on: item count, an order-free digest of (item id, vector) and the
+    index settings. The vectors are hashed, not trusted to change with their embed run id, so a table
+    rewritten by other means is never served by a stale index; a columnar scan costs far less than a build."""
+    digest = F.sum(F.xxhash64("item_id", "embedding").cast("decimal(38,0)"))
+    rows = embeddings.groupBy("shard").agg(F.count("*").alias("n"), digest.alias("digest")).collect()
+    return {r["shard"]: f"{r['n']}:{r['digest']}:{settings}" for r in rows}
+
+
+def _reusable(root: str, model: str, dim: int, members: Mapping[str, str]) -> dict[str, dict]:
+    """Summary rows of the latest build's shards whose members and settings are unchanged."""
+    try:
+        previous = build_summary(root, latest_build(root))
+    except IndexBuildError:
+        return {}
+    if previous is None or previous["model"] != model or previous["dim"] != dim:
+        return {}
+    return {row["shard"]: row for row in previous["shards"] if members.get(row["shard"]) == row.get("members")}
+
+
+def _copy_shard(source: str, target: str) -> None:
+    """An unchanged shard carried into the new build: its files copied, the manifest last, so the copy is
+    only usable once complete (a crash mid-copy leaves a folder without manifest, which `load` refuses)."""
+    fs, src = storage.filesystem(source)
+    _, dst = storage.filesystem(target)
+    fs.create_dir(dst, recursive=True)
+    for name in SHARD_FILES:
+        fs.copy_file(f"{src}/{name}", f"{dst}/{name}")
+
+
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
     root = cfg["output.root"]
     emb_path = tables.table_path(root, "embeddings")
-    embeddings = tables.read(spark, emb_path).select("item_id", "shard", "embedding", "model")
+    embeddings = tables.read(spark, emb_path).select("item_id", "shard", "embedding", "model", "run_id")
     model_dims = embeddings.select("model", F.size("embedding").alias("dim")).distinct().collect()
     if len(model_dims) != 1:
         raise IndexBuildError(f"embeddings hold {len(model_dims)} model/dimension pairs "
-                          f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)")
+                              f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)")
     model, dim = model_dims[0]["model"], model_dims[0]["dim"]
-    n_shards = embeddings.select("shard").distinct().count()
+    settings = f"{cfg['index.flat_below']}/{cfg['index.reduce_dim']}/{cfg['index.target_recall']}"
+    members = members_digest(embeddings, settings)
+    reused = _reusable(root, model, dim, members)
     build_dir = f"{indexes_root(root)}/{run_id}"
-    log.info("index %s: %d shards of model %s (dim %d) -> %s", run_id, n_shards, model, dim, build_dir)
-    summary = (embeddings.repartition(n_shards, "shard")
-               .groupBy("shard").applyInPandas(_shard_builder(build_dir, run_id, cfg), SUMMARY_SCHEMA)
-               .toPandas().sort_values("shard"))
+    to_build = sorted(set(members) - set(reused))
+    log.info("index %s: %d shards of model %s (dim %d) -> %s: %d to build, %d unchanged and reused", run_id,
+             len(members), model, dim, build_dir, len(to_build), len(reused))
+    rows = []
+    for shard, row in sorted(reused.items()):
+        folder = f"{build_dir}/{shards.folder_name(shard)}"
+        _copy_shard(row["folder"], folder)
+        rows.append({**row, "folder": folder})
+    if to_build:
+        built = (embeddings.filter(F.col("shard").isin(to_build)).repartition(len(to_build), "shard")
+                 .groupBy("shard").applyInPandas(_shard_builder(build_dir, run_id, cfg), SUMMARY_SCHEMA)
+                 .toPandas())
+        rows += built.assign(members=built["shard"].map(members)).to_dict("records")
+    summary = pd.DataFrame(rows).sort_values("shard", ignore_index=True)
     for row in summary.itertuples():
-        log.info("index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s", run_id, row.shard, row.ntotal,
-                 row.factory, row.nprobe, row.recall_at_10, "" if row.target_reached else " (below target)")
-    _write_text(f"{build_dir}/{BUILD_SUMMARY}", json.dumps(
+        log.info("index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s", run_id, row.shard, row.ntotal,
+                 row.factory, row.nprobe, row.recall_at_10, "" if row.target_reached else " (below target)",
+                 " (reused)" if row.shard in reused else "")
+    storage.write_text(f"{build_dir}/{BUILD_SUMMARY}", json.dumps(
         {"run_id": run_id, "model": model, "dim": dim, "shards": summary.to_dict("records")}, indent=2))
-    _write_text(f"{indexes_root(root)}/{LATEST}", run_id)
+    storage.write_text(f"{indexes_root(root)}/{LATEST}", run_id)
     removed = _prune(root, cfg["index.keep_builds"], run_id)
     if removed:
         log.info("index %s: removed old or incomplete builds %s", run_id, removed)
     total = int(summary["ntotal"].sum())
-    metrics = {"shards": float(len(summary)), "min_recall_at_10": float(summary["recall_at_10"].min()),
+    metrics = {"shards": float(len(summary)), "shards_built": float(len(to_build)),
+               "shards_reused": float(len(reused)), "min_recall_at_10": float(summary["recall_at_10"].min()),
                "mean_recall_at_10": float((summary["recall_at_10"] * summary["ntotal"]).sum() / max(total, 1)),
                "index_bytes": float(summary["bytes"].sum()), "seconds": round(time.time() - started, 3)}
     return StageResult("index", rows_in=total, rows_out=len(summary), metrics=metrics)

@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lookalike import storage
 from lookalike.index_params import RECALL_K, IndexParams
 
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
@@ -264,7 +265,7 @@ def save(
     item_ids = _as_string_array(ids)
     if len(item_ids) != built.index.ntotal:
         raise ValueError(f"{folder}: {len(item_ids)} ids for an index of {built.index.ntotal} vectors")
-    fs, root = _filesystem(folder)
+    fs, root = storage.filesystem(folder)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{INDEX_FILE}") as stream:
         faiss.write_index(built.index, faiss.PyCallbackIOWriter(stream.write))
@@ -315,7 +316,7 @@ def save(
 def load(folder: str | os.PathLike[str], *, expected_dim: int, expected_model: str) -> LoadedShard:
     """Read a shard written by `save`, refusing one built for another model or dimension, or whose
     index, ids and manifest disagree on the number of vectors (a mixed-up or partly written folder)."""
-    fs, root = _filesystem(folder)
+    fs, root = storage.filesystem(folder)
     if fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.NotFound:
         raise ValueError(f"{folder}: no {MANIFEST_FILE} (not a shard folder, or its write was interrupted)")
     with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as stream:
@@ -409,9 +410,9 @@ def _as_string_array(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Arra
     return ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
 
 
-def _filesystem(folder: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path for a local folder or a URI (file://, s3://, gs://, hdfs://, ...)."""
-    folder = os.fspath(folder)
-    if "://" in folder:
-        return pafs.FileSystem.from_uri(folder)
-    return pafs.LocalFileSystem(), os.path.abspath(folder).rstrip("/")
+def matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """An array<float> column as an (n, dim) float32 matrix, without a Python object per row."""
+    flat = pc.list_flatten(column).to_numpy()
+    if flat.size != len(column) * dim:
+        raise ValueError(f"embeddings are not all {dim}-dimensional")
+    return flat.astype(np.float32, copy=False).reshape(len(column), dim)

@@ -54,14 +54,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from lookalike import catalog, index, shard_index, shards, tables
+from lookalike import catalog, index, shard_index, shards, storage, tables
 from lookalike.config import Config
 from lookalike.index_params import RECALL_K
 from lookalike.stages import StageResult
@@ -87,8 +86,7 @@ TASK_ERROR = "lookalike-stale-index:"
 driver can find it in Spark's wrapped exception and raise `StaleIndexError` with it."""
 
 
-class StaleIndexError(index.IndexBuildError):
-    """The latest index build does not match the current embeddings: `lookalike index` must run first."""
+StaleIndexError = index.StaleIndexError
 
 
 @dataclass(frozen=True)
@@ -345,18 +343,10 @@ def _load_target(job: Job, shard: str) -> TargetShard:
 
 def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
     """Item ids, vectors, exclusion keys and eligibility of a staged folder: a shard, or one query chunk."""
-    fs, folder = _filesystem(f"{job.staging}/{relative}")
+    fs, folder = storage.filesystem(f"{job.staging}/{relative}")
     table = pq.read_table(folder, filesystem=fs, columns=["item_id", "embedding", "dup_key", "eligible"])
-    return (table["item_id"].combine_chunks(), _matrix(table["embedding"], job.dim), table["dup_key"].to_numpy(),
-            table["eligible"].to_numpy())
-
-
-def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    """An array<float> column as an (n, dim) float32 matrix, without a Python object per row."""
-    flat = pc.list_flatten(column).to_numpy()
-    if flat.size != len(column) * dim:
-        raise ValueError(f"embeddings are not all {dim}-dimensional")
-    return flat.astype(np.float32, copy=False).reshape(len(column), dim)
+    return (table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim),
+            table["dup_key"].to_numpy(), table["eligible"].to_numpy())
 
 
 def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.RecordBatch:
@@ -386,18 +376,6 @@ def _search_tasks(job: Job, tasks: list[list[Unit]], counters: Mapping[str, Any]
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    return (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
-
-
-def _read_json(path: str) -> dict | None:
-    fs, local = _filesystem(path)
-    if fs.get_file_info(local).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(local) as stream:
-        return json.loads(stream.read())
-
-
 def _items(spark: SparkSession, cfg: Config, settings: Settings) -> DataFrame:
     """`embeddings` with each item's exclusion key and whether it may be a neighbour."""
     items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS)).select(
@@ -423,17 +401,8 @@ def _shard_stats(items: DataFrame) -> dict[str, tuple[int, str, list[str]]]:
 
 def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mapping[str, Any], build: str) -> None:
     """Refuse a build that was made for other embeddings (its vectors are checked later, in the tasks)."""
-    fix = "re-run `lookalike index` (after `lookalike embed`), then `lookalike similar`"
-    models = sorted({m for _, _, ms in stats.values() for m in ms})
-    if models != [summary["model"]]:
-        raise StaleIndexError(f"embeddings hold model(s) {models}, index build {build} was made for "
-                              f"{summary['model']!r}; {fix}")
-    built = {entry["shard"]: entry["ntotal"] for entry in summary["shards"]}
-    for shard in sorted(set(stats) | set(built)):
-        have, indexed = stats.get(shard, (0,))[0], built.get(shard, 0)
-        if have != indexed:
-            raise StaleIndexError(f"shard {shard!r} has {have} items in embeddings but {indexed} in index build "
-                                  f"{build}: embeddings changed since the index was built; {fix}")
+    index.check_fresh({shard: n for shard, (n, _, _) in stats.items()},
+                      [m for _, _, models in stats.values() for m in models], summary, build, "lookalike similar")
 
 
 def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id: str) -> int:
@@ -485,23 +454,10 @@ def _stale_error(err: Exception) -> StaleIndexError | None:
                            "then `lookalike similar`")
 
 
-def _write_state(path: str, state: Mapping[str, Any]) -> None:
-    """Publish the state file whole (`index._write_text`): a reader sees the old or the new one."""
-    fs, local = _filesystem(path)
-    fs.create_dir(local.rsplit("/", 1)[0], recursive=True)
-    index._write_text(path, json.dumps(state, indent=2, sort_keys=True))
-
-
-def _remove(path: str) -> None:
-    fs, local = _filesystem(path)
-    if fs.get_file_info(local).type != pafs.FileType.NotFound:
-        fs.delete_dir(local)
-
-
 def _fingerprints(root: str, build: str, stats: Mapping[str, tuple[int, str, list[str]]]) -> dict[str, str]:
     """Each shard's fingerprint, with the `vectors_sha256` from its manifest in the build."""
     folder = f"{index.indexes_root(root)}/{build}"
-    return {shard: fingerprint(_read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")
+    return {shard: fingerprint(storage.read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")
                                ["vectors_sha256"], n, digest)
             for shard, (n, digest, _) in stats.items()}
 
@@ -550,7 +506,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     n_items = sum(n for n, _, _ in stats.values())
     fingerprints = _fingerprints(root, build, stats)
     state_path, path = f"{root.rstrip('/')}/{STATE_FILE}", tables.table_path(root, SIMILAR_ITEMS)
-    changed = changed_shards(_read_json(state_path), fingerprints, settings, tables.version(path))
+    changed = changed_shards(storage.read_json(state_path), fingerprints, settings, tables.version(path))
     metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed)),
                "duplicates": float(_commit_duplicates(spark, items, root, run_id))}
     if not changed:
@@ -558,7 +514,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         metrics["seconds"] = round(time.time() - started, 3)
         return StageResult("similar", rows_in=n_items, rows_out=0, metrics=metrics)
 
-    staging = f"{root.rstrip('/')}/staging/{run_id}/similar"
+    staging = storage.staging_dir(root, run_id, "similar")
     targets = sorted(changed) if settings.scope == "shard" else sorted(stats)
     job = Job(output_root=root, build=build, model=summary["model"], dim=summary["dim"],
               staging=f"{staging}/items", k=settings.k, min_score=settings.min_score)
@@ -575,10 +531,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         _commit(spark, items, results, path, changed, every_shard=changed == set(stats))
         rows_out = results.count()
     finally:
-        _remove(staging)
-    _write_state(state_path, {"version": STATE_VERSION, "run_id": run_id, "build": build,
-                              "settings": asdict(settings), "table_version": tables.version(path),
-                              "shards": fingerprints})
+        storage.remove_dir(staging)
+    # Published whole: a reader sees the old state or the new one.
+    storage.write_text(state_path, json.dumps({"version": STATE_VERSION, "run_id": run_id, "build": build,
+                                               "settings": asdict(settings), "table_version": tables.version(path),
+                                               "shards": fingerprints}, indent=2, sort_keys=True))
     metrics.update({"queries": float(n_queries), "tasks": float(len(tasks)),
                     "shard_loads": float(counters["shard_loads"]), "exhaustive_queries": float(counters["exhaustive"]),
                     "seconds": round(time.time() - started, 3)})

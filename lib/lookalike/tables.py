@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import ArrayType, DataType, MapType, StructField, StructType
 
+from lookalike import storage
 from lookalike.errors import LookalikeError
 
 log = logging.getLogger(__name__)
@@ -102,19 +103,13 @@ def _check_schema(path: str, table: DeltaTable, new: pa.Schema) -> None:
                              f"table has {field.type}")
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in path:
-        return pafs.LocalFileSystem(), path
-    return pafs.FileSystem.from_uri(path)
-
-
 def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
     """Executors write `df` into a fresh folder of the table; returns the folder and its add actions."""
     write_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     rel_dir = f"{DATA_DIR}/{write_id}"
     folder = f"{path.rstrip('/')}/{rel_dir}"
     df.write.mode("errorifexists").option("compression", "snappy").parquet(folder)
-    fs, fs_folder = _filesystem(folder)
+    fs, fs_folder = storage.filesystem(folder)
     infos = fs.get_file_info(pafs.FileSelector(fs_folder, recursive=False))
     actions, rows = [], 0
     for info in sorted(infos, key=lambda i: i.path):
