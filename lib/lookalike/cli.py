@@ -7,6 +7,7 @@ Spark starts, and turns a LookalikeError into one line on stderr and a non-zero 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,6 @@ log = logging.getLogger("lookalike")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-EXIT_NOT_BUILT = 3
 
 STAGE_HELP = {
     "embed": "catalog -> embeddings, quarantine",
@@ -54,21 +54,41 @@ def _add_conf_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
+    """A stage or nightly under the output root's run lock: stale staging of dead runs is cleared, a dead
+    run whose lock is taken over is logged as interrupted in `runs`."""
     cfg = config_mod.load(args.conf, args.overrides)
-    if name != "nightly" and not stages.is_built(name):
-        print(f"lookalike: the {name} stage is not built yet", file=sys.stderr)
-        return EXIT_NOT_BUILT
-    from lookalike.session import get_spark  # pyspark only once the config is known to be good
+    from lookalike import lock, runs, storage  # pyspark only once the config is known to be good
+    from lookalike.session import get_spark
 
-    spark = get_spark(cfg)
     run_id = stages.new_run_id()
-    if name == "nightly":
-        from lookalike import nightly
+    root = cfg["output.root"]
+    with lock.RunLock(root, run_id, name, cfg["lock.stale_seconds"]) as held:
+        spark = get_spark(cfg)
+        dead = held.previous
+        if dead is not None:
+            runs.record(root, dead.run_id, dead.command, runs.INTERRUPTED,
+                        dt.datetime.fromisoformat(dead.started_at), dt.datetime.fromisoformat(dead.heartbeat))
+        cleared = storage.clear_stale_staging(root, run_id)
+        if cleared:
+            log.info("removed the staging folders of unfinished runs %s", cleared)
+        if name == "nightly":
+            from lookalike import nightly
 
-        nightly.run(cfg, spark, run_id)
-    else:
-        result = stages.load_stage(name)(cfg, spark, run_id)
-        log.info("%s done: %s", name, result)
+            nightly.run(cfg, spark, run_id)
+        else:
+            stages.run_logged(name, cfg, spark, run_id)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    # Inputs may be gone by the time someone asks for a report: the page says so instead of refusing.
+    cfg = config_mod.load(args.conf, args.overrides, need_paths=())
+    from lookalike.report import write_report  # pyspark only once the config is known to be good
+    from lookalike.session import get_spark
+
+    summary = write_report(cfg, get_spark(cfg), args.out)
+    log.info("report written to %s (%d KB, %d thumbnails%s)", summary.path, summary.bytes // 1024,
+             summary.thumbnails, f"; not available yet: {', '.join(summary.absent)}" if summary.absent else "")
     return 0
 
 
@@ -85,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("demo data: %s", summary)
             return 0
         if args.command == "report":
-            config_mod.load(args.conf, args.overrides)
-            print("lookalike: the report command is not built yet", file=sys.stderr)
-            return EXIT_NOT_BUILT
+            return _report(args)
         return _run_stage(args.command, args)
     except config_mod.ConfigError as err:
         print(f"lookalike: config error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ class Key:
     must_exist: bool = False
     minimum: float | None = None
     maximum: float | None = None
+    item_type: type | None = None  # a list's items, a mapping's values (checked, numbers >= 0)
 
 
 SCHEMA: dict[str, Key] = {
@@ -57,12 +58,19 @@ SCHEMA: dict[str, Key] = {
                                          "inference speed here)."),
     "spark.conf": Key(dict, {}, "Extra Spark settings passed to the session verbatim, e.g. "
                                 "`{spark.executor.memory: 8g}`."),
+    "export.keep": Key(int, 3, "Complete Parquet snapshots kept per exported table under export/.", minimum=1),
+    "lock.stale_seconds": Key(float, 600.0, "A run lock whose heartbeat (every 30 s) is older than this belongs "
+                                            "to a dead run and is taken over; on the same host a lock whose "
+                                            "process is gone is taken over at once.", minimum=60.0),
     "model.name": Key(str, "efficientnet-lite0", "Embedding model from the registry (see Models)."),
     "model.weights": Key(str, None, "Local weights file, for registry models that take one (torchvision).",
                          nullable=True, is_path=True, must_exist=True),
-    "embed.batch_size": Key(int, 64, "Images per inference batch.", minimum=1),
+    "embed.batch_size": Key(int, 64, "Images (or titles) per inference batch.", minimum=1),
     "embed.image_size": Key(int, None, "Model input size in pixels; unset uses the model's own size.",
                             nullable=True, minimum=16),
+    "embed.input": Key(str, "image", "What the embed stage embeds: each item's `image_uri` image with an image "
+                                     "model, or its `title` text with a text model (`all-minilm-l6-v2`).",
+                        choices=("image", "title")),
     "embed.device": Key(str, "auto", "Where inference runs: auto (the task's GPU when Spark gives one, else "
                                      "CPU), cpu, or cuda (fail without a GPU).", choices=("auto", "cpu", "cuda")),
     "embed.partition_size": Key(int, 1000, "Catalog items per Spark task (at least 2 tasks per core).",
@@ -101,6 +109,43 @@ SCHEMA: dict[str, Key] = {
                                            "into chunks of about this many items (fewer when that would leave "
                                            "a core without two tasks).", minimum=1),
     "recommend.n": Key(int, 10, "Recommendations kept per user.", minimum=1),
+    "recommend.event_weights": Key(dict, {"view": 1.0, "cart": 3.0, "purchase": 5.0},
+                                   "Weight of each `event_type` in a user's taste and in popularity; types "
+                                   "not listed are ignored (and named in the log).", item_type=float),
+    "recommend.half_life_days": Key(float, 30.0, "An event's weight halves every this many days of age, counted "
+                                                 "from the newest event in `events`; unset: no decay.",
+                                    nullable=True, minimum=0.001),
+    "recommend.max_interests": Key(int, 3, "Most interest vectors per user: a history spanning several tastes "
+                                           "is clustered, each taste retrieves its own candidates and gets a "
+                                           "share of the list by its weight.", minimum=1),
+    "recommend.covisit_weight": Key(float, 0.5, "Blend of co-visitation (1) and visual similarity (0) in the "
+                                                "score.", minimum=0.0, maximum=1.0),
+    "recommend.exclude_events": Key(list, ["view", "cart", "purchase"],
+                                    "Items a user has events of these types for are never recommended to "
+                                    "them. Drop `purchase` for repeat-purchase catalogs, `view` to let viewed "
+                                    "items come back.", item_type=str),
+    "recommend.in_stock_only": Key(bool, True, "Only in-stock catalog items are recommended (reads the "
+                                               "catalog's `in_stock`)."),
+    "recommend.history_limit": Key(int, 10, "A user's heaviest items (most recent among equals) that shape "
+                                            "their taste and candidates: recent intent predicts best.",
+                                   minimum=1),
+    "recommend.covisit_history": Key(int, 200, "A user's heaviest items that count for co-visitation pairs "
+                                               "(bounds the pairs per user).", minimum=2),
+    "recommend.candidates": Key(int, 100, "Candidates each interest asks its shards for, and co-visited "
+                                          "candidates kept per user, before rules and ranking.", minimum=1),
+    "recommend.covisit_neighbours": Key(int, 50, "Most co-visited items kept per item.", minimum=1),
+    "recommend.because": Key(int, 3, "History items named in `because`.", minimum=1),
+    "recommend.chunk_size": Key(int, 5000, "Users per scoring task (fewer when that would leave a core "
+                                           "without two tasks).", minimum=1),
+    "report.items": Key(int, 8, "Sample items the report shows with their neighbours (spread over categories).",
+                        minimum=1, maximum=200),
+    "report.users": Key(int, 6, "Sample users the report shows with their history and recommendations.",
+                        minimum=1, maximum=200),
+    "report.examples": Key(int, 5, "Duplicate groups, and quarantine rows per error kind, shown as examples.",
+                           minimum=1, maximum=100),
+    "report.runs": Key(int, 10, "Most recent runs listed in the report.", minimum=1, maximum=1000),
+    "report.thumbnail_px": Key(int, 96, "Longest side of the thumbnails embedded in the report (never "
+                                        "enlarged; the page scales small images up).", minimum=16, maximum=512),
 }
 
 
@@ -171,6 +216,8 @@ def _check_type(key: str, spec: Key, value: Any) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(spec)}, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+    if spec.item_type is not None:
+        _check_items(key, spec.item_type, value)
     if spec.minimum is not None and value < spec.minimum:
         raise ConfigError(f"{key}: must be >= {spec.minimum}, got {value!r}")
     if spec.maximum is not None and value > spec.maximum:
@@ -178,9 +225,20 @@ def _check_type(key: str, spec: Key, value: Any) -> Any:
     return value
 
 
+def _check_items(key: str, item_type: type, value: list | dict) -> None:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for name, item in items:
+        ok = (isinstance(item, (int, float)) and not isinstance(item, bool) and item >= 0 if item_type is float
+              else isinstance(item, item_type))
+        if not ok:
+            expected = "a number >= 0" if item_type is float else _type_name(Key(item_type, None, ""))
+            raise ConfigError(f"{key}: {name!r} must be {expected}, got {item!r}")
+
+
 def _type_name(spec: Key) -> str:
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
+             list: "a list"}
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -216,7 +274,31 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
         spec, value = SCHEMA[key], checked.get(key)
         if spec.must_exist and value is not None and _is_local(value) and not os.path.exists(value):
             raise ConfigError(f"{key}: path does not exist: {value}")
+    _check_model_input(checked["model.name"], checked["embed.input"])
     return Config(checked)
+
+
+# What each `embed.input` reads, as the model registry's `ModelSpec.modality` names it.
+_INPUT_MODALITY = {"image": "image", "title": "text"}
+
+
+def _check_model_input(model_name: str, embed_input: str) -> None:
+    """model.name must be a registry model that reads what embed.input gives it (an image or a title)."""
+    from lookalike import models  # imports neither torch nor Spark
+
+    try:
+        spec = models.get_spec(model_name)
+    except models.ModelError as err:
+        raise ConfigError(f"model.name: {err}") from None
+    wanted = _INPUT_MODALITY[embed_input]
+    if spec.modality != wanted:
+        article = {"image": "an image", "text": "a text"}
+        fitting = [name for name in models.MODEL_NAMES if models.get_spec(name).modality == wanted]
+        other_input = next(name for name, modality in _INPUT_MODALITY.items() if modality == spec.modality)
+        raise ConfigError(
+            f"embed.input is {embed_input!r} but model.name {model_name!r} is {article[spec.modality]} model; "
+            f"with embed.input: {embed_input} use {article[wanted]} model ({', '.join(fitting[:3])}"
+            f"{', ...' if len(fitting) > 3 else ''}), or set embed.input: {other_input}")
 
 
 def load(conf_file: str | os.PathLike[str] | None, overrides: Iterable[str] = (),

@@ -1,14 +1,18 @@
-"""The nightly run: every built stage in order, under one run id, on one SparkSession.
+"""The nightly run: embed -> index -> similar -> recommend under one run id, then the exports.
 
-Stages that are not built yet are skipped by name and the run says so: it never reports work it did not do.
+Every stage is incremental on its own (unchanged images are not embedded, unchanged shards not rebuilt or
+re-queried, unchanged inputs not re-recommended) and commits atomically, so a run killed anywhere is
+finished by the next: what was committed is reused, what was not is redone, and no table holds half a
+write. Exports are published only after every stage succeeded. The caller holds the run lock (`lock.py`).
 """
 from __future__ import annotations
 
 import logging
+import time
 
 from pyspark.sql import SparkSession
 
-from lookalike import stages
+from lookalike import export, runs, stages
 from lookalike.config import Config
 from lookalike.stages import StageResult
 
@@ -16,15 +20,24 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
+    started, clock = runs.now(), time.time()
+    root = cfg["output.root"]
     results: list[StageResult] = []
     for name in stages.STAGES:
-        if not stages.is_built(name):
-            log.warning("nightly %s: stage %s is not built yet, skipped", run_id, name)
+        if name == "recommend" and cfg["events.path"] is None:
+            log.warning("nightly %s: events.path is not set, recommend skipped", run_id)
             continue
-        log.info("nightly %s: %s starting", run_id, name)
-        results.append(stages.load_stage(name)(cfg, spark, run_id))
-        log.info("nightly %s: %s done: %s", run_id, name, results[-1])
-    skipped = [name for name in stages.STAGES if not stages.is_built(name)]
-    log.info("nightly %s: ran %s; not built yet: %s", run_id,
-             [r.stage for r in results] or "nothing", skipped or "none")
+        try:
+            results.append(stages.run_logged(name, cfg, spark, run_id))
+        except BaseException:
+            runs.record(root, run_id, "nightly", runs.FAILED, started, runs.now())
+            raise
+    export_started = runs.now()
+    written = export.publish(spark, root, run_id, cfg["export.keep"])
+    runs.record(root, run_id, "export", runs.SUCCEEDED, export_started, runs.now(), sum(written.values()),
+                sum(written.values()), {f"{table}_rows": float(n) for table, n in written.items()})
+    seconds = time.time() - clock
+    runs.record(root, run_id, "nightly", runs.SUCCEEDED, started, runs.now(),
+                metrics={"seconds": round(seconds, 3), "stages": float(len(results))})
+    log.info("nightly %s: done in %.0f s: %s", run_id, seconds, ", ".join(r.stage for r in results))
     return results

@@ -1,12 +1,12 @@
-"""Which stages exist, in nightly order, and what every stage hands back.
+"""The stages in nightly order, what every stage hands back, and running one stage with its `runs` row.
 
 A stage is a function `run(cfg, spark, run_id) -> StageResult`, named here as "module:function" so that
-`lookalike --help` and config checks never import torch or faiss. A stage that is not built yet maps to None:
-the CLI says so and exits non-zero, and `nightly` skips it by name instead of pretending it ran.
+`lookalike --help` and config checks never import torch or faiss.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -18,17 +18,19 @@ if TYPE_CHECKING:
 
     from lookalike.config import Config
 
-STAGES: dict[str, str | None] = {
+log = logging.getLogger(__name__)
+
+STAGES: dict[str, str] = {
     "embed": "lookalike.embed:run",
     "index": "lookalike.index:run",
     "similar": "lookalike.similar:run",
-    "recommend": None,
+    "recommend": "lookalike.recommend:run",
 }
 
 
 @dataclass
 class StageResult:
-    """Counts and metrics of one stage run, logged and later written to the `runs` table."""
+    """Counts and metrics of one stage run, logged and written to the `runs` table."""
 
     stage: str
     rows_in: int
@@ -44,14 +46,25 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def is_built(name: str) -> bool:
-    return STAGES.get(name) is not None
-
-
 def load_stage(name: str) -> StageFn:
     """The stage's run function; imported only when the stage actually runs."""
-    target = STAGES[name]
-    if target is None:
-        raise NotImplementedError(name)
-    module, _, function = target.partition(":")
+    module, _, function = STAGES[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def run_logged(name: str, cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    """Run one stage and append its row to `runs`: `succeeded` with its counts and metrics, or `failed`
+    (then the error propagates)."""
+    from lookalike import runs
+
+    started = runs.now()
+    log.info("run %s: %s starting", run_id, name)
+    try:
+        result = load_stage(name)(cfg, spark, run_id)
+    except BaseException:
+        runs.record(cfg["output.root"], run_id, name, runs.FAILED, started, runs.now())
+        raise
+    runs.record(cfg["output.root"], run_id, name, runs.SUCCEEDED, started, runs.now(), result.rows_in,
+                result.rows_out, result.metrics)
+    log.info("run %s: %s done: %s", run_id, name, result)
+    return result
