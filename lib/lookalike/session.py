@@ -49,12 +49,25 @@ def session_settings(cfg: Config) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "false",
         "spark.driver.memory": cfg["spark.driver_memory"],
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE}",
-        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        "spark.executorEnv.PYSPARK_PYTHON": worker_python(cfg),
     }
     if cfg["spark.tune_malloc"]:
         settings.update({f"spark.executorEnv.{name}": value for name, value in MALLOC_ENV.items()})
     settings.update({str(k): str(v) for k, v in cfg["spark.conf"].items()})
     return settings
+
+
+def worker_python(cfg: Config) -> str:
+    """The interpreter executors start for Python work.
+
+    PySpark takes it from the driver's PYSPARK_PYTHON alone: a `spark.pyspark.python` given to the session
+    builder never reaches the workers. So `spark.pyspark.python` in `spark.conf` wins (a venv shipped to a
+    cluster, e.g. `./environment/bin/python`), then PYSPARK_PYTHON (spark-submit exports its own
+    `--conf spark.pyspark.python` as that), then this interpreter (one host, or nodes with the venv at the
+    same path).
+    """
+    return str(cfg["spark.conf"].get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON")
+               or sys.executable)
 
 
 def resolve_master(cfg: Config) -> str | None:
@@ -67,7 +80,7 @@ def resolve_master(cfg: Config) -> str | None:
 def get_spark(cfg: Config) -> SparkSession:
     """Build (or join) the session for this process from config."""
     # Workers must run this interpreter (the venv's), or they start the system python without our packages.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ["PYSPARK_PYTHON"] = worker_python(cfg)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if cfg["spark.tune_malloc"]:
         # In local mode the Python workers are children of the JVM we are about to start: they inherit this.
