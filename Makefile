@@ -11,14 +11,15 @@ DEMO_DIR ?= demo
 DEMO_LIMIT ?= 10000
 CONF ?= conf/local.yaml
 
-.PHONY: demo test venv datasets clean
+.PHONY: demo test venv datasets chromium clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -28,13 +29,19 @@ datasets:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# Headless Chromium: tests/test_report.py renders the HTML report and checks the screenshot.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; \
+	fi
+
 $(DEMO_DIR)/catalog.parquet: | $(STAMP) datasets
 	$(BIN)/lookalike demo-data --out $(DEMO_DIR) --limit $(DEMO_LIMIT)
 
 demo: $(STAMP) datasets $(DEMO_DIR)/catalog.parquet
 	$(BIN)/lookalike nightly --conf $(CONF)
 
-test: $(STAMP) datasets
+test: $(STAMP) datasets chromium
 	$(BIN)/python -m pytest -q tests
 
 clean:
