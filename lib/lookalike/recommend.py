@@ -58,6 +58,7 @@ RECOMMENDATIONS, EMBEDDINGS = "recommendations", "embeddings"
 STATE_FILE = "state/recommendations.json"
 PROFILE_SCHEMA = ("user_id string, interest int, share double, vector array<float>, targets array<string>, "
                   "members array<string>, member_weights array<float>, member_vectors array<float>")
+PROFILE_COLUMNS = ["user_id", "interest", "vector", "targets", "members", "member_weights", "member_vectors"]
 CANDIDATE_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("interest", pa.int32()),
                               ("visual", pa.float32()), ("visual_because", pa.list_(pa.string())),
                               ("visual_contrib", pa.list_(pa.float32()))])
@@ -217,9 +218,7 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     asks = profiles[profiles["targets"].map(lambda t: unit.shard in list(t))]
     if len(asks):
         queries = np.stack(asks["vector"].to_numpy()).astype(np.float32)
-        fetch = min(job.candidates, len(vectors))
-        rerank = math.ceil(loaded.manifest["rerank_k"] * max(1.0, fetch / 10))
-        _, ids = shard_index.search(loaded.index, vectors, queries, fetch, loaded.manifest["nprobe"], rerank)
+        _, ids = loaded.search(vectors, queries, min(job.candidates, len(vectors)))
         for user, row in zip(asks["user_id"], ids):
             found.setdefault(user, set()).update(int(i) for i in row if i >= 0)
     if requests is not None:
@@ -244,9 +243,6 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
         columns["visual_contrib"] += [c.tolist() for c in contribs]
     return pa.record_batch([pa.array(columns[f.name], type=f.type) for f in CANDIDATE_SCHEMA],
                            schema=CANDIDATE_SCHEMA)
-
-
-PROFILE_COLUMNS = ["user_id", "interest", "vector", "targets", "members", "member_weights", "member_vectors"]
 
 
 def _score_tasks(job: Job, units: list[Unit]) -> Callable:
