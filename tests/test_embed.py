@@ -66,8 +66,9 @@ def test_corpus_good_embedded_bad_quarantined(spark: SparkSession, tmp_path: Pat
         if case.expected_kind is None and case.size is not None:
             assert (emb.loc[case.name, "width"], emb.loc[case.name, "height"]) == case.size, case.name
     assert result.rows_out == len(good) and result.metrics["quarantined"] == len(bad)
-    # The model loaded once per Python worker, not once per batch or task (local[2]: two workers at most).
-    assert 1 <= result.metrics["model_loads"] <= 2
+    # The model loads once per Python worker, not once per batch or task (local[2]: two workers at most; a
+    # worker reused from an earlier test in this session may hold the model already and load nothing).
+    assert result.metrics["model_loads"] <= 2
 
 
 def test_incremental_reruns(spark: SparkSession, tmp_path: Path) -> None:
