@@ -189,6 +189,16 @@ def test_missing_events_path_and_bad_events_are_clear_errors(spark: SparkSession
         recommend.run(config(world[0], **{"events.path": str(bad)}), spark, "r4")
 
 
+def test_events_on_no_embedded_item_give_an_empty_table_not_a_crash(spark: SparkSession,
+                                                                     world: tuple[Path, pd.DataFrame],
+                                                                     tmp_path: Path) -> None:
+    # No user has a usable history and nothing recommendable is popular: every staged folder is empty.
+    events = tmp_path / "events.parquet"
+    write_events(pd.DataFrame([event("u1", NOT_EMBEDDED), event("u2", "Gone-002", "purchase")]), events)
+    rows = run_stage(spark, world, **{"events.path": str(events)})
+    assert rows.empty
+
+
 def test_event_weights_and_half_life_decay(spark: SparkSession) -> None:
     events = spark.createDataFrame(pd.DataFrame([
         event("u", "a", "view", days_ago=0), event("u", "a", "purchase", days_ago=10),

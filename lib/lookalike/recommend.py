@@ -46,6 +46,7 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.types import StructType
 
 from lookalike import catalog, history, index, shard_index, shards, storage, tables, taste
 from lookalike.config import Config
@@ -278,8 +279,13 @@ def _rank_fn(settings: Settings) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _stage_parquet(df: DataFrame, path: str, partition_by: list[str]) -> None:
+def _stage_parquet(df: DataFrame, path: str, partition_by: list[str]) -> DataFrame:
+    """Write `df` partitioned by `partition_by` and read it back, so that later steps read these files
+    instead of computing `df` again. The schema is given: a partitioned write of no rows leaves no file to
+    infer one from."""
     df.repartition(*partition_by).write.partitionBy(*partition_by).parquet(path)
+    fields = [f for f in df.schema.fields if f.name not in partition_by] + [df.schema[p] for p in partition_by]
+    return df.sparkSession.read.schema(StructType(fields)).parquet(path)
 
 
 def _popular(weighted: DataFrame, items: DataFrame, limit: int) -> DataFrame:
@@ -365,12 +371,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
                    min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)))
     chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
     try:
-        _stage_parquet(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
-        staged = spark.read.parquet(f"{staging}/profiles")
-        _stage_parquet(_with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
-                       f"{staging}/requests", ["shard_dir", "chunk"])
+        staged = _stage_parquet(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
+        staged_requests = _stage_parquet(_with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
+                                         f"{staging}/requests", ["shard_dir", "chunk"])
         asked = (staged.select(F.explode("targets").alias("shard"), "chunk")
-                 .unionByName(requests.withColumn("chunk", chunk).select("shard", "chunk")).distinct().collect())
+                 .unionByName(staged_requests.select("shard", "chunk")).distinct().collect())
         units = sorted(Unit(r["shard"], r["chunk"]) for r in asked)
         needed = sorted({u.shard for u in units})
         _stage_parquet(_with_folder(spark, vectors, needed), f"{staging}/items", ["shard_dir"])
@@ -387,7 +392,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         shares = staged.groupBy("user_id").agg(
             F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"])
             .alias("shares"))
-        scored = (candidates.join(requests.drop("shard"), ["user_id", "item_id"], "left")
+        scored = (candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
                   .join(excluded, ["user_id", "item_id"], "left_anti")
                   .join(items.select("item_id"), "item_id")
                   .join(shares, "user_id"))
