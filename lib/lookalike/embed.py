@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
-from lookalike import catalog, models, shards, tables
+from lookalike import catalog, models, shards, storage, tables
 from lookalike.config import Config
 from lookalike.errors import LookalikeError
 from lookalike.inference import EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, embed_rows, embed_titles
@@ -132,7 +132,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     results = work.select("item_id", "image_uri", "shard",
                           _embed_udf(settings, counters)(content, "known").alias("r")).select(
         "item_id", "image_uri", "shard", "r.*")
-    staging = f"{root.rstrip('/')}/staging/{run_id}/embed"
+    staging = storage.staging_dir(root, run_id, "embed")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.batch_size * 4))
     with Progress(f"embed {run_id}", n_items, counters):
         results.write.mode("overwrite").parquet(staging)
@@ -166,7 +166,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
     else:
         tables.write(failed, q_path, mode="overwrite")
-    _remove(spark, staging)
+    storage.remove_dir(staging)
     items.unpersist()
 
     seconds = time.time() - started
@@ -178,10 +178,3 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
                "images_per_s": round(processed / seconds, 2) if seconds else 0.0}
     log.info("embed %s: %s", run_id, metrics)
     return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)
-
-
-def _remove(spark: SparkSession, path: str) -> None:
-    """Delete the staging folder through Hadoop's file system, which reaches every URI Spark wrote to."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)
