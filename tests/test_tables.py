@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -41,6 +42,15 @@ def test_create_append_overwrite(spark: SparkSession, tmp_path: Path) -> None:
     pdf = DeltaTable(path).to_pandas()
     assert sorted(pdf["item_id"]) == ["i0000", "i0001", "i0002"]
     assert list(pdf.loc[pdf["item_id"] == "i0001", "vec"].iloc[0]) == [1.0, 1.0]
+
+
+def test_vector_columns_skip_dictionary_encoding(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(20), partitions=1), path)
+    meta = pq.ParquetFile(DeltaTable(path).file_uris()[0]).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert not any("DICTIONARY" in e for e in encodings["vec.list.element"])
+    assert any("DICTIONARY" in e for e in encodings["value"])  # ids and names keep their dictionaries
 
 
 def test_replace_by_key_rewrites_only_touched_files(spark: SparkSession, tmp_path: Path) -> None:

@@ -76,16 +76,18 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input
           .alias(name) for name, (dtype, default) in OPTIONAL_COLUMNS.items()],
         *extra,
     )
-    nulls = df.filter(F.col("item_id").isNull() | (F.trim("item_id") == "")).limit(_EXAMPLES).collect()
-    if nulls:
+    # One aggregation finds both problems on the happy path: rows without an id group under a null key.
+    blank = F.col("item_id").isNull() | (F.trim("item_id") == "")
+    keys = df.withColumn("item_id", F.when(blank, F.lit(None)).otherwise(F.col("item_id")))
+    bad = (keys.groupBy("item_id").count().filter(F.col("item_id").isNull() | (F.col("count") > 1))
+           .orderBy(F.col("item_id").isNotNull(), F.desc("count"), "item_id").limit(_EXAMPLES).collect())
+    if bad and bad[0]["item_id"] is None:
         content = CONTENT_COLUMNS[embed_input]
-        examples = ", ".join(repr(r[content]) for r in nulls)
+        examples = ", ".join(repr(r[content]) for r in df.filter(blank).limit(_EXAMPLES).collect())
         raise CatalogError(f"catalog {source} has rows without item_id, e.g. {content} {examples}")
-    dupes = (df.groupBy("item_id").count().filter("count > 1")
-             .orderBy(F.desc("count"), "item_id").limit(_EXAMPLES).collect())
-    if dupes:
+    if bad:
         total = df.groupBy("item_id").count().filter("count > 1").count()
-        examples = ", ".join(f"{r['item_id']!r} (x{r['count']})" for r in dupes)
+        examples = ", ".join(f"{r['item_id']!r} (x{r['count']})" for r in bad)
         raise CatalogError(f"catalog {source} has {total} duplicate item_id(s), e.g. {examples}")
     return df
 

@@ -116,17 +116,19 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     version = model_version(settings)
     root = cfg["output.root"]
     emb_path, q_path = tables.table_path(root, EMBEDDINGS), tables.table_path(root, QUARANTINE)
-    items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
+    items, n_items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"],
+                                   cfg["index.max_shard_size"])
     content = catalog.CONTENT_COLUMNS[settings.input]  # image_uri, or title
-    items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard").cache()
-    n_items = items.count()
+    items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
     existing = tables.read(spark, emb_path) if tables.exists(emb_path) else None
-    known = (existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known"))
-             if existing is not None else spark.createDataFrame([], "item_id string, known string"))
-    work = items.join(known, "item_id", "left").repartition(
-        _partitions(spark, n_items, cfg["embed.partition_size"]))
-    log.info("embed %s: %d catalog items, model %s, %d partitions", run_id, n_items, version,
-             work.rdd.getNumPartitions())
+    if existing is None:
+        items = items.withColumn("known", F.lit(None).cast("string"))
+    else:
+        items = items.join(existing.filter(F.col("model") == version)
+                           .select("item_id", F.col("image_sha256").alias("known")), "item_id", "left")
+    n_partitions = _partitions(spark, n_items, cfg["embed.partition_size"])
+    work = items.repartition(n_partitions)
+    log.info("embed %s: %d catalog items, model %s, %d partitions", run_id, n_items, version, n_partitions)
 
     counters = {name: spark.sparkContext.accumulator(0) for name in (EMBEDDED, UNCHANGED, FAILED, "model_loads")}
     results = work.select("item_id", "image_uri", "shard",
@@ -135,7 +137,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     staging = storage.staging_dir(root, run_id, "embed")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.batch_size * 4))
     with Progress(f"embed {run_id}", n_items, counters):
-        results.write.mode("overwrite").parquet(staging)
+        tables.parquet_writer(results).mode("overwrite").parquet(staging)
     staged = spark.read.parquet(staging)
     # Counted from the staged rows, not the accumulators, which a retried task can count twice.
     by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
@@ -167,7 +169,6 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     else:
         tables.write(failed, q_path, mode="overwrite")
     storage.remove_dir(staging)
-    items.unpersist()
 
     seconds = time.time() - started
     processed = counts[EMBEDDED] + counts[FAILED]

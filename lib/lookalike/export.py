@@ -66,7 +66,7 @@ def publish(spark: SparkSession, output_root: str, run_id: str, keep: int) -> di
         folder = export_root(output_root, table)
         target = f"{folder}/{PREFIX}{run_id}"
         storage.remove_dir(target)  # a previous attempt of this same run that died mid-write
-        tables.read(spark, path).write.parquet(target)
+        tables.parquet_writer(tables.read(spark, path)).parquet(target)
         storage.write_text(f"{folder}/{LATEST}", run_id)
         written[table] = spark.read.parquet(target).count()
         removed = prune(folder, keep, run_id)

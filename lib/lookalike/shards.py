@@ -8,6 +8,7 @@ vectors; the hash of `item_id` keeps an item in the same sub-shard night after n
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 
 from pyspark.sql import Column, DataFrame
@@ -32,13 +33,20 @@ def _shard_value(column: str) -> Column:
     return F.when(value.isNull() | (value == ""), F.lit(NO_VALUE)).otherwise(value)
 
 
-def assign(catalog: DataFrame, shard_by: str, max_shard_size: int) -> DataFrame:
-    """The catalog with a `shard` column: the `shard_by` value, or value#NN when the value is too big."""
+def assign(catalog: DataFrame, shard_by: str, max_shard_size: int) -> tuple[DataFrame, int]:
+    """The catalog with a `shard` column (the `shard_by` value, or value#NN when the value is too big), and
+    the number of catalog items.
+
+    The per-value sizes are collected on the driver (one row per value: categories, not items), so the split
+    is a literal map in the plan rather than a join, and the item count comes with them instead of costing
+    another pass over the catalog.
+    """
     base = catalog.withColumn("_shard_base", _shard_value(shard_by))
-    sizes = base.groupBy("_shard_base").count()
-    parts = F.ceil(F.col("count") / F.lit(max_shard_size)).cast("int")
-    sub = F.pmod(F.xxhash64("item_id"), parts)
-    return (base.join(F.broadcast(sizes), "_shard_base")
-            .withColumn("shard", F.when(parts <= 1, F.col("_shard_base"))
-                        .otherwise(F.format_string("%s#%02d", F.col("_shard_base"), sub)))
-            .drop("_shard_base", "count"))
+    sizes = {row["_shard_base"]: row["count"] for row in base.groupBy("_shard_base").count().collect()}
+    parts = {value: math.ceil(n / max_shard_size) for value, n in sizes.items() if n > max_shard_size}
+    shard = F.col("_shard_base")
+    if parts:
+        n_parts = F.create_map(*[F.lit(x) for pair in sorted(parts.items()) for x in pair])[shard]
+        shard = F.when(n_parts.isNull(), shard).otherwise(
+            F.format_string("%s#%02d", shard, F.pmod(F.xxhash64("item_id"), n_parts)))
+    return base.withColumn("shard", shard).drop("_shard_base"), sum(sizes.values())
