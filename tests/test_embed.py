@@ -5,14 +5,18 @@ A generated corpus of good, odd and bad images goes through `embed.run`: every g
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from pyspark.sql import SparkSession
 
-from lookalike import embed, tables
+from lookalike import embed, models, tables
+from lookalike.inference import _prefetch
 from lookalike.config import Config
 from tests.conftest import make_config
 from tests.image_corpus import make_corpus, photo
@@ -78,7 +82,8 @@ def test_incremental_reruns(spark: SparkSession, tmp_path: Path) -> None:
         photo(40 + i, 30, seed=i).save(images / f"p{i}.png")
     uris = {f"p{i}": f"img/p{i}.png" for i in range(6)}  # relative to the catalog's folder
     uris["broken"] = "img/absent.png"
-    cfg = config(tmp_path, write_catalog(tmp_path, uris))
+    # Unset batch size: each task takes its device's default (16 on the CPU).
+    cfg = config(tmp_path, write_catalog(tmp_path, uris), **{"embed.batch_size": None, "embed.partition_size": 1000})
     assert embed.run(cfg, spark, "r1").rows_out == 6
     first = embeddings(tmp_path / "out")
 
@@ -128,3 +133,18 @@ def test_big_shard_splits_into_stable_sub_shards(spark: SparkSession, tmp_path: 
     # The shard moves when the limit changes, without embedding the images again.
     rerun = embed.run(config(tmp_path, write_catalog(tmp_path, uris, categories)), spark, "r2")
     assert rerun.rows_out == 0 and set(embeddings(tmp_path / "out")["shard"]) == {"shoe", "bag"}
+
+
+def test_decode_ahead_is_bounded() -> None:
+    started: list[int] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = _prefetch(pool, lambda i: started.append(i) or i, range(100), ahead=4)
+        assert next(results) == 0
+        time.sleep(0.05)
+        assert len(started) == 5  # the one consumed and four ahead, not the whole Arrow batch
+        assert list(results) == list(range(1, 100))
+
+
+def test_default_batch_size_follows_the_device() -> None:
+    assert models.default_batch_size(torch.device("cpu")) == models.CPU_BATCH_SIZE == 16
+    assert models.default_batch_size(torch.device("cuda", 0)) == models.GPU_BATCH_SIZE

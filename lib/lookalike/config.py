@@ -65,7 +65,9 @@ SCHEMA: dict[str, Key] = {
     "model.name": Key(str, "efficientnet-lite0", "Embedding model from the registry (see Models)."),
     "model.weights": Key(str, None, "Local weights file, for registry models that take one (torchvision).",
                          nullable=True, is_path=True, must_exist=True),
-    "embed.batch_size": Key(int, 64, "Images (or titles) per inference batch.", minimum=1),
+    "embed.batch_size": Key(int, None, "Images (or titles) per inference batch; unset: 16 on the CPU (a "
+                                       "batch's activations stay in cache), 256 on a GPU.",
+                            nullable=True, minimum=1),
     "embed.image_size": Key(int, None, "Model input size in pixels; unset uses the model's own size.",
                             nullable=True, minimum=16),
     "embed.input": Key(str, "image", "What the embed stage embeds: each item's `image_uri` image with an image "

@@ -13,10 +13,11 @@ title's UTF-8 bytes, so an unchanged title is not embedded again either, and a r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,8 @@ from lookalike.reader import read_bytes
 
 if TYPE_CHECKING:
     from lookalike.text_models import TextEmbedder
+
+T, R = TypeVar("T"), TypeVar("R")
 
 EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
 NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
@@ -43,7 +46,7 @@ class EmbedSettings:
     weights: str | None
     image_size: int | None  # None with a text model
     decode_size: int | None  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
-    batch_size: int
+    batch_size: int | None  # None: the device's default (`models.default_batch_size`), resolved per task
     device: str
     max_pixels: int
     max_bytes: int
@@ -89,10 +92,26 @@ def _batches(loaded: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
         yield batch
 
 
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """`pool.map(fn, items)` that runs at most `ahead` items ahead of the consumer, so decoded pixels waiting
+    for the model never hold more than that many images in memory, whatever the Arrow batch size."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], settings: EmbedSettings,
                embedder: Embedder, pool: ThreadPoolExecutor) -> pd.DataFrame:
-    """One output row per input row, in order: status, embedding (when embedded), sha, size, error."""
-    loaded = pool.map(lambda pair: _load(pair[0], pair[1], settings, embedder), zip(uris, known_sha))
+    """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
+
+    `settings.batch_size` must be resolved (not None): the UDF fills in the device's default.
+    """
+    loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings, embedder), zip(uris, known_sha),
+                       ahead=2 * settings.batch_size)
     rows: list[dict] = []
     for batch in _batches(loaded, settings.batch_size):
         ready = [item for item in batch if item.pixels is not None]

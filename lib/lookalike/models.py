@@ -462,6 +462,16 @@ def load_count() -> int:
 
 # ---------------------------------------------------------------------------------------------- devices
 
+# Inference batch when `embed.batch_size` is unset. On the CPU a small batch keeps each layer's activations in
+# cache: two single-thread tasks (local[2]) ran EfficientNet-Lite0 at 112 px 1.2x faster with 16-image batches
+# than with 64, and no slower at 224 px. A GPU needs large batches to fill it.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 256
+
+
+def default_batch_size(device: torch.device) -> int:
+    return GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
 def cuda_index(address: str, visible_devices: str | None) -> int:
     """The torch CUDA ordinal for a GPU address that Spark's resource discovery reported.
 
