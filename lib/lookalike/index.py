@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,8 @@ from lookalike.errors import LookalikeError
 from lookalike.stages import StageResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+J = TypeVar("J", bound="SearchJob")
 
 LATEST = "LATEST"
 BUILD_SUMMARY = "build.json"
@@ -87,6 +90,38 @@ def load_shard(output_root: str, run_id: str, shard: str, *, model: str, dim: in
                                 expected_dim=dim, expected_model=model)
     except ValueError as err:
         raise IndexBuildError(f"{err}; re-run `lookalike index` after `lookalike embed`") from err
+
+
+# ---------------------------------------------------------------------------------- search tasks
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What a task searching one index build needs, as plain values pickled into its closure; the similar and
+    recommend stages extend it with their own settings."""
+
+    output_root: str
+    build: str
+    model: str
+    dim: int
+    staging: str  # the run's staged rows: a worker's cached shard is only good for the run that staged it
+
+
+_worker_shard: dict[tuple[str, str, str], Any] = {}
+
+
+def worker_shard(job: J, shard: str, load: Callable[[J, str], T]) -> tuple[T, bool]:
+    """The worker's copy of `shard` as `load(job, shard)` prepares it, and whether it was loaded just now.
+
+    Cached in this module, which a reused Python worker keeps across tasks (like `models.get_embedder`),
+    keyed by build, shard and staging folder. One entry only, whichever stage asks: the previous shard is
+    dropped before the next loads, so a worker never holds two.
+    """
+    key = (job.build, shard, job.staging)
+    if key in _worker_shard:
+        return _worker_shard[key], False
+    _worker_shard.clear()
+    _worker_shard[key] = load(job, shard)
+    return _worker_shard[key], True
 
 
 def _prune(output_root: str, keep: int, current: str) -> list[str]:

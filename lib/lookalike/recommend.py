@@ -105,14 +105,9 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(index.SearchJob):
     """What every scoring task needs, pickled into its closure."""
 
-    output_root: str
-    build: str
-    model: str
-    dim: int
-    staging: str
     candidates: int
     because: int
 
@@ -186,19 +181,11 @@ def rank_user(frame: pd.DataFrame, shares: np.ndarray, n: int, covisit_weight: f
 
 # ----------------------------------------------------------------------------------------- executors
 
-_worker_shard: dict[tuple[str, str, str], tuple[shard_index.LoadedShard, np.ndarray]] = {}
-
-
-def _target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndarray]:
-    """The worker's one loaded shard (index and vectors in FAISS id order), as in the similar stage."""
-    key = (job.build, shard, job.staging)
-    if key not in _worker_shard:
-        _worker_shard.clear()
-        table = _read(f"{job.staging}/items/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding"])
-        loaded = index.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
-        _worker_shard[key] = (loaded, loaded.align(table["item_id"].combine_chunks(),
-                                                   shard_index.matrix(table["embedding"], job.dim)))
-    return _worker_shard[key]
+def _load_target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndarray]:
+    """A shard's index and its staged vectors in FAISS id order, for `index.worker_shard`."""
+    table = _read(f"{job.staging}/items/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding"])
+    loaded = index.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
+    return loaded, loaded.align(table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim))
 
 
 def _read(path: str, columns: list[str]) -> pa.Table | None:
@@ -211,7 +198,7 @@ def _read(path: str, columns: list[str]) -> pa.Table | None:
 
 def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     """Candidates of one chunk's users in one shard (module docstring, step 4)."""
-    loaded, vectors = _target(job, unit.shard)
+    (loaded, vectors), _ = index.worker_shard(job, unit.shard, _load_target)
     profiles = _read(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS).to_pandas()
     requests = _read(f"{job.staging}/requests/shard_dir={shards.folder_name(unit.shard)}/chunk={unit.chunk}",
                      ["user_id", "item_id"])

@@ -3,9 +3,9 @@
 Work layout. The driver stages the vectors of the shards to (re)compute once, as Parquet partitioned by shard
 and query chunk (`<output.root>/staging/<run_id>/similar/items/shard_dir=<folder>/chunk=<c>/`), and plans
 work units (target shard, query shard, chunk). One Spark task runs a few consecutive units: for each it
-takes the target shard from a one-entry per-worker cache (index from the latest build, vectors read from
-the staged folder, put in FAISS id order and checked by `LoadedShard.align`), reads the query chunk and
-searches. Units are sorted by target, so a reused Python worker loads each shard about once and never holds
+takes the target shard from the one-entry per-worker cache `index.worker_shard` (index from the latest
+build, vectors read from the staged folder, put in FAISS id order and checked by `LoadedShard.align`),
+reads the query chunk and searches. Units are sorted by target, so a reused Python worker loads each shard about once and never holds
 two. With `similar.scope: shard` an item's only target is its own shard; with `all` every (target, chunk)
 pair is a unit and Spark merges the per-target top-k lists by score. That merge is exact: a target's own
 top k holds everything it can contribute to the global top k.
@@ -106,14 +106,9 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(index.SearchJob):
     """What every task needs, as plain values pickled into the task's closure."""
 
-    output_root: str
-    build: str
-    model: str
-    dim: int
-    staging: str
     k: int
     min_score: float | None
 
@@ -310,24 +305,6 @@ def fingerprint(vectors_sha256: str, count: int, digest: str) -> str:
 
 # ----------------------------------------------------------------------------------------- executors
 
-_worker_shard: dict[tuple[str, str, str], TargetShard] = {}
-
-
-def target_shard(job: Job, shard: str) -> tuple[TargetShard, bool]:
-    """The worker's copy of a target shard and whether it was loaded just now.
-
-    Cached in this module, which a reused Python worker keeps across tasks (like `models.get_embedder`);
-    keyed by build, shard and staging folder, since stock flags and keys are this run's. One entry only:
-    the previous shard is dropped before the next loads, so a worker never holds two.
-    """
-    key = (job.build, shard, job.staging)
-    if key in _worker_shard:
-        return _worker_shard[key], False
-    _worker_shard.clear()
-    _worker_shard[key] = _load_target(job, shard)
-    return _worker_shard[key], True
-
-
 def _load_target(job: Job, shard: str) -> TargetShard:
     """The shard's index and its staged rows in FAISS id order; vectors that differ from the build's fail
     the task with `TASK_ERROR`. At its peak this holds the vectors twice (as read and as aligned)."""
@@ -352,7 +329,7 @@ def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndar
 def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.RecordBatch:
     """One unit's rows. A function of its own so that no reference to the target outlives it: the next
     unit's target then replaces it in memory instead of joining it."""
-    target, loaded = target_shard(job, unit.target)
+    target, loaded = index.worker_shard(job, unit.target, _load_target)
     query_ids, queries, query_keys, _ = _read_staged(
         job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}")
     ids, scores, scored = neighbours(target, queries, query_keys, job.k, job.min_score)
