@@ -748,7 +748,8 @@ def render_quarantine(data: ReportData) -> str:
     total = sum(n for _, n in quarantine.counts)
     counts = "".join(
         f'<tr><td><span class="kind">{esc(kind)}</span></td><td class="num">{_int(n)}</td>'
-        f'<td class="barcell"><span class="bar wide"><span style="width:{100 * n / total:.0f}%"></span></span></td></tr>'
+        f'<td class="barcell"><span class="bar wide"><span style="width:{100 * n / total:.0f}%"></span></span>'
+        '</td></tr>'
         for kind, n in quarantine.counts)
     examples = "".join(
         f'<tr><td><span class="kind">{esc(r["error_kind"])}</span></td><td class="id">{esc(r["item_id"])}</td>'
