@@ -6,9 +6,9 @@ work units (target shard, query shard, chunk). One Spark task runs a few consecu
 takes the target shard from the one-entry per-worker cache `index.worker_shard` (index from the latest
 build, vectors read from the staged folder, put in FAISS id order and checked by `LoadedShard.align`),
 reads the query chunk and searches. Units are sorted by target, so a reused Python worker loads each
-shard about once and never holds two. With `similar.scope: shard` an item's only target is its own shard; with `all` every (target, chunk)
-pair is a unit and Spark merges the per-target top-k lists by score. That merge is exact: a target's own
-top k holds everything it can contribute to the global top k.
+shard about once and never holds two. With `similar.scope: shard` an item's only target is its own
+shard; with `all` every (target, chunk) pair is a unit and Spark merges the per-target top-k lists by
+score. That merge is exact: a target's own top k holds everything it can contribute to the global top k.
 
 Search. The index proposes candidates and they are re-scored exactly (`shard_index.search`), so `score` is a
 true cosine. Candidates that may not be neighbours are filtered after the search: the item itself, items
