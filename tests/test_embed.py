@@ -5,6 +5,7 @@ A generated corpus of good, odd and bad images goes through `embed.run`: every g
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from lookalike import embed, models, tables
-from lookalike.inference import _prefetch
+from lookalike.inference import TaskModel, _prefetch, embed_rows
 from lookalike.config import Config
 from tests.conftest import make_config
 from tests.image_corpus import make_corpus, photo
@@ -148,3 +149,14 @@ def test_decode_ahead_is_bounded() -> None:
 def test_default_batch_size_follows_the_device() -> None:
     assert models.default_batch_size(torch.device("cpu")) == models.CPU_BATCH_SIZE == 16
     assert models.default_batch_size(torch.device("cuda", 0)) == models.GPU_BATCH_SIZE
+
+
+def test_a_task_with_nothing_to_embed_never_asks_for_the_model(tmp_path: Path) -> None:
+    photo(32, 32).save(tmp_path / "a.png")
+    sha = hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+    model = TaskModel(embed.settings_from(config(tmp_path, write_catalog(tmp_path, {}))))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        frame = embed_rows([str(tmp_path / "a.png"), str(tmp_path / "gone.png")], [sha, None], model, pool)
+    assert list(frame["status"]) == ["unchanged", "failed"]
+    # Neither the device (torch) nor the batch size nor the model was resolved: an unchanged night is cheap.
+    assert not {"device", "batch_size", "embedder"} & set(vars(model)) and model.loads == 0

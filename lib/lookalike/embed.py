@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import pandas as pd
 from pyspark import StorageLevel, TaskContext
@@ -29,7 +28,8 @@ from pyspark.sql.functions import pandas_udf
 from lookalike import catalog, models, shards, tables
 from lookalike.config import Config
 from lookalike.errors import LookalikeError
-from lookalike.inference import EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, embed_rows, embed_titles
+from lookalike.inference import (EMBEDDED, FAILED, OUTPUT_SCHEMA, UNCHANGED, EmbedSettings, TaskModel, embed_rows,
+                                 embed_titles)
 from lookalike.progress import Progress
 from lookalike.stages import StageResult
 
@@ -52,6 +52,7 @@ def settings_from(cfg: Config) -> EmbedSettings:
     return EmbedSettings(
         model_name=spec.name, weights=cfg["model.weights"], image_size=image_size,
         decode_size=math.ceil(image_size / spec.crop_fraction) if image_size else None,
+        crop_fraction=spec.crop_fraction if image_size else None,
         batch_size=cfg["embed.batch_size"], device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"],
         max_bytes=cfg["embed.max_bytes"], decode_threads=cfg["embed.decode_threads"], input=cfg["embed.input"])
 
@@ -70,26 +71,21 @@ def _embed_udf(settings: EmbedSettings, counters: dict):
 
     @pandas_udf(OUTPUT_SCHEMA)
     def embed_items(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        import torch
-
         context = TaskContext.get()
         gpus = context.resources().get("gpu")
-        # One torch thread per task core: with local[N] N single-threaded tasks beat one task with N threads.
-        torch.set_num_threads(max(1, int(context.cpus())))
-        loads_before = models.load_count()
-        device = models.resolve_device(settings.device, list(gpus.addresses) if gpus else [])
-        task = replace(settings, batch_size=settings.batch_size or models.default_batch_size(device))
-        embedder = models.get_embedder(task.model_name, task.weights, device, task.image_size)
-        counters["model_loads"].add(models.load_count() - loads_before)
-        # Threads start on first use: with titles (no reading or decoding) the pool stays empty.
-        with ThreadPoolExecutor(max_workers=task.decode_threads) as pool:
-            for contents, known in batches:
-                frame = (embed_titles(list(contents), list(known), task, embedder) if task.input == "title"
-                         else embed_rows(list(contents), list(known), task, embedder, pool))
-                status = frame["status"]
-                for name in (EMBEDDED, UNCHANGED, FAILED):
-                    counters[name].add(int((status == name).sum()))
-                yield frame
+        model = TaskModel(settings, list(gpus.addresses) if gpus else [], int(context.cpus()))
+        try:
+            # Threads start on first use: with titles (no reading or decoding) the pool stays empty.
+            with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool:
+                for contents, known in batches:
+                    frame = (embed_titles(list(contents), list(known), model) if settings.input == "title"
+                             else embed_rows(list(contents), list(known), model, pool))
+                    status = frame["status"]
+                    for name in (EMBEDDED, UNCHANGED, FAILED):
+                        counters[name].add(int((status == name).sum()))
+                    yield frame
+        finally:
+            counters["model_loads"].add(model.loads)
 
     return embed_items
 

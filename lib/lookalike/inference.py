@@ -2,8 +2,9 @@
 
 One call handles one Arrow batch of a partition. Reading, hashing, decoding and preprocessing run in a small
 thread pool (Pillow and file reads release the GIL) so that the next images are ready while torch runs the
-current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all:
-that is what makes an unchanged night cheap. Every per-image failure becomes a row with its `ImageError`
+current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all,
+and a task with nothing to embed never loads the model (`TaskModel`): that is what makes an unchanged night
+cheap. Every per-image failure becomes a row with its `ImageError`
 kind; nothing a single image does can fail the task.
 
 With `embed.input: title` a row's content is its title instead (`embed_titles`): its "sha256" is that of the
@@ -17,21 +18,27 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from lookalike.decode import ImageError, decode_image
-from lookalike.models import Embedder
+from lookalike.models import Embedder, default_batch_size, get_embedder, load_count, resolve_device, to_pixels
 from lookalike.reader import read_bytes
 
 if TYPE_CHECKING:
+    import torch
+
     from lookalike.text_models import TextEmbedder
 
 T, R = TypeVar("T"), TypeVar("R")
 
 EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
+# Decoding runs at most this many images ahead of inference: a GPU batch, 16 CPU batches, 38 MB of 224 px
+# pixels. A fixed number, because the batch size is only known once the device is (`TaskModel`).
+DECODE_AHEAD = 256
 NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
 OUTPUT_SCHEMA = ("status string, embedding array<float>, image_sha256 string, width int, height int, "
                  "error_kind string, error_message string")
@@ -46,6 +53,7 @@ class EmbedSettings:
     weights: str | None
     image_size: int | None  # None with a text model
     decode_size: int | None  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
+    crop_fraction: float | None  # the model's centre crop (`models.to_pixels`); None with a text model
     batch_size: int | None  # None: the device's default (`models.default_batch_size`), resolved per task
     device: str
     max_pixels: int
@@ -66,7 +74,40 @@ class _Loaded:
     unchanged: bool = False
 
 
-def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings, embedder: Embedder) -> _Loaded:
+class TaskModel:
+    """One task's device, inference batch size and model, each resolved when first needed.
+
+    Rows whose bytes (or title) are unchanged, and rows that fail, never ask: a task with nothing to embed,
+    which is most tasks of an unchanged night, neither imports torch nor loads the model.
+    """
+
+    def __init__(self, settings: EmbedSettings, gpu_addresses: Sequence[str] = (), cpus: int = 1):
+        self.settings = settings
+        self.loads = 0  # models this task loaded (0 when its reused worker had the model already)
+        self._gpus, self._cpus = list(gpu_addresses), cpus
+
+    @cached_property
+    def device(self) -> torch.device:
+        import torch
+
+        # One torch thread per task core: with local[N], N single-threaded tasks beat one task with N threads.
+        torch.set_num_threads(max(1, self._cpus))
+        return resolve_device(self.settings.device, self._gpus)
+
+    @cached_property
+    def batch_size(self) -> int:
+        return self.settings.batch_size or default_batch_size(self.device)
+
+    @cached_property
+    def embedder(self) -> Embedder | TextEmbedder:
+        s = self.settings
+        before = load_count()
+        embedder = get_embedder(s.model_name, s.weights, self.device, s.image_size)
+        self.loads = load_count() - before
+        return embedder
+
+
+def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings) -> _Loaded:
     try:
         if uri is None or not uri.strip():
             raise ImageError("missing", "catalog row has no image_uri")
@@ -75,21 +116,10 @@ def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings, embed
         if sha == known_sha:
             return _Loaded(sha256=sha, unchanged=True)
         decoded = decode_image(data, settings.max_pixels, target_size=settings.decode_size)
-        return _Loaded(sha256=sha, pixels=embedder.pixels(decoded.image), width=decoded.width,
-                       height=decoded.height)
+        pixels = to_pixels(decoded.image, settings.image_size, settings.crop_fraction)
+        return _Loaded(sha256=sha, pixels=pixels, width=decoded.width, height=decoded.height)
     except ImageError as err:
         return _Loaded(error=err)
-
-
-def _batches(loaded: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
-    batch: list[_Loaded] = []
-    for item in loaded:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
@@ -104,28 +134,37 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]
         yield pending.popleft().result()
 
 
-def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], settings: EmbedSettings,
-               embedder: Embedder, pool: ThreadPoolExecutor) -> pd.DataFrame:
+def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel,
+               pool: ThreadPoolExecutor) -> pd.DataFrame:
     """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
 
-    `settings.batch_size` must be resolved (not None): the UDF fills in the device's default.
+    The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
+    failed rows lie between them.
     """
-    loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings, embedder), zip(uris, known_sha),
-                       ahead=2 * settings.batch_size)
-    rows: list[dict] = []
-    for batch in _batches(loaded, settings.batch_size):
-        ready = [item for item in batch if item.pixels is not None]
-        vectors = iter(embedder.infer(embedder.batch([item.pixels for item in ready])) if ready else ())
-        for item in batch:
-            row = dict.fromkeys(_COLUMNS)  # None, not NaN: Arrow must see nulls in the array and int columns
-            if item.error is not None:
-                row.update(status=FAILED, error_kind=item.error.kind, error_message=item.error.message)
-            elif item.unchanged:
-                row.update(status=UNCHANGED, image_sha256=item.sha256)
-            else:
-                row.update(status=EMBEDDED, embedding=next(vectors), image_sha256=item.sha256,
-                           width=item.width, height=item.height)
-            rows.append(row)
+    settings = model.settings
+    rows = [dict.fromkeys(_COLUMNS) for _ in uris]  # None, not NaN: Arrow must see nulls in array and int columns
+    ready: list[tuple[int, _Loaded]] = []
+
+    def infer() -> None:
+        embedder = model.embedder
+        vectors = embedder.infer(embedder.batch([item.pixels for _, item in ready]))
+        for (i, item), vector in zip(ready, vectors):
+            rows[i].update(status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width,
+                           height=item.height)
+        ready.clear()
+
+    loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings), zip(uris, known_sha), DECODE_AHEAD)
+    for i, item in enumerate(loaded):
+        if item.error is not None:
+            rows[i].update(status=FAILED, error_kind=item.error.kind, error_message=item.error.message)
+        elif item.unchanged:
+            rows[i].update(status=UNCHANGED, image_sha256=item.sha256)
+        else:
+            ready.append((i, item))
+            if len(ready) == model.batch_size:
+                infer()
+    if ready:
+        infer()
     return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
 
 
@@ -139,11 +178,10 @@ def _no_text_message(title: object) -> str:
     return f"catalog row has no title text to embed: title is {what}"
 
 
-def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], settings: EmbedSettings,
-                 embedder: TextEmbedder) -> pd.DataFrame:
+def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel) -> pd.DataFrame:
     """`embed_rows` for `embed.input: title`: one output row per title, in order, width and height null.
 
-    The titles to embed go to the model in batches of `embed.batch_size`, sorted by length first so that a
+    The titles to embed go to the model in batches of `model.batch_size`, sorted by length first so that a
     batch pads to about its own texts' length (sentence-transformers' `encode` sorts the same way).
     """
     rows = [dict.fromkeys(_COLUMNS) for _ in titles]
@@ -157,8 +195,8 @@ def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], 
         if sha != known:
             todo.append((i, title))
     todo.sort(key=lambda pair: len(pair[1]))
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start:start + settings.batch_size]
-        for (i, _), vector in zip(batch, embedder.embed([title for _, title in batch])):
+    for start in range(0, len(todo), model.batch_size):
+        batch = todo[start:start + model.batch_size]
+        for (i, _), vector in zip(batch, model.embedder.embed([title for _, title in batch])):
             rows[i]["embedding"] = vector
     return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
