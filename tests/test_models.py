@@ -247,6 +247,15 @@ def test_cuda_without_gpu_is_an_error():
         models.resolve_device("cuda", [])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_gpu_half_precision_agrees_with_the_cpu(lite0):
+    images = [_photo_like(96, 64, seed) for seed in range(32)]
+    gpu = models.load_embedder("efficientnet-lite0", device="cuda", image_size=112)
+    cosines = np.sum(lite0.embed(images) * gpu.embed(images), axis=1)
+    print(f"CPU float32 vs CUDA float16 autocast cosine: min {cosines.min():.5f}, mean {cosines.mean():.5f}")
+    assert cosines.min() > 0.99
+
+
 # ---------------------------------------------------------------------------------------------- quality
 
 def _idx(path: Path) -> np.ndarray:
