@@ -4,8 +4,8 @@ One call handles one Arrow batch of a partition. Reading, hashing, decoding and 
 thread pool (Pillow and file reads release the GIL) so that the next images are ready while torch runs the
 current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all,
 and a task with nothing to embed never loads the model (`TaskModel`): that is what makes an unchanged night
-cheap. Every per-image failure becomes a row with its `ImageError`
-kind; nothing a single image does can fail the task.
+cheap. Every per-image failure becomes a row with its `ImageError` kind; nothing a single image does can
+fail the task.
 
 With `embed.input: title` a row's content is its title instead (`embed_titles`): its "sha256" is that of the
 title's UTF-8 bytes, so an unchanged title is not embedded again either, and a row without text fails as
