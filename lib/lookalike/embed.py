@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS, QUARANTINE = "embeddings", "quarantine"
 # Rows per pandas call of the UDF: enough to amortise the call whatever the inference batch (decode-ahead is
-# bounded separately, by `inference._prefetch`); 64- to 1024-row batches measured the same on the CPU.
+# bounded separately, by `inference.DECODE_AHEAD`); 64- to 1024-row batches measured the same on the CPU.
 ARROW_ROWS = 1024
 
 

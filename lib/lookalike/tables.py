@@ -104,7 +104,7 @@ def _check_schema(path: str, table: DeltaTable, new: pa.Schema) -> None:
 
 
 def parquet_writer(df: DataFrame) -> DataFrameWriter:
-    """Spark's Parquet writer with the project's file settings, for table files and vector-heavy staging.
+    """Spark's Parquet writer with the project's file settings, for table files and exports.
 
     Snappy compression; no dictionary encoding for float-array (vector) columns. parquet-mr tries a dictionary
     for every column chunk and gives up only after a megabyte of distinct floats: turning it off for vectors
