@@ -13,7 +13,7 @@ setup(
     "and recommendations",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
-    package_data={"lookalike": ["ARCHITECTURE.md", "log4j2.properties"]},
+    package_data={"lookalike": ["ARCHITECTURE.md", "log4j2.properties"], "lookalike.report": ["report.css"]},
     python_requires=">=3.11",
     install_requires=[
         "torch==2.14.1",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lookalike import models
+from lookalike.embed.models import device
 from lookalike.session import MALLOC_ENV
 
 LOOP = """
@@ -42,10 +42,10 @@ started = time.perf_counter()
 import json, sys
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq, torch
 from PIL import Image
-from lookalike import models
+from lookalike.embed.models import cache, device
 catalog, size, batch, threads, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(threads)
-embedder = models.get_embedder("efficientnet-lite0", device="cpu", image_size=size)
+embedder = cache.get_embedder("efficientnet-lite0", device="cpu", image_size=size)
 rows = pd.read_parquet(catalog)
 paths = rows["image_uri"].tolist()
 folder = catalog.rsplit("/", 1)[0]
@@ -66,7 +66,8 @@ print(json.dumps({"images": len(vectors), "seconds": time.perf_counter() - start
 STAGE = """
 import json, sys, time
 from pathlib import Path
-from lookalike import config, embed
+from lookalike import config
+from lookalike.embed import stage as embed
 from lookalike.session import get_spark
 cfg = config.load(sys.argv[1], sys.argv[2:])
 spark = get_spark(cfg)
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40000,
                         help="images (default 40000: the stage's fixed cost per run is then a small share)")
     parser.add_argument("--image-size", type=int, default=112, help="input size of the main variants")
-    parser.add_argument("--batch-size", type=int, default=models.CPU_BATCH_SIZE,
+    parser.add_argument("--batch-size", type=int, default=device.CPU_BATCH_SIZE,
                         help="inference batch of the loop and the stage (default: the stage's CPU default)")
     parser.add_argument("--skip-slow", action="store_true", help="only loop and spark at --image-size")
     parser.add_argument("--repeat", type=int, default=1,

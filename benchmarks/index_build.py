@@ -13,7 +13,7 @@ environment does not have, so it runs in a subprocess with its own interpreter; 
 
 autofaiss gets the same memory budget for its index as lookalike's target (1/8 of Flat) and chooses
 everything else itself (index type, nprobe tuned to its default 10 ms/query). Its search path is its index
-alone; lookalike's is IVF-PQ candidates re-ranked exactly with the float32 vectors (lookalike.shard_index).
+alone; lookalike's is IVF-PQ candidates re-ranked exactly with the float32 vectors (lookalike.index.shard_index).
 Without --autofaiss-python the autofaiss row is skipped.
 
 This file only imports the standard library and NumPy at the top: the autofaiss worker mode runs it
@@ -141,8 +141,8 @@ def main() -> None:
 def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     import faiss
 
-    from lookalike import shard_index
-    from lookalike.index_params import MAX_BYTES_RATIO, choose_params
+    from lookalike.index import shard_index
+    from lookalike.index.params import MAX_BYTES_RATIO, choose_params
 
     if args.n is None:
         args.n = DEFAULT_N

@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageOps
 
-from lookalike import tables
 from lookalike.demo_data import build_demo_data
+from lookalike.storage import tables
 
 
 def nightly(conf: Path) -> float:

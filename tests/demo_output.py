@@ -25,10 +25,14 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
-from lookalike import embed, index, runs, similar, stages, tables
 from lookalike.config import Config
 from lookalike.demo_data import FASHION_MNIST_DIR, build_demo_data
-from lookalike.stages import StageResult
+from lookalike.embed import stage as embed
+from lookalike.index import stage as index
+from lookalike.results import StageResult
+from lookalike.run import runs, stages
+from lookalike.similar import stage as similar
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 N_ITEMS = 200

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from pyspark.sql import SparkSession
 
-from lookalike import tables
-from lookalike.catalog import CatalogError, read_catalog
+from lookalike.embed.catalog import CatalogError, read_catalog
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 ITEMS = pd.DataFrame({"item_id": ["a", "b", "c"],

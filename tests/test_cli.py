@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lookalike import cli, stages
+from lookalike import cli
+from lookalike.run import stages
 from tests.conftest import REPO
 
 COMMANDS = ["demo-data", "embed", "index", "similar", "recommend", "nightly", "report"]
@@ -38,3 +39,14 @@ def test_jobs_are_thin_entries_for_every_stage() -> None:
     for stage in [*stages.STAGES, "nightly"]:
         text = (REPO / "jobs" / f"{stage}.py").read_text()
         assert f'run_job("{stage}")' in text
+
+
+def test_torchvision_model_without_weights_is_refused_before_spark(tmp_path: Path) -> None:
+    (tmp_path / "catalog.parquet").write_bytes(b"")  # exists; never read, the config is refused first
+    conf = tmp_path / "tv.yaml"
+    conf.write_text("catalog: {path: catalog.parquet}\noutput: {root: out}\nmodel: {name: torchvision/resnet18}\n")
+    out = run("embed", "--conf", str(conf), cwd=tmp_path)
+    assert out.returncode == cli.EXIT_CONFIG
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("lookalike: config error: model.weights: torchvision/resnet18 has no packaged weights")
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written

@@ -15,6 +15,7 @@ driver lists and commits, accumulators, and a driver started by spark-submit rat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,10 +39,13 @@ import pytest
 import yaml
 from pyspark.sql import SparkSession
 
-from lookalike import index, nightly, shards, tables
 from lookalike.config import Config
 from lookalike.demo_data import FASHION_MNIST_DIR, build_demo_data
+from lookalike.embed import shards
+from lookalike.index import builds
+from lookalike.run import nightly
 from lookalike.session import MALLOC_ENV, session_settings, worker_python
+from lookalike.storage import tables
 from tests.conftest import REPO, make_config
 
 N_ITEMS = 300
@@ -109,28 +113,20 @@ def stop(procs: list[subprocess.Popen]) -> None:
     pids = descendants([p.pid for p in procs if p.poll() is None])
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     deadline = time.time() + 15
     for proc in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(10)
     for pid in pids:  # our own children only: collected from the trees of the processes started here
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 SPARK_INFO = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ")
@@ -409,12 +405,12 @@ def compare_ranked(name: str, local: pd.DataFrame, cluster: pd.DataFrame) -> Non
 def compare_builds(local_root: Path, cluster_root: Path) -> None:
     """The latest index builds: the same shards, each with the same item ids in the same FAISS order."""
     roots = [str(local_root), str(cluster_root)]
-    builds = [index.build_summary(root, index.latest_build(root)) for root in roots]
+    builds = [builds.build_summary(root, builds.latest_build(root)) for root in roots]
     assert builds[0]["model"] == builds[1]["model"]
     shard_sets = [{s["shard"]: s["ntotal"] for s in b["shards"]} for b in builds]
     assert shard_sets[0] == shard_sets[1]
     for shard in shard_sets[0]:
-        ids = [pq.read_table(f"{index.indexes_root(root)}/{b['run_id']}/{shards.folder_name(shard)}/ids.parquet")
+        ids = [pq.read_table(f"{builds.indexes_root(root)}/{b['run_id']}/{shards.folder_name(shard)}/ids.parquet")
                .column("item_id").to_pylist() for root, b in zip(roots, builds)]
         assert ids[0] == ids[1], f"index shard {shard}: item ids differ"
 
@@ -502,7 +498,7 @@ def test_nightly_on_standalone_cluster_matches_local_mode(spark: SparkSession, c
 
     written = {"local": table_names(local_root), "cluster": table_names(root)}
     assert written["local"] == written["cluster"], written
-    assert EXPECTED_TABLES <= written["cluster"], written
+    assert written["cluster"] >= EXPECTED_TABLES, written
     quarantine = read(root, "quarantine")
     assert dict(zip(quarantine["item_id"], quarantine["error_kind"])) == {"bad-missing": "missing",
                                                                           "bad-text": "not_an_image"}

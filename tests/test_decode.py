@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.decode import ERROR_KINDS, DecodedImage, ImageError, decode_image
-from lookalike.reader import read_bytes
+from lookalike.embed.decode import ERROR_KINDS, DecodedImage, ImageError, decode_image
+from lookalike.embed.reader import read_bytes
 from tests.image_corpus import (
     CORPUS_MAX_BYTES,
     CORPUS_MAX_PIXELS,
@@ -26,7 +26,7 @@ from tests.image_corpus import (
     photo,
 )
 
-# lookalike.decode silences DecompressionBombWarning once, at import; pytest restores the warning filters
+# lookalike.embed.decode silences DecompressionBombWarning once, at import; pytest restores the warning filters
 # around every test, dropping that. test_bombs_are_rejected_from_the_header_without_decoding checks the real
 # behaviour in a fresh interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -171,12 +171,12 @@ def test_pillow_hard_limit_still_reads_as_too_large(corpus: dict[str, CorpusCase
 
 # Run in a fresh interpreter: its peak RSS starts low, so pixels decoded by mistake would show. tracemalloc
 # cannot see them (Pillow allocates pixel buffers with C malloc). DecompressionBombWarning is made an
-# error before lookalike.decode is imported: had the warning escaped, the result would not be too_large.
+# error before lookalike.embed.decode is imported: had the warning escaped, the result would not be too_large.
 _BOMB_PROBE = textwrap.dedent("""
     import json, resource, sys, time, warnings
     from PIL import Image
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-    from lookalike.decode import ImageError, decode_image
+    from lookalike.embed.decode import ImageError, decode_image
     data = open(sys.argv[1], "rb").read()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -8,8 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lookalike.demo_data import (CLASS_NAMES, FASHION_MNIST_DIR, PARALLEL_MIN_IMAGES, DatasetMissingError,
-                                 DemoDataError, build_demo_data, category_slug)
+from lookalike.demo_data import (
+    CLASS_NAMES,
+    FASHION_MNIST_DIR,
+    PARALLEL_MIN_IMAGES,
+    DatasetMissingError,
+    DemoDataError,
+    build_demo_data,
+    category_slug,
+)
 from lookalike.errors import LookalikeError
 
 LIMIT = 300

@@ -16,9 +16,11 @@ import pytest
 import torch
 from pyspark.sql import SparkSession
 
-from lookalike import embed, models, tables
-from lookalike.inference import TaskModel, _prefetch, embed_rows
 from lookalike.config import Config
+from lookalike.embed import stage as embed
+from lookalike.embed.models import device
+from lookalike.embed.task import TaskModel, _prefetch, embed_rows
+from lookalike.storage import tables
 from tests.conftest import make_config
 from tests.image_corpus import make_corpus, photo
 
@@ -147,8 +149,8 @@ def test_decode_ahead_is_bounded() -> None:
 
 
 def test_default_batch_size_follows_the_device() -> None:
-    assert models.default_batch_size(torch.device("cpu")) == models.CPU_BATCH_SIZE == 16
-    assert models.default_batch_size(torch.device("cuda", 0)) == models.GPU_BATCH_SIZE
+    assert device.default_batch_size(torch.device("cpu")) == device.CPU_BATCH_SIZE == 16
+    assert device.default_batch_size(torch.device("cuda", 0)) == device.GPU_BATCH_SIZE
 
 
 def test_a_task_with_nothing_to_embed_never_asks_for_the_model(tmp_path: Path) -> None:

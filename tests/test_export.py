@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 from pyspark.sql import SparkSession
 
-from lookalike import export, tables
+from lookalike.run import export
+from lookalike.storage import tables
 
 
 def write_similar(spark: SparkSession, root: str, rows: int) -> None:

@@ -5,11 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyspark.errors import PythonException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import index, shards, tables
 from lookalike.config import Config
+from lookalike.embed import shards
+from lookalike.index import builds
+from lookalike.index import stage as index
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 DIM = 32
@@ -43,8 +47,8 @@ def test_builds_every_shard_and_publishes_latest(spark: SparkSession, tmp_path: 
     root = cfg["output.root"]
     write_embeddings(spark, Path(root), {"Bag": 300, "T-shirt/top": 12000})
     result = index.run(cfg, spark, "20260101T000000Z-aaaaaa")
-    assert index.latest_build(root) == "20260101T000000Z-aaaaaa"
-    summary = index.build_summary(root, "20260101T000000Z-aaaaaa")
+    assert builds.latest_build(root) == "20260101T000000Z-aaaaaa"
+    summary = builds.build_summary(root, "20260101T000000Z-aaaaaa")
     assert summary["model"] == MODEL and summary["dim"] == DIM
     kinds = {s["shard"]: s["kind"] for s in summary["shards"]}
     assert kinds == {"Bag": "flat", "T-shirt/top": "ivfpq"}
@@ -56,7 +60,7 @@ def test_builds_every_shard_and_publishes_latest(spark: SparkSession, tmp_path: 
 
     # The recall in the manifest is what a fresh exact comparison finds on the same search path.
     vectors = clustered(12000, seed=1)
-    shard = index.load_shard(root, "20260101T000000Z-aaaaaa", "T-shirt/top", model=MODEL, dim=DIM)
+    shard = builds.load_shard(root, "20260101T000000Z-aaaaaa", "T-shirt/top", model=MODEL, dim=DIM)
     manifest = shard.manifest
     assert set(manifest) >= {"factory", "dim", "ntotal", "nprobe", "recall_at_10", "model", "build_seconds",
                              "bytes"}
@@ -82,9 +86,9 @@ def test_failed_build_keeps_latest_and_old_builds_are_pruned(spark: SparkSession
         "embedding", F.when(F.col("shard") == "Shoe", F.transform("embedding", lambda x: x * 3).cast("array<float>"))
         .otherwise(F.col("embedding")))
     tables.write(bad, tables.table_path(root, "embeddings"), mode="overwrite")
-    with pytest.raises(Exception):
+    with pytest.raises(PythonException, match="vectors are not L2-normalised"):
         index.run(cfg, spark, "20260103T000000Z-000003")
-    assert index.latest_build(root) == "20260102T000000Z-000002"
+    assert builds.latest_build(root) == "20260102T000000Z-000002"
     write_embeddings(spark, Path(root), {"Bag": 50, "Shoe": 60})
     index.run(cfg, spark, "20260104T000000Z-000004")
     kept = sorted(p.name for p in (Path(root) / "indexes").iterdir() if p.is_dir())
@@ -121,10 +125,10 @@ def test_mismatched_model_is_refused(spark: SparkSession, tmp_path: Path) -> Non
     root = cfg["output.root"]
     write_embeddings(spark, Path(root), {"Bag": 40})
     index.run(cfg, spark, "r1")
-    with pytest.raises(index.IndexBuildError, match="index built with model 'test-model@0000/32px', expected"):
-        index.load_shard(root, "r1", "Bag", model="efficientnet-lite0@ffff/224px", dim=DIM)
-    with pytest.raises(index.IndexBuildError, match="no index build published"):
-        index.latest_build(str(tmp_path / "elsewhere"))
+    with pytest.raises(builds.IndexBuildError, match="index built with model 'test-model@0000/32px', expected"):
+        builds.load_shard(root, "r1", "Bag", model="efficientnet-lite0@ffff/224px", dim=DIM)
+    with pytest.raises(builds.IndexBuildError, match="no index build published"):
+        builds.latest_build(str(tmp_path / "elsewhere"))
 
 
 def test_mixed_models_in_embeddings_are_refused(spark: SparkSession, tmp_path: Path) -> None:
@@ -134,6 +138,6 @@ def test_mixed_models_in_embeddings_are_refused(spark: SparkSession, tmp_path: P
     other = tables.read(spark, tables.table_path(str(root), "embeddings")).withColumn(
         "item_id", F.concat("item_id", F.lit("x"))).withColumn("model", F.lit("other@1/8px"))
     tables.write(other, tables.table_path(str(root), "embeddings"), mode="append")
-    with pytest.raises(index.IndexBuildError, match="expected exactly one"):
+    with pytest.raises(builds.IndexBuildError, match="expected exactly one"):
         index.run(cfg, spark, "r1")
     assert not (root / "indexes" / "LATEST").exists()

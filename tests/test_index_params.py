@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lookalike.index_params import (
+from lookalike.index.params import (
     FLAT_BELOW,
     MAX_BYTES_RATIO,
     MAX_SUB_DIM,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike import lock
+from lookalike.run import lock
 
 
 def dead_pid() -> int:

@@ -1,4 +1,4 @@
-"""lookalike.models: registry, weights versioning, preprocessing, per-worker cache, devices, retrieval quality.
+"""lookalike.embed.models: registry, weights versioning, preprocessing, per-worker cache, devices, retrieval quality.
 
 Everything runs on the CPU with the packaged EfficientNet-Lite0 weights, mostly at small input sizes to stay fast.
 """
@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from lookalike import models
+from lookalike.embed.models import cache, device, registry, vision
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -35,8 +35,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def lite0() -> models.Embedder:
-    return models.get_embedder("efficientnet-lite0", image_size=112)
+def lite0() -> vision.Embedder:
+    return cache.get_embedder("efficientnet-lite0", image_size=112)
 
 
 def _photo_like(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -55,7 +55,7 @@ def _state_dict_file(path: Path, arch: str, seed: int) -> Path:
 # ---------------------------------------------------------------------------------------------- registry
 
 def test_model_names_import_without_torch():
-    code = ("import sys; from lookalike.models import MODEL_NAMES, get_spec; "
+    code = ("import sys; from lookalike.embed.models.registry import MODEL_NAMES, get_spec; "
             "assert 'efficientnet-lite0' in MODEL_NAMES and get_spec('efficientnet-lite0').dim == 1280; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -63,31 +63,31 @@ def test_model_names_import_without_torch():
 
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'resnet50'.*efficientnet-lite0.*torchvision/resnet50"):
-        models.get_spec("resnet50")
+        registry.get_spec("resnet50")
 
 
 def test_specs_carry_their_preprocessing():
-    lite0, lite2 = models.get_spec("efficientnet-lite0"), models.get_spec("efficientnet-lite2")
+    lite0, lite2 = registry.get_spec("efficientnet-lite0"), registry.get_spec("efficientnet-lite2")
     assert (lite0.image_size, lite0.crop_fraction, lite0.dim) == (224, 0.875, 1280)
     assert lite2.image_size == 260 and not lite2.needs_weights_file
-    resnet = models.get_spec("torchvision/resnet50")
-    assert resnet.mean == models.IMAGENET_MEAN and resnet.needs_weights_file and resnet.dim == 2048
+    resnet = registry.get_spec("torchvision/resnet50")
+    assert resnet.mean == registry.IMAGENET_MEAN and resnet.needs_weights_file and resnet.dim == 2048
 
 
-@pytest.mark.parametrize("name", [n for n in models.MODEL_NAMES if n.startswith(models.TORCHVISION_PREFIX)])
+@pytest.mark.parametrize("name", [n for n in registry.MODEL_NAMES if n.startswith(registry.TORCHVISION_PREFIX)])
 def test_torchvision_dims_match_the_architecture(name):
     with torch.device("meta"):  # builds the real module graph without allocating or initialising weights
-        model = torchvision.models.get_model(name.removeprefix(models.TORCHVISION_PREFIX), weights=None)
+        model = torchvision.models.get_model(name.removeprefix(registry.TORCHVISION_PREFIX), weights=None)
     last_linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    assert last_linear.in_features == models.get_spec(name).dim
+    assert last_linear.in_features == registry.get_spec(name).dim
 
 
 # ---------------------------------------------------------------------------------------------- versions
 
 def test_version_is_name_and_weights_hash():
-    path = models.weights_file("efficientnet-lite0")
+    path = registry.weights_file("efficientnet-lite0")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
-    assert models.model_version("efficientnet-lite0") == f"efficientnet-lite0@{digest}"
+    assert registry.model_version("efficientnet-lite0") == f"efficientnet-lite0@{digest}"
 
 
 def test_version_follows_the_weights_bytes(tmp_path):
@@ -95,10 +95,10 @@ def test_version_follows_the_weights_bytes(tmp_path):
     second = _state_dict_file(tmp_path / "b.pt", "resnet18", seed=2)
     copy = tmp_path / "copy.pt"
     copy.write_bytes(first.read_bytes())
-    version = models.model_version("torchvision/resnet18", first)
+    version = registry.model_version("torchvision/resnet18", first)
     assert version.startswith("torchvision/resnet18@")
-    assert version != models.model_version("torchvision/resnet18", second)
-    assert version == models.model_version("torchvision/resnet18", copy)
+    assert version != registry.model_version("torchvision/resnet18", second)
+    assert version == registry.model_version("torchvision/resnet18", copy)
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -122,20 +122,20 @@ def test_embeddings_are_deterministic_and_batch_independent(lite0):
 
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
 def test_every_lite_variant_loads_its_packaged_weights(name):
-    embedder = models.load_embedder(name, image_size=64)
+    embedder = cache.load_embedder(name, image_size=64)
     assert embedder.version.startswith(f"{name}@")
     assert embedder.embed([_photo_like(50, 40, seed=0)]).shape == (1, 1280)
 
 
 def test_get_embedder_caches_per_process(caplog):
-    before = models.load_count()
-    with caplog.at_level(logging.INFO, logger="lookalike.models"):
-        first = models.get_embedder("efficientnet-lite0", device="cpu", image_size=48)
-        second = models.get_embedder("efficientnet-lite0", device=torch.device("cpu"), image_size=48)
+    before = cache.load_count()
+    with caplog.at_level(logging.INFO, logger="lookalike.embed.models.cache"):
+        first = cache.get_embedder("efficientnet-lite0", device="cpu", image_size=48)
+        second = cache.get_embedder("efficientnet-lite0", device=torch.device("cpu"), image_size=48)
     assert first is second
-    assert models.load_count() == before + 1
-    assert first.version == models.model_version("efficientnet-lite0")
-    [record] = [r for r in caplog.records if r.name == "lookalike.models"]
+    assert cache.load_count() == before + 1
+    assert first.version == registry.model_version("efficientnet-lite0", image_size=48)
+    [record] = [r for r in caplog.records if r.name == "lookalike.embed.models.cache"]
     assert first.version in record.getMessage() and "on cpu" in record.getMessage()
 
 
@@ -143,8 +143,8 @@ def test_torchvision_model_loads_local_weights(tmp_path):
     first = _state_dict_file(tmp_path / "resnet18-a.pt", "resnet18", seed=1)
     second = _state_dict_file(tmp_path / "resnet18-b.pt", "resnet18", seed=2)
     images = [_photo_like(70, 50, seed) for seed in range(3)]
-    a = models.get_embedder("torchvision/resnet18", weights=first, image_size=64)
-    b = models.get_embedder("torchvision/resnet18", weights=second, image_size=64)
+    a = cache.get_embedder("torchvision/resnet18", weights=first, image_size=64)
+    b = cache.get_embedder("torchvision/resnet18", weights=second, image_size=64)
     vectors = a.embed(images)
     assert vectors.shape == (3, 512)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
@@ -154,16 +154,16 @@ def test_torchvision_model_loads_local_weights(tmp_path):
 
 def test_weights_problems_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="torchvision/resnet18 needs model.weights"):
-        models.get_embedder("torchvision/resnet18")
+        cache.get_embedder("torchvision/resnet18")
     with pytest.raises(ValueError, match="no such file: .*missing.pt"):
-        models.get_embedder("torchvision/resnet18", weights=tmp_path / "missing.pt")
+        cache.get_embedder("torchvision/resnet18", weights=tmp_path / "missing.pt")
     wrong = _state_dict_file(tmp_path / "mobilenet.pt", "mobilenet_v3_small", seed=0)
     with pytest.raises(ValueError, match="does not fit torchvision/resnet18"):
-        models.load_embedder("torchvision/resnet18", weights=wrong)
+        cache.load_embedder("torchvision/resnet18", weights=wrong)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read weights file"):
-        models.load_embedder("torchvision/resnet18", weights=garbage)
+        cache.load_embedder("torchvision/resnet18", weights=garbage)
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -181,14 +181,14 @@ def test_per_image_pixels_then_batch_equals_preprocess(lite0):
 def test_image_size_override_sets_the_input_size(lite0):
     images = [_photo_like(64, 48, seed=0)] * 2
     assert lite0.preprocess(images).shape == (2, 3, 112, 112)
-    assert models.preprocess(images, 224, 0.875).shape == (2, 3, 224, 224)
-    assert models.get_embedder("efficientnet-lite0", image_size=48).preprocess(images).shape == (2, 3, 48, 48)
+    assert vision.preprocess(images, 224, 0.875).shape == (2, 3, 224, 224)
+    assert cache.get_embedder("efficientnet-lite0", image_size=48).preprocess(images).shape == (2, 3, 48, 48)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2000, 3), (3, 2000), (1, 700)])
 def test_degenerate_shapes_preprocess(size):
     image = Image.new("RGB", size, (200, 10, 10))
-    batch = models.preprocess([image], 112, 0.875)
+    batch = vision.preprocess([image], 112, 0.875)
     assert batch.shape == (1, 3, 112, 112) and batch.dtype == torch.uint8
     assert (batch[0, 0] == 200).all() and (batch[0, 1] == 10).all()
 
@@ -198,14 +198,14 @@ def test_crop_is_central_square_of_the_shorter_side():
     image = Image.new("RGB", (300, 100), (255, 0, 0))
     image.paste((0, 255, 0), (100, 0, 200, 100))
     image.paste((0, 0, 255), (200, 0, 300, 100))
-    pixels = models.preprocess([image], 32, 0.875)[0].permute(1, 2, 0).numpy()
+    pixels = vision.preprocess([image], 32, 0.875)[0].permute(1, 2, 0).numpy()
     assert (pixels == (0, 255, 0)).all()
 
 
 def test_transparent_background_becomes_white():
     image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     image.paste((0, 0, 255, 255), (15, 15, 25, 25))
-    pixels = models.preprocess([image], 40, 1.0)[0].permute(1, 2, 0).numpy()
+    pixels = vision.preprocess([image], 40, 1.0)[0].permute(1, 2, 0).numpy()
     assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[20, 20]) == (0, 0, 255)
 
 
@@ -213,44 +213,44 @@ def test_transparent_background_becomes_white():
 
 def test_resolve_device_on_cpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.resolve_device("cpu", []) == torch.device("cpu")
-    assert models.resolve_device("auto", ["0"]) == torch.device("cpu")
+    assert device.resolve_device("cpu", []) == torch.device("cpu")
+    assert device.resolve_device("auto", ["0"]) == torch.device("cpu")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        models.resolve_device("cuda", [])
+        device.resolve_device("cuda", [])
     with pytest.raises(ValueError, match="auto, cpu, cuda"):
-        models.resolve_device("gpu", [])
+        device.resolve_device("gpu", [])
 
 
 def test_resolve_device_with_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert models.resolve_device("auto", []) == torch.device("cuda", 0)
-    assert models.resolve_device("auto", ["1", "0"]) == torch.device("cuda", 1)
-    assert models.resolve_device("cuda", ["0"]) == torch.device("cuda", 0)
-    assert models.resolve_device("cpu", ["0"]) == torch.device("cpu")
+    assert device.resolve_device("auto", []) == torch.device("cuda", 0)
+    assert device.resolve_device("auto", ["1", "0"]) == torch.device("cuda", 1)
+    assert device.resolve_device("cuda", ["0"]) == torch.device("cuda", 0)
+    assert device.resolve_device("cpu", ["0"]) == torch.device("cpu")
     with pytest.raises(RuntimeError, match="sees only 2"):
-        models.resolve_device("auto", ["5"])
+        device.resolve_device("auto", ["5"])
 
 
 def test_cuda_index_respects_visible_devices():
-    assert models.cuda_index("3", None) == 3
-    assert models.cuda_index("3", "2,3") == 1
-    assert models.cuda_index("GPU-abc", "GPU-xyz,GPU-abc") == 1
+    assert device.cuda_index("3", None) == 3
+    assert device.cuda_index("3", "2,3") == 1
+    assert device.cuda_index("GPU-abc", "GPU-xyz,GPU-abc") == 1
     with pytest.raises(RuntimeError, match="neither a CUDA index"):
-        models.cuda_index("MIG-1", None)
+        device.cuda_index("MIG-1", None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
 def test_cuda_without_gpu_is_an_error():
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        models.resolve_device("cuda", [])
+        device.resolve_device("cuda", [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 def test_gpu_half_precision_agrees_with_the_cpu(lite0):
     images = [_photo_like(96, 64, seed) for seed in range(32)]
-    gpu = models.load_embedder("efficientnet-lite0", device="cuda", image_size=112)
+    gpu = cache.load_embedder("efficientnet-lite0", device="cuda", image_size=112)
     cosines = np.sum(lite0.embed(images) * gpu.embed(images), axis=1)
     print(f"CPU float32 vs CUDA float16 autocast cosine: min {cosines.min():.5f}, mean {cosines.mean():.5f}")
     assert cosines.min() > 0.99

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lookalike import export, lock, storage, tables
 from lookalike.demo_data import build_demo_data
+from lookalike.run import export, lock
+from lookalike.storage import files, tables
 
 N_ITEMS = 160
 TABLE_KEYS = {"embeddings": ["item_id"], "similar_items": ["item_id", "rank"], "quarantine": ["item_id"],
@@ -139,7 +140,7 @@ def test_clean_run_logs_every_stage_and_exports(reference: tuple[Path, str]) -> 
         exported = pd.read_parquet(folder / f"run_id={run_id}")
         assert len(exported) == len(tables.read_arrow(tables.table_path(str(root), name)))
     assert not (root / lock.LOCK_FILE).exists(), "the lock is released"
-    assert not list((root / storage.STAGING).glob("*/*")), "no staging left behind"
+    assert not list((root / files.STAGING).glob("*/*")), "no staging left behind"
 
 
 def test_unchanged_rerun_does_no_work(reference: tuple[Path, str], demo: Path) -> None:
@@ -178,4 +179,4 @@ def test_killed_runs_are_finished_by_the_next_run(reference: tuple[Path, str], d
     runs = runs_table(root)
     interrupted = runs[runs["status"] == "interrupted"]
     assert sorted(interrupted["run_id"]) == sorted(killed)
-    assert not list((root / storage.STAGING).glob("*/*")), "the dead runs' staging was cleared"
+    assert not list((root / files.STAGING).glob("*/*")), "the dead runs' staging was cleared"

@@ -8,9 +8,9 @@ from urllib.parse import quote
 import pyarrow.fs as pafs
 import pytest
 
-from lookalike import reader
-from lookalike.decode import ImageError
-from lookalike.reader import read_bytes, remote_filesystem
+from lookalike.embed import reader
+from lookalike.embed.decode import ImageError
+from lookalike.embed.reader import read_bytes, remote_filesystem
 
 PAYLOAD = b"\xff\xd8\xff" + bytes(range(256)) * 4
 

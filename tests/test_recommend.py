@@ -15,8 +15,11 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import history, index, recommend, tables
 from lookalike.config import Config
+from lookalike.index import stage as index
+from lookalike.recommend import history
+from lookalike.recommend import stage as recommend
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 DIM = 16

@@ -24,9 +24,20 @@ from PIL import Image
 from pyspark.sql import SparkSession
 
 from lookalike import cli
-from lookalike.report import ReportSummary, write_report
-from tests.demo_output import (BROKEN, DUPLICATES, FAILED_RUN_ID, K, RUN_ID, TRICKY_ITEM, TRICKY_TITLE, DemoOutput,
-                               demo_output, full_output)
+from lookalike.report.data import ReportSummary
+from lookalike.report.page import write_report
+from tests.demo_output import (
+    BROKEN,
+    DUPLICATES,
+    FAILED_RUN_ID,
+    RUN_ID,
+    TRICKY_ITEM,
+    TRICKY_TITLE,
+    DemoOutput,
+    K,
+    demo_output,
+    full_output,
+)
 
 __all__ = ["demo_output", "full_output"]  # session fixtures shared with test_notebook.py
 

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lookalike import shard_index
-from lookalike.index_params import RERANK_K, IndexParams, choose_params
+from lookalike.index import shard_index
+from lookalike.index.params import RERANK_K, IndexParams, choose_params
 
 DIM = 64
 MODEL = "efficientnet-lite0@test"

@@ -6,6 +6,7 @@ Synthetic clustered vectors go into an `embeddings` table, `index.run` builds th
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import faiss
@@ -15,9 +16,13 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import index, shard_index, similar, tables
 from lookalike.config import Config
-from lookalike.index_params import choose_params
+from lookalike.index import builds, shard_index
+from lookalike.index import stage as index
+from lookalike.index.params import choose_params
+from lookalike.similar import plan, search
+from lookalike.similar import stage as similar
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 DIM = 32
@@ -153,7 +158,7 @@ def test_ivfpq_shard_recall_against_brute_force(spark: SparkSession, tmp_path: P
     df = dataset({"Tee": 12_000})
     write_embeddings(spark, cfg["output.root"], df)
     index.run(cfg, spark, "b1")
-    assert index.build_summary(cfg["output.root"], "b1")["shards"][0]["kind"] == "ivfpq"
+    assert builds.build_summary(cfg["output.root"], "b1")["shards"][0]["kind"] == "ivfpq"
     result = similar.run(cfg, spark, "r1")
     rows = similar_rows(cfg["output.root"])
     assert (rows.groupby("item_id").size() == K).all() and rows["item_id"].nunique() == len(df)
@@ -247,13 +252,13 @@ def test_stale_index_is_refused(spark: SparkSession, small: tuple[Path, pd.DataF
     shoes = moved["shard"] == "Shoe"
     moved.loc[shoes, "embedding"] = pd.Series(list(clustered(int(shoes.sum()), seed=5)), index=moved.index[shoes])
     write_embeddings(spark, root, moved)
-    with pytest.raises(similar.StaleIndexError, match=r"shard 'Shoe' of index build b1: .* differ from those the "
+    with pytest.raises(builds.StaleIndexError, match=r"shard 'Shoe' of index build b1: .* differ from those the "
                                                       r"index was built from.*re-run `lookalike index`"):
         similar.run(cfg, spark, "r1")
 
     grown = pd.concat([df, df.iloc[:1].assign(item_id="Bag-new")], ignore_index=True)
     write_embeddings(spark, root, grown)
-    with pytest.raises(similar.StaleIndexError, match="shard 'Bag' has 301 items in embeddings but 300 in index "
+    with pytest.raises(builds.StaleIndexError, match="shard 'Bag' has 301 items in embeddings but 300 in index "
                                                       "build b1"):
         similar.run(cfg, spark, "r2")
     assert not tables.exists(tables.table_path(root, "similar_items"))
@@ -277,7 +282,7 @@ def test_widening_fills_k_when_few_items_are_eligible(tmp_path: Path) -> None:
     keys[:60] = 7  # a big duplicate group: one image, 60 listings
     eligible = np.random.default_rng(0).random(3000) < 0.05  # most of the shard sold out
     target = flat_target(vectors, keys, eligible, tmp_path)
-    ids, scores, scored = similar.neighbours(target, vectors, keys, K, None)
+    ids, scores, scored = search.neighbours(target, vectors, keys, K, None)
     assert (ids >= 0).all()
     exact = np.where(eligible[None, :] & (keys[None, :] != keys[:, None]), vectors @ vectors.T, -np.inf)
     np.testing.assert_allclose(scores, -np.sort(-exact, axis=1)[:, :K], atol=1e-5)
@@ -289,35 +294,35 @@ def test_select_filters_and_min_score_settles() -> None:
     ids = np.array([[3, 0, 5, 2], [1, 2, -1, -1]])
     scores = np.array([[0.9, 0.8, 0.4, 0.3], [0.7, 0.6, -np.inf, -np.inf]], dtype=np.float32)
     keys, eligible = np.array([0, 1, 2, 3, 4, 5]), np.array([True, True, True, True, True, False])
-    found, kept_scores, kept = similar.select(ids, scores, np.array([0, 9]), keys, eligible, 3, 0.5)
+    found, kept_scores, kept = search.select(ids, scores, np.array([0, 9]), keys, eligible, 3, 0.5)
     assert found.tolist() == [[3, -1, -1], [1, 2, -1]] and kept.tolist() == [1, 2]
-    assert similar.settled(kept, ids, scores, 3, 0.5).tolist() == [True, False]
-    assert similar.settled(kept, ids, scores, 3, None).tolist() == [False, False]
+    assert search.settled(kept, ids, scores, 3, 0.5).tolist() == [True, False]
+    assert search.settled(kept, ids, scores, 3, None).tolist() == [False, False]
 
 
 def test_planning() -> None:
-    assert similar.planned_fetch(10, np.array([1, 5]), 0.5).tolist() == [22, 30]
-    assert similar.rerank_budget(100, 11) == 100 and similar.rerank_budget(100, 12) == 200
-    assert similar.rerank_budget(0, 500) == 0
-    assert similar.task_size(10_000, 200_000, 1, 2) == 10_000  # big shards: chunk_size queries per task
-    assert similar.task_size(10_000, 2_000, 1, 2) == 500  # a small catalog still gives each core two tasks
-    assert similar.task_size(10_000, 2_000, 10, 2) == 5_000  # scope all: each query searches 10 shards
-    assert similar.group_sizes(np.array([4, 9, 1]), np.array([1, 4, 4, 4, 7])).tolist() == [3, 0, 1]
-    units = similar.plan_units({"a": {0: 5, 1: 5}, "b": {0: 3}}, ["a", "b"], "all")
+    assert search.planned_fetch(10, np.array([1, 5]), 0.5).tolist() == [22, 30]
+    assert search.rerank_budget(100, 11) == 100 and search.rerank_budget(100, 12) == 200
+    assert search.rerank_budget(0, 500) == 0
+    assert plan.task_size(10_000, 200_000, 1, 2) == 10_000  # big shards: chunk_size queries per task
+    assert plan.task_size(10_000, 2_000, 1, 2) == 500  # a small catalog still gives each core two tasks
+    assert plan.task_size(10_000, 2_000, 10, 2) == 5_000  # scope all: each query searches 10 shards
+    assert search.group_sizes(np.array([4, 9, 1]), np.array([1, 4, 4, 4, 7])).tolist() == [3, 0, 1]
+    units = plan.plan_units({"a": {0: 5, 1: 5}, "b": {0: 3}}, ["a", "b"], "all")
     assert [(u.target, u.source, u.chunk) for u in units] == [
         ("a", "a", 0), ("a", "a", 1), ("a", "b", 0), ("b", "a", 0), ("b", "a", 1), ("b", "b", 0)]
-    tasks = similar.pack(units, 8)
+    tasks = plan.pack(units, 8)
     assert [[u.size for u in task] for task in tasks] == [[5], [5, 3], [5], [5, 3]]
-    assert len(similar.plan_units({"a": {0: 5}, "b": {0: 3}}, ["a", "b"], "shard")) == 2
+    assert len(plan.plan_units({"a": {0: 5}, "b": {0: 3}}, ["a", "b"], "shard")) == 2
 
 
 def test_changed_shards() -> None:
-    settings = similar.Settings(k=10, scope="shard", min_score=None, in_stock_only=False, exclude_duplicates=True)
-    state = {"version": similar.STATE_VERSION, "settings": similar.asdict(settings), "table_version": 4,
+    settings = plan.Settings(k=10, scope="shard", min_score=None, in_stock_only=False, exclude_duplicates=True)
+    state = {"version": plan.STATE_VERSION, "settings": asdict(settings), "table_version": 4,
              "shards": {"a": "x", "b": "y"}}
-    assert similar.changed_shards(state, {"a": "x", "b": "z", "c": "w"}, settings, 4) == {"b", "c"}
-    assert similar.changed_shards(state, {"a": "x"}, settings, 4) == set()  # b's items are deleted by key
-    assert similar.changed_shards(state, {"a": "x", "b": "y"}, settings, 5) == {"a", "b"}  # table edited
-    assert similar.changed_shards(None, {"a": "x"}, settings, None) == {"a"}
-    wider = similar.Settings(**{**similar.asdict(settings), "scope": "all"})
-    assert similar.changed_shards({**state, "settings": similar.asdict(wider)}, {"a": "x"}, wider, 4) == {"a"}
+    assert plan.changed_shards(state, {"a": "x", "b": "z", "c": "w"}, settings, 4) == {"b", "c"}
+    assert plan.changed_shards(state, {"a": "x"}, settings, 4) == set()  # b's items are deleted by key
+    assert plan.changed_shards(state, {"a": "x", "b": "y"}, settings, 5) == {"a", "b"}  # table edited
+    assert plan.changed_shards(None, {"a": "x"}, settings, None) == {"a"}
+    wider = plan.Settings(**{**asdict(settings), "scope": "all"})
+    assert plan.changed_shards({**state, "settings": asdict(wider)}, {"a": "x"}, wider, 4) == {"a"}

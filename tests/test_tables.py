@@ -16,8 +16,8 @@ from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lookalike import tables
-from lookalike.tables import TableError
+from lookalike.storage import tables
+from lookalike.storage.tables import TableError
 from tests.conftest import REPO
 
 
@@ -110,7 +110,7 @@ def test_failed_write_leaves_previous_version(spark: SparkSession, tmp_path: Pat
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pyspark.sql import functions as F
-    from lookalike import tables
+    from lookalike.storage import tables
     from tests.conftest import make_config
     from lookalike.session import get_spark
     from pathlib import Path

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike import taste
+from lookalike.recommend import taste
 
 
 def _unit(*values: float) -> np.ndarray:

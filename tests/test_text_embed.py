@@ -15,9 +15,13 @@ import torch
 from pyspark.sql import SparkSession
 from safetensors.torch import load_file, save_file
 
-from lookalike import cli, embed, inference, models, tables
-from lookalike.catalog import CatalogError, read_catalog
+from lookalike import cli
 from lookalike.config import Config, ConfigError
+from lookalike.embed import stage as embed
+from lookalike.embed import task as inference
+from lookalike.embed.catalog import CatalogError, read_catalog
+from lookalike.embed.models import cache, registry
+from lookalike.storage import tables
 from tests.conftest import make_config
 
 MODEL = "all-minilm-l6-v2"
@@ -65,7 +69,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def minilm(one_torch_thread):
-    return models.get_embedder(MODEL)
+    return cache.get_embedder(MODEL)
 
 
 # ---------------------------------------------------------------------------------------------- embed stage
@@ -109,7 +113,7 @@ def test_titles_embed_end_to_end_and_incrementally(spark: SparkSession, tmp_path
     np.testing.assert_array_equal(after.loc["pan-2", "embedding"], emb.loc["pan-2", "embedding"])
 
     # Other weights are another model version: every item is embedded again.
-    state = load_file(models.weights_file(MODEL))
+    state = load_file(registry.weights_file(MODEL))
     state["encoder.layer.5.output.dense.bias"] += 0.01
     weights = tmp_path / "tuned.safetensors"
     save_file(state, str(weights))
@@ -183,7 +187,7 @@ def test_matches_sentence_transformers_reference(minilm) -> None:
 
 
 def test_tokenizer_truncates_at_the_models_length_and_batches_do_not_change_vectors(minilm) -> None:
-    folder = Path(models.text_model_dir(MODEL))
+    folder = Path(registry.text_model_dir(MODEL))
     assert minilm.max_tokens == json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
     texts = ["word " * 400, "short title", "x"]
@@ -197,12 +201,12 @@ def test_tokenizer_truncates_at_the_models_length_and_batches_do_not_change_vect
 
 
 def test_text_model_shares_the_registry_cache_and_versioning(minilm) -> None:
-    before = models.load_count()
-    assert models.get_embedder(MODEL, image_size=112) is minilm  # a pixel size means nothing to a text model
-    assert models.load_count() == before
-    spec = models.get_spec(MODEL)
+    before = cache.load_count()
+    assert cache.get_embedder(MODEL, image_size=112) is minilm  # a pixel size means nothing to a text model
+    assert cache.load_count() == before
+    spec = registry.get_spec(MODEL)
     assert (spec.modality, spec.dim, spec.max_tokens, spec.needs_weights_file) == ("text", 384, 256, False)
-    assert minilm.version == models.model_version(MODEL) and models.weights_file(MODEL).endswith(".safetensors")
+    assert minilm.version == registry.model_version(MODEL) and registry.weights_file(MODEL).endswith(".safetensors")
     assert minilm.device == torch.device("cpu")
 
 

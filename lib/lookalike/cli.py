@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lookalike import config as config_mod
-from lookalike import stages
 from lookalike.errors import LookalikeError
+from lookalike.run import stages
 
 log = logging.getLogger("lookalike")
 
@@ -57,8 +57,12 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     """A stage or nightly under the output root's run lock: stale staging of dead runs is cleared, a dead
     run whose lock is taken over is logged as interrupted in `runs`."""
     cfg = config_mod.load(args.conf, args.overrides)
-    from lookalike import lock, runs, storage  # pyspark only once the config is known to be good
+    from lookalike.run import (
+        lock,  # pyspark only once the config is known to be good
+        runs,
+    )
     from lookalike.session import get_spark
+    from lookalike.storage import files
 
     run_id = stages.new_run_id()
     root = cfg["output.root"]
@@ -68,11 +72,11 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         if dead is not None:
             runs.record(root, dead.run_id, dead.command, runs.INTERRUPTED,
                         dt.datetime.fromisoformat(dead.started_at), dt.datetime.fromisoformat(dead.heartbeat))
-        cleared = storage.clear_stale_staging(root, run_id)
+        cleared = files.clear_stale_staging(root, run_id)
         if cleared:
             log.info("removed the staging folders of unfinished runs %s", cleared)
         if name == "nightly":
-            from lookalike import nightly
+            from lookalike.run import nightly
 
             nightly.run(cfg, spark, run_id)
         else:
@@ -83,7 +87,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     # Inputs may be gone by the time someone asks for a report: the page says so instead of refusing.
     cfg = config_mod.load(args.conf, args.overrides, need_paths=())
-    from lookalike.report import write_report  # pyspark only once the config is known to be good
+    from lookalike.report.page import write_report  # pyspark only once the config is known to be good
     from lookalike.session import get_spark
 
     summary = write_report(cfg, get_spark(cfg), args.out)

@@ -47,7 +47,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -80,7 +80,7 @@ TITLE_COLOURS = ("black", "white", "grey", "navy", "beige", "olive", "burgundy",
                  "cream", "khaki", "red", "blue", "green", "brown", "pink", "camel")
 
 P_IN_STOCK = 0.9
-SIMULATION_END = datetime(2025, 1, 1, tzinfo=timezone.utc)
+SIMULATION_END = datetime(2025, 1, 1, tzinfo=UTC)
 WINDOW_DAYS = 60
 SESSIONS_PER_USER = (1, 8)  # inclusive range
 VIEWS_PER_SESSION = (3, 7)  # inclusive range

@@ -1,0 +1,209 @@
+"""Executor side of the embed stage: catalog rows in, embedding or failure rows out.
+
+One call handles one Arrow batch of a partition. Reading, hashing, decoding and preprocessing run in a small
+thread pool (Pillow and file reads release the GIL) so that the next images are ready while torch runs the
+current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all,
+and a task with nothing to embed never loads the model (`TaskModel`): that is what makes an unchanged night
+cheap. Every per-image failure becomes a row with its `ImageError` kind; nothing a single image does can
+fail the task.
+
+With `embed.input: title` a row's content is its title instead (`embed_titles`): its "sha256" is that of the
+title's UTF-8 bytes, so an unchanged title is not embedded again either, and a row without text fails as
+`no_text`. Titles need no reading or decoding, so they are tokenised and embedded in the task's own thread.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from lookalike.embed.decode import ImageError, decode_image
+from lookalike.embed.models.cache import get_embedder, load_count
+from lookalike.embed.models.device import default_batch_size, resolve_device
+from lookalike.embed.models.vision import Embedder, to_pixels
+from lookalike.embed.reader import read_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from lookalike.embed.models.text import TextEmbedder
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
+# Decoding runs at most this many images ahead of inference: a GPU batch, 16 CPU batches, 38 MB of 224 px
+# pixels. A fixed number, because the batch size is only known once the device is (`TaskModel`).
+DECODE_AHEAD = 256
+NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
+OUTPUT_SCHEMA = ("status string, embedding array<float>, image_sha256 string, width int, height int, "
+                 "error_kind string, error_message string")
+_COLUMNS = ["status", "embedding", "image_sha256", "width", "height", "error_kind", "error_message"]
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What an executor needs to embed images (or titles); plain values so it pickles into the UDF."""
+
+    model_name: str
+    weights: str | None
+    image_size: int | None  # None with a text model
+    decode_size: int | None  # JPEGs decode at reduced scale down to this shorter side (image_size / crop fraction)
+    crop_fraction: float | None  # the model's centre crop (`vision.to_pixels`); None with a text model
+    batch_size: int | None  # None: the device's default (`device.default_batch_size`), resolved per task
+    device: str
+    max_pixels: int
+    max_bytes: int
+    decode_threads: int
+    input: str = "image"  # `embed.input`: "image" (rows carry image URIs) or "title" (rows carry titles)
+
+
+@dataclass
+class _Loaded:
+    """One image after the CPU-side work: either preprocessed pixels or the reason it failed."""
+
+    sha256: str | None = None
+    pixels: np.ndarray | None = None
+    width: int | None = None
+    height: int | None = None
+    error: ImageError | None = None
+    unchanged: bool = False
+
+
+class TaskModel:
+    """One task's device, inference batch size and model, each resolved when first needed.
+
+    Rows whose bytes (or title) are unchanged, and rows that fail, never ask: a task with nothing to embed,
+    which is most tasks of an unchanged night, neither imports torch nor loads the model.
+    """
+
+    def __init__(self, settings: EmbedSettings, gpu_addresses: Sequence[str] = (), cpus: int = 1):
+        self.settings = settings
+        self.loads = 0  # models this task loaded (0 when its reused worker had the model already)
+        self._gpus, self._cpus = list(gpu_addresses), cpus
+
+    @cached_property
+    def device(self) -> torch.device:
+        import torch
+
+        # One torch thread per task core: with local[N], N single-threaded tasks beat one task with N threads.
+        torch.set_num_threads(max(1, self._cpus))
+        return resolve_device(self.settings.device, self._gpus)
+
+    @cached_property
+    def batch_size(self) -> int:
+        return self.settings.batch_size or default_batch_size(self.device)
+
+    @cached_property
+    def embedder(self) -> Embedder | TextEmbedder:
+        s = self.settings
+        before = load_count()
+        embedder = get_embedder(s.model_name, s.weights, self.device, s.image_size)
+        self.loads = load_count() - before
+        return embedder
+
+
+def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings) -> _Loaded:
+    try:
+        if uri is None or not uri.strip():
+            raise ImageError("missing", "catalog row has no image_uri")
+        data = read_bytes(uri, settings.max_bytes)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha == known_sha:
+            return _Loaded(sha256=sha, unchanged=True)
+        decoded = decode_image(data, settings.max_pixels, target_size=settings.decode_size)
+        assert settings.image_size is not None and settings.crop_fraction is not None  # an image model's settings
+        pixels = to_pixels(decoded.image, settings.image_size, settings.crop_fraction)
+        return _Loaded(sha256=sha, pixels=pixels, width=decoded.width, height=decoded.height)
+    except ImageError as err:
+        return _Loaded(error=err)
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """`pool.map(fn, items)` that runs at most `ahead` items ahead of the consumer, so decoded pixels waiting
+    for the model never hold more than that many images in memory, whatever the Arrow batch size."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel,
+               pool: ThreadPoolExecutor) -> pd.DataFrame:
+    """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
+
+    The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
+    failed rows lie between them.
+    """
+    settings = model.settings
+    rows = [dict.fromkeys(_COLUMNS) for _ in uris]  # None, not NaN: Arrow must see nulls in array and int columns
+    ready: list[tuple[int, _Loaded]] = []
+
+    def infer() -> None:
+        embedder = model.embedder
+        assert isinstance(embedder, Embedder)  # rows with images are embedded by an image model
+        vectors = embedder.infer(embedder.batch([item.pixels for _, item in ready if item.pixels is not None]))
+        for (i, item), vector in zip(ready, vectors):
+            rows[i].update(status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width,
+                           height=item.height)
+        ready.clear()
+
+    loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings), zip(uris, known_sha), DECODE_AHEAD)
+    for i, item in enumerate(loaded):
+        if item.error is not None:
+            rows[i].update(status=FAILED, error_kind=item.error.kind, error_message=item.error.message)
+        elif item.unchanged:
+            rows[i].update(status=UNCHANGED, image_sha256=item.sha256)
+        else:
+            ready.append((i, item))
+            if len(ready) == model.batch_size:
+                infer()
+    if ready:
+        infer()
+    return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
+
+
+def text_sha256(text: str) -> str:
+    """The `image_sha256` of a title-input row: sha256 of the title's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _no_text_message(title: object) -> str:
+    what = "null" if not isinstance(title, str) else "empty" if not title else f"only whitespace ({title!r})"
+    return f"catalog row has no title text to embed: title is {what}"
+
+
+def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel) -> pd.DataFrame:
+    """`embed_rows` for `embed.input: title`: one output row per title, in order, width and height null.
+
+    The titles to embed go to the model in batches of `model.batch_size`, sorted by length first so that a
+    batch pads to about its own texts' length (sentence-transformers' `encode` sorts the same way).
+    """
+    rows = [dict.fromkeys(_COLUMNS) for _ in titles]
+    todo: list[tuple[int, str]] = []
+    for i, (title, known) in enumerate(zip(titles, known_sha)):
+        if not isinstance(title, str) or not title.strip():
+            rows[i].update(status=FAILED, error_kind=NO_TEXT, error_message=_no_text_message(title))
+            continue
+        sha = text_sha256(title)
+        rows[i].update(status=UNCHANGED if sha == known else EMBEDDED, image_sha256=sha)
+        if sha != known:
+            todo.append((i, title))
+    todo.sort(key=lambda pair: len(pair[1]))
+    embedder = model.embedder if todo else None
+    for start in range(0, len(todo), model.batch_size):
+        batch = todo[start:start + model.batch_size]
+        assert embedder is not None and not isinstance(embedder, Embedder)  # titles go to a text model
+        for (i, _), vector in zip(batch, embedder.embed([title for _, title in batch])):
+            rows[i]["embedding"] = vector
+    return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})

@@ -1,0 +1,1 @@
+"""The index stage and the index builds that the searching stages read."""

@@ -1,0 +1,420 @@
+"""One shard's FAISS index: build (train, add, tune the search on measured recall), search, save, load.
+
+Thin wrappers around FAISS with no Spark in them: the index stage calls `build` and `save` once per shard
+inside a Spark task; the similar-items and recommendation stages call `load` and `search`. Parameters come
+from `index_params.choose_params`.
+
+Search path. A Flat shard is searched exactly. An IVF-PQ shard is always searched in two steps: the index
+proposes `rerank_k` candidates (PQ scores, `nprobe` lists), then those candidates are re-scored exactly
+against the shard's float32 vectors and the best `k` kept. PQ scores alone capped recall@10 at 0.24-0.41
+on tightly clustered vectors (DESIGN.md), and the similar-items table must hold true cosines anyway, so
+the exact step is part of the search path, not an option. The recall `build` measures and the manifest
+reports is of exactly this path, with the parameters `search` is then given.
+
+Where the re-rank vectors come from. They are not stored beside the index: the caller passes the shard's
+vectors from the `embeddings` table, in FAISS id order (`LoadedShard.align` reorders them by `item_id`).
+The table is already the float32 source of truth, the similar-items stage holds those vectors anyway as
+its queries, and a copy per nightly run under `indexes/<run_id>/` would cost four times the index on disk
+again. `manifest.json` records `vectors_sha256`, the SHA-256 of the float32 vectors in FAISS id order that
+the index was built from; `align` refuses vectors that differ (re-embedded since the build), because
+re-ranking with other vectors than the index was built from returns wrong neighbours silently.
+
+Memory a task needs per shard (n vectors of dimension d, 4 bytes a float; `IndexParams.estimated_bytes`
+gives the index size before building, the manifest's `bytes` after):
+
+- Index stage (`build` + `save`): the shard's vectors, 4*n*d, plus while training three copies of the
+  training sample (the sample, its rotation, its residuals), 3 * 4*train_size*d with train_size =
+  max(39*nlist, 32,768) capped at n, then the index and batches of 65,536 rotated vectors being added.
+  A Flat shard instead needs 2 * 4*n*d (its index copies the vectors). Any copy the caller still holds
+  (an Arrow column beside its NumPy array) comes on top.
+- Search stages (`load` + `search`): the index plus the shard's vectors for re-ranking, 4*n*d (in the
+  similar-items stage these are also its queries), plus ~32 MB of gathered candidates and the
+  (queries x k) results. A Flat shard needs only its index, 4*n*d.
+- Measured here: 1,000,000 x 256-d (vectors 1.02 GB, RR256,IVF4096,PQ64 index 77 MB) peaked at 1.73 GB
+  building and 1.42 GB searching; 200,000 x 1280-d (vectors 1.02 GB, index 84 MB) at 2.69 GB building.
+  By the same arithmetic 1,000,000 x 1280-d (EfficientNet-Lite0; vectors 5.1 GB, index 0.36 GB,
+  training sample 0.82 GB) needs about 8 GB to build and 5.6 GB to search. Executor memory must cover
+  the largest shard times the tasks an executor runs at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from lookalike.index.params import RECALL_K, IndexParams
+from lookalike.storage.uri import filesystem
+
+INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
+ID_COLUMN = "item_id"
+MANIFEST_VERSION = 1
+NORM_TOLERANCE = 1e-3
+"""How far from 1 a vector's L2 norm may be: inner product equals cosine only for unit vectors."""
+PLATEAU_GAIN = 0.002
+"""Recall@10 gained by doubling nprobe below which more lists are not worth probing (see `_tune`)."""
+RERANK_DOUBLINGS = 3
+"""Tuning may re-rank up to 2**3 = 8 times the planned candidates (800 for k=10): beyond that the exact
+step's memory traffic (candidates x dim x 4 bytes per query) outweighs the index's saving."""
+RERANK_BATCH_BYTES = 32 * 2**20
+"""Candidate vectors gathered at once when re-ranking: bounds the transient memory of `search`."""
+ADD_BATCH = 65_536
+"""Vectors added to the index at once: a rotation (RR, OPQ, PCA) makes a transformed copy of whatever
+is added, which would otherwise be a second copy of the whole shard."""
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """A trained, filled and tuned index with what the manifest reports about it. `build_seconds` is
+    the whole of `build`; train, add and tune are its main parts.
+
+    `tuning` lists the (nprobe, rerank_k, recall@10) settings in the order tried; the chosen one is the
+    first that reached `params.target_recall`, or the best one if none did (`target_reached` False).
+    Flat shards have nprobe 0, rerank_k 0 and an empty `tuning`.
+    """
+
+    index: faiss.Index
+    params: IndexParams
+    nprobe: int
+    rerank_k: int
+    recall_at_10: float
+    target_reached: bool
+    eval_queries: int
+    tuning: tuple[tuple[int, int, float], ...]
+    build_seconds: float
+    train_seconds: float
+    add_seconds: float
+    tune_seconds: float
+    vectors_sha256: str
+
+
+@dataclass(frozen=True)
+class LoadedShard:
+    """A shard read back by `load`: the index, its item ids (row i = FAISS id i) and its manifest."""
+
+    folder: str
+    index: faiss.Index
+    item_ids: pa.Array
+    manifest: Mapping[str, Any]
+
+    def align(self, item_ids: Sequence[str] | pa.Array | pa.ChunkedArray, vectors: np.ndarray) -> np.ndarray:
+        """The shard's vectors in FAISS id order, taken from `vectors` (rows matching `item_ids`, any
+        order, extra rows ignored), checked against the vectors the index was built from."""
+        positions = pc.index_in(self.item_ids, value_set=_as_string_array(item_ids))
+        missing = positions.null_count
+        if missing:
+            raise ValueError(f"{self.folder}: {missing} of the shard's {len(self.item_ids)} item ids have "
+                             f"no vector in the {len(item_ids)} given")
+        aligned = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[positions.to_numpy()])
+        digest = vectors_sha256(aligned)
+        if digest != self.manifest["vectors_sha256"]:
+            raise ValueError(f"{self.folder}: the given vectors differ from those the index was built from "
+                             f"(sha256 {digest[:12]}... != {self.manifest['vectors_sha256'][:12]}...); "
+                             "re-ranking needs the same embeddings, rebuild the index")
+        return aligned
+
+    def search(self, vectors: np.ndarray | None, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search` with the shard's tuned nprobe and re-rank candidates, the candidates scaled up in
+        proportion when `k` exceeds the 10 that recall was tuned for (k=11, to drop the query item
+        itself, re-ranks 110 where 100 were tuned)."""
+        rerank_k = math.ceil(self.manifest["rerank_k"] * max(1.0, k / RECALL_K))
+        return search(self.index, vectors, queries, k, self.manifest["nprobe"], rerank_k)
+
+
+def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queries: int = 1000) -> BuiltIndex:
+    """Train on a seeded random sample of `params.train_size` rows, add every row (FAISS id = row
+    position), then tune the search on measured recall (`_tune`).
+
+    Tuning takes `eval_queries` of the shard's own vectors (seeded) as queries and finds their exact
+    top-10 by brute force. Each query's own row is left out of both lists, as the similar-items stage
+    leaves an item out of its own neighbours. A Flat shard's recall is measured the same way (1.0 but
+    for ties).
+    """
+    started = time.perf_counter()
+    vectors = _checked_vectors(vectors, params)
+    rng = np.random.default_rng(seed)
+    n = params.n
+    index = faiss.index_factory(params.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+
+    training = time.perf_counter()
+    if params.kind == "ivfpq":
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        # faiss's bundled stubs miss most of its SWIG API (fields, search parameters, callback IO): ignored below.
+        ivf.cp.seed = seed  # type: ignore[attr-defined]
+        ivf.pq.cp.seed = seed  # type: ignore[attr-defined]
+        index.train(vectors[np.sort(rng.choice(n, params.train_size, replace=False))])
+    trained = time.perf_counter()
+    for start in range(0, n, ADD_BATCH):
+        index.add(vectors[start:start + ADD_BATCH])
+    added = time.perf_counter()
+
+    query_rows = np.sort(rng.choice(n, min(eval_queries, n), replace=False))
+    queries = vectors[query_rows]
+    _, exact = faiss.knn(queries, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _without_self(exact, query_rows, RECALL_K)
+
+    def measure(nprobe: int, rerank_k: int) -> float:
+        _, found = search(index, vectors, queries, RECALL_K + 1, nprobe, rerank_k)
+        return recall_at_k(_without_self(found, query_rows, RECALL_K), truth, RECALL_K)
+
+    if params.kind == "flat":
+        nprobe, rerank_k, recall = 0, 0, measure(0, 0)
+        tuning: tuple[tuple[int, int, float], ...] = ()
+    else:
+        tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
+    tuned = time.perf_counter()
+    digest = vectors_sha256(vectors)
+
+    return BuiltIndex(
+        index=index, params=params, nprobe=nprobe, rerank_k=rerank_k, recall_at_10=recall,
+        target_reached=recall >= params.target_recall, eval_queries=len(query_rows), tuning=tuning,
+        build_seconds=time.perf_counter() - started, train_seconds=trained - training,
+        add_seconds=added - trained, tune_seconds=tuned - added, vectors_sha256=digest)
+
+
+def search(
+    index: faiss.Index,
+    vectors: np.ndarray | None,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    rerank_k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`k` (scores, ids) per query, best first; ids are FAISS ids (rows of `vectors`).
+
+    `rerank_k` > 0: the index proposes max(rerank_k, k) candidates from `nprobe` inverted lists and
+    they are re-scored exactly against `vectors` (the shard's float32 vectors in FAISS id order; a
+    memory-mapped array works), so scores are true cosines. Queries go through in batches whose gathered
+    candidate vectors stay under `RERANK_BATCH_BYTES`, so memory does not grow with the number of
+    queries beyond the (q, k) results. `rerank_k` == 0: the index's own scores (exact for Flat, where
+    `vectors` may be None). `nprobe` applies to IVF indexes only. Rows with fewer than `k` results (a
+    tiny shard, or too few candidates in the probed lists) are padded with id -1 and score -inf.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"queries must have shape (q, {index.d}), got {queries.shape}")
+    ivf_params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe > 0 else None  # type: ignore[call-arg]
+    search_params = (faiss.SearchParametersPreTransform(index_params=ivf_params)  # type: ignore[call-arg]
+                     if ivf_params is not None and isinstance(index, faiss.IndexPreTransform) else ivf_params)
+    if rerank_k == 0:
+        scores, ids = index.search(queries, k, params=search_params)
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
+    if vectors is None or vectors.shape != (index.ntotal, index.d):
+        raise ValueError(f"re-ranking needs the shard's vectors with shape ({index.ntotal}, {index.d}), got "
+                         f"{None if vectors is None else vectors.shape}")
+    candidates = max(rerank_k, k)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    batch = max(1, RERANK_BATCH_BYTES // (candidates * index.d * 4))
+    for start in range(0, len(queries), batch):
+        rows = slice(start, start + batch)
+        _, proposed = index.search(queries[rows], candidates, params=search_params)
+        scores[rows], ids[rows] = _rerank(vectors, queries[rows], proposed, k)
+    return scores, ids
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
+    """Share of the true top-`k` neighbours that appear in the found top-`k`, over all queries.
+
+    Ids of -1 (padding) never count; a query whose true list is shorter than k (a shard with fewer than
+    k other items) is judged on the neighbours that exist. With no true neighbours at all the recall is
+    1.0: there was nothing to miss.
+    """
+    found = np.asarray(found_ids)[:, :k]
+    true = np.asarray(true_ids)[:, :k]
+    if found.shape[0] != true.shape[0]:
+        raise ValueError(f"found_ids has {found.shape[0]} rows but true_ids has {true.shape[0]}")
+    valid = true >= 0
+    hits = ((found[:, :, None] == true[:, None, :]) & valid[:, None, :]).any(axis=1).sum()
+    total = valid.sum()
+    return 1.0 if total == 0 else float(hits / total)
+
+
+def vectors_sha256(vectors: np.ndarray) -> str:
+    """SHA-256 of float32 vectors' bytes in row order: identifies the exact vectors an index was built
+    from, so that re-ranking with different ones is caught (`LoadedShard.align`)."""
+    return hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float32).data).hexdigest()
+
+
+def save(
+    built: BuiltIndex,
+    folder: str | os.PathLike[str],
+    *,
+    ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+    model: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `index.faiss` (FAISS's own format), `ids.parquet` (column `item_id`, row i = FAISS id i)
+    and `manifest.json` into `folder` (a local path or a URI pyarrow understands, e.g. s3://...), and
+    return the manifest.
+
+    The manifest is written last, so a shard folder without one is an interrupted write. `extra` adds
+    fields (run id, shard key, ...) but may not replace the ones `load` checks and `search` relies on.
+    """
+    item_ids = _as_string_array(ids)
+    if len(item_ids) != built.index.ntotal:
+        raise ValueError(f"{folder}: {len(item_ids)} ids for an index of {built.index.ntotal} vectors")
+    fs, root = filesystem(folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{INDEX_FILE}") as stream:
+        faiss.write_index(built.index, faiss.PyCallbackIOWriter(stream.write))  # type: ignore[attr-defined]
+    pq.write_table(pa.table({ID_COLUMN: item_ids}), f"{root}/{IDS_FILE}", filesystem=fs)
+
+    params = built.params
+    manifest: dict[str, Any] = {
+        "format_version": MANIFEST_VERSION,
+        "factory": params.factory,
+        "kind": params.kind,
+        "metric": "inner_product",
+        "dim": params.dim,
+        "out_dim": params.out_dim,
+        "ntotal": int(built.index.ntotal),
+        "nlist": params.nlist,
+        "m": params.m,
+        "nbits": params.nbits,
+        "rotation": params.rotation,
+        "train_size": params.train_size,
+        "nprobe": built.nprobe,
+        "rerank": built.rerank_k > 0,
+        "rerank_k": built.rerank_k,
+        "recall_at_10": built.recall_at_10,
+        "target_recall": params.target_recall,
+        "target_reached": built.target_reached,
+        "eval_queries": built.eval_queries,
+        "tuning": [{"nprobe": nprobe, "rerank_k": rerank_k, "recall_at_10": recall}
+                   for nprobe, rerank_k, recall in built.tuning],
+        "model": model,
+        "build_seconds": built.build_seconds,
+        "train_seconds": built.train_seconds,
+        "add_seconds": built.add_seconds,
+        "tune_seconds": built.tune_seconds,
+        "bytes": fs.get_file_info(f"{root}/{INDEX_FILE}").size,
+        "flat_bytes": params.flat_bytes,
+        "vectors_sha256": built.vectors_sha256,
+        "faiss_version": faiss.__version__,
+    }
+    clashes = sorted(set(extra or {}) & set(manifest))
+    if clashes:
+        raise ValueError(f"extra manifest fields may not replace {clashes}")
+    manifest.update(extra or {})
+    with fs.open_output_stream(f"{root}/{MANIFEST_FILE}") as stream:
+        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def load(folder: str | os.PathLike[str], *, expected_dim: int, expected_model: str) -> LoadedShard:
+    """Read a shard written by `save`, refusing one built for another model or dimension, or whose
+    index, ids and manifest disagree on the number of vectors (a mixed-up or partly written folder)."""
+    fs, root = filesystem(folder)
+    if fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.NotFound:
+        raise ValueError(f"{folder}: no {MANIFEST_FILE} (not a shard folder, or its write was interrupted)")
+    with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as stream:
+        manifest = json.loads(stream.read())
+    if manifest["model"] != expected_model:
+        raise ValueError(f"{folder}: index built with model {manifest['model']!r}, expected {expected_model!r}")
+    if manifest["dim"] != expected_dim:
+        raise ValueError(f"{folder}: index has dimension {manifest['dim']}, expected {expected_dim}")
+    with fs.open_input_stream(f"{root}/{INDEX_FILE}") as stream:
+        index = faiss.read_index(faiss.PyCallbackIOReader(stream.read))  # type: ignore[attr-defined]
+    item_ids = pq.read_table(f"{root}/{IDS_FILE}", filesystem=fs, columns=[ID_COLUMN])[ID_COLUMN].combine_chunks()
+    if index.d != manifest["dim"]:
+        raise ValueError(f"{folder}: {INDEX_FILE} has dimension {index.d}, manifest says {manifest['dim']}")
+    if not index.ntotal == len(item_ids) == manifest["ntotal"]:
+        raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(item_ids)} ids, "
+                         f"manifest ntotal {manifest['ntotal']}")
+    return LoadedShard(folder=str(folder), index=index, item_ids=item_ids, manifest=manifest)
+
+
+def _checked_vectors(vectors: np.ndarray, params: IndexParams) -> np.ndarray:
+    """C-contiguous float32 of the planned shape, every row of unit length (else IP is not cosine)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape != (params.n, params.dim):
+        raise ValueError(f"vectors have shape {vectors.shape}, the plan is for ({params.n}, {params.dim})")
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))  # no (n, d) temporary, unlike np.linalg.norm
+    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+    if bad.size:
+        raise ValueError(f"{bad.size} vectors are not L2-normalised (row {bad[0]} has norm {norms[bad[0]]:.4f})")
+    return vectors
+
+
+def _tune(
+    measure: Callable[[int, int], float], params: IndexParams
+) -> tuple[tuple[tuple[int, int, float], ...], tuple[int, int, float]]:
+    """Try search settings from cheap to dear until one reaches the target recall. Returns every
+    (nprobe, rerank_k, recall) tried, in order, and the chosen one: the first to reach the target, else
+    the best recall (the cheaper setting on ties).
+
+    nprobe doubles (1, 2, 4, ... nlist) at `params.rerank_k` re-ranked candidates. When doubling nprobe
+    gains less than `PLATEAU_GAIN`, the PQ codes, not the lists probed, are what limits recall: the
+    right candidates are found but ranked too low to be re-scored. Then the candidates double (up to
+    `RERANK_DOUBLINGS` times) and nprobe resumes from the last value that still helped.
+    """
+    ladder = _nprobe_ladder(params.nlist)
+    tried: list[tuple[int, int, float]] = []
+    start = 0
+    for doubling in range(RERANK_DOUBLINGS + 1):
+        rerank_k = params.rerank_k * 2**doubling
+        previous = -1.0
+        for step in range(start, len(ladder)):
+            recall = measure(ladder[step], rerank_k)
+            tried.append((ladder[step], rerank_k, recall))
+            if recall >= params.target_recall:
+                return tuple(tried), tried[-1]
+            if recall - previous < PLATEAU_GAIN:
+                break
+            previous = recall
+        start = max(0, step - 1)
+    return tuple(tried), max(tried, key=lambda tried_step: (tried_step[2], -tried_step[1], -tried_step[0]))
+
+
+def _nprobe_ladder(nlist: int) -> list[int]:
+    """1, 2, 4, ... doubling, ending at nlist: recall grows roughly with log(nprobe), cost with nprobe."""
+    ladder = [1]
+    while ladder[-1] < nlist:
+        ladder.append(min(2 * ladder[-1], nlist))
+    return ladder
+
+
+def _without_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """First `k` ids of each row other than the row's own id, order kept (padding -1 stays last)."""
+    is_self = ids == self_ids[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)[:, :k]
+
+
+def _rerank(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidates (-1 = none; at least `k` columns); the
+    best `k` of each row, ties kept in the index's order."""
+    gathered = np.asarray(vectors[np.maximum(candidates, 0)], dtype=np.float32)
+    exact = np.matmul(gathered, queries[:, :, None])[:, :, 0]
+    exact[candidates < 0] = -np.inf
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(exact, best, axis=1)
+    return scores, np.where(np.isfinite(scores), np.take_along_axis(candidates, best, axis=1), -1)
+
+
+def _as_string_array(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+
+
+def matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """An array<float> column as an (n, dim) float32 matrix, without a Python object per row."""
+    flat = pc.list_flatten(column).to_numpy()
+    if flat.size != len(column) * dim:
+        raise ValueError(f"embeddings are not all {dim}-dimensional")
+    return flat.astype(np.float32, copy=False).reshape(len(column), dim)

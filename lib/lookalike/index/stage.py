@@ -1,0 +1,150 @@
+"""The index stage: `embeddings` -> one FAISS index per shard under `indexes/<run_id>/`, then `LATEST`.
+
+The driver stages the vectors of the shards to build as Parquet partitioned by shard and runs one Spark
+task per shard (`distributor.run_tasks`), which chooses parameters from the shard's size (`index.params`),
+builds, tunes and saves the index (`index.shard_index`). The driver writes a build summary and only then
+`indexes/LATEST`, so readers only ever see complete builds; a build that dies leaves `LATEST` on the
+previous one, and its partial folder is removed by a later run's pruning. Builds older than the newest
+`index.keep_builds` are removed.
+
+Incremental: each shard's summary row records `members` (`members_digest`: its items, their vectors, the
+index settings). A shard whose members are unchanged since the latest build is not rebuilt: its files are
+copied into the new build, so every build folder stays complete on its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lookalike import distributor
+from lookalike.config import Config
+from lookalike.embed import shards
+from lookalike.index import params as index_params
+from lookalike.index import shard_index
+from lookalike.index.builds import BUILD_SUMMARY, IndexBuildError, build_summary, indexes_root, latest_build
+from lookalike.results import StageResult
+from lookalike.storage import files, published, tables
+from lookalike.storage.uri import filesystem
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("folder", pa.string()), ("ntotal", pa.int64()),
+                            ("kind", pa.string()), ("factory", pa.string()), ("nprobe", pa.int32()),
+                            ("recall_at_10", pa.float64()), ("target_reached", pa.bool_()), ("bytes", pa.int64()),
+                            ("build_seconds", pa.float64())])
+SHARD_FILES = (shard_index.INDEX_FILE, shard_index.IDS_FILE, shard_index.MANIFEST_FILE)  # manifest last
+
+
+def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callable[[str], Iterator[pa.RecordBatch]]:
+    """The per-shard task body: the shard's staged rows in, its index saved, its summary row out. Closes over
+    plain values only."""
+    flat_below, reduce_dim = cfg["index.flat_below"], cfg["index.reduce_dim"]
+    target_recall = cfg["index.target_recall"]
+
+    def build_shard(shard: str) -> Iterator[pa.RecordBatch]:
+        staged = distributor.read_staged(f"{staging}/shard_dir={shards.folder_name(shard)}",
+                                         ["item_id", "embedding", "model"])
+        pdf = staged.to_pandas().sort_values("item_id", ignore_index=True)  # FAISS ids stable for the same members
+        models_seen = pdf["model"].unique()
+        if len(models_seen) != 1:
+            raise ValueError(f"shard {shard!r} mixes models {list(models_seen)}; re-run embed")
+        vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32, copy=False)
+        params = index_params.choose_params(len(vectors), vectors.shape[1], flat_below=flat_below,
+                                            reduce_dim=reduce_dim, target_recall=target_recall)
+        built = shard_index.build(vectors, params, seed=0)
+        folder = f"{build_dir}/{shards.folder_name(shard)}"
+        manifest = shard_index.save(built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0],
+                                    extra={"shard": shard, "run_id": run_id})
+        row = {"shard": shard, "folder": folder, **{name: manifest[name] for name in SUMMARY_SCHEMA.names[2:]}}
+        yield pa.RecordBatch.from_pylist([row], schema=SUMMARY_SCHEMA)
+
+    return build_shard
+
+
+def members_digest(embeddings: DataFrame, settings: str) -> dict[str, str]:
+    """Per shard, what its index depends on: item count, an order-free digest of (item id, vector) and the
+    index settings. The vectors are hashed, not trusted to change with their embed run id, so a table
+    rewritten by other means is never served by a stale index; a columnar scan costs far less than a build."""
+    digest = F.sum(F.xxhash64("item_id", "embedding").cast("decimal(38,0)"))
+    rows = embeddings.groupBy("shard").agg(F.count("*").alias("n"), digest.alias("digest")).collect()
+    return {r["shard"]: f"{r['n']}:{r['digest']}:{settings}" for r in rows}
+
+
+def _reusable(root: str, model: str, dim: int, members: Mapping[str, str]) -> dict[str, dict]:
+    """Summary rows of the latest build's shards whose members and settings are unchanged."""
+    try:
+        previous = build_summary(root, latest_build(root))
+    except IndexBuildError:
+        return {}
+    if previous is None or previous["model"] != model or previous["dim"] != dim:
+        return {}
+    return {row["shard"]: row for row in previous["shards"] if members.get(row["shard"]) == row.get("members")}
+
+
+def _copy_shard(source: str, target: str) -> None:
+    """An unchanged shard carried into the new build: its files copied, the manifest last, so the copy is
+    only usable once complete (a crash mid-copy leaves a folder without manifest, which `load` refuses)."""
+    fs, src = filesystem(source)
+    _, dst = filesystem(target)
+    fs.create_dir(dst, recursive=True)
+    for name in SHARD_FILES:
+        fs.copy_file(f"{src}/{name}", f"{dst}/{name}")
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    started = time.time()
+    root = cfg["output.root"]
+    emb_path = tables.table_path(root, "embeddings")
+    embeddings = tables.read(spark, emb_path).select("item_id", "shard", "embedding", "model", "run_id")
+    model_dims = embeddings.select("model", F.size("embedding").alias("dim")).distinct().collect()
+    if len(model_dims) != 1:
+        raise IndexBuildError(f"embeddings hold {len(model_dims)} model/dimension pairs "
+                              f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)")
+    model, dim = model_dims[0]["model"], model_dims[0]["dim"]
+    settings = f"{cfg['index.flat_below']}/{cfg['index.reduce_dim']}/{cfg['index.target_recall']}"
+    members = members_digest(embeddings, settings)
+    reused = _reusable(root, model, dim, members)
+    build_dir = f"{indexes_root(root)}/{run_id}"
+    to_build = sorted(set(members) - set(reused))
+    log.info("index %s: %d shards of model %s (dim %d) -> %s: %d to build, %d unchanged and reused", run_id,
+             len(members), model, dim, build_dir, len(to_build), len(reused))
+    rows = []
+    for shard, row in sorted(reused.items()):
+        folder = f"{build_dir}/{shards.folder_name(shard)}"
+        _copy_shard(row["folder"], folder)
+        rows.append({**row, "folder": folder})
+    if to_build:
+        staging = files.staging_dir(root, run_id, "index")
+        try:
+            distributor.stage(shards.with_folder(spark, embeddings.filter(F.col("shard").isin(to_build)), to_build),
+                              staging, ["shard_dir"])
+            built: pd.DataFrame = distributor.run_tasks(spark, to_build, build_task(staging, build_dir, run_id, cfg),
+                                          SUMMARY_SCHEMA).toPandas()
+        finally:
+            files.remove_dir(staging)
+        rows += built.assign(members=built["shard"].map(members)).to_dict("records")
+    summary = pd.DataFrame(rows).sort_values("shard", ignore_index=True)
+    for row in summary.itertuples():
+        log.info("index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s", run_id, row.shard, row.ntotal,
+                 row.factory, row.nprobe, row.recall_at_10, "" if row.target_reached else " (below target)",
+                 " (reused)" if row.shard in reused else "")
+    files.write_text(f"{build_dir}/{BUILD_SUMMARY}", json.dumps(
+        {"run_id": run_id, "model": model, "dim": dim, "shards": summary.to_dict("records")}, indent=2))
+    published.publish(indexes_root(root), run_id)
+    removed = published.prune(indexes_root(root), cfg["index.keep_builds"], run_id, BUILD_SUMMARY)
+    if removed:
+        log.info("index %s: removed old or incomplete builds %s", run_id, removed)
+    total = int(summary["ntotal"].sum())
+    metrics = {"shards": float(len(summary)), "shards_built": float(len(to_build)),
+               "shards_reused": float(len(reused)), "min_recall_at_10": float(summary["recall_at_10"].min()),
+               "mean_recall_at_10": float((summary["recall_at_10"] * summary["ntotal"]).sum() / max(total, 1)),
+               "index_bytes": float(summary["bytes"].sum()), "seconds": round(time.time() - started, 3)}
+    return StageResult("index", rows_in=total, rows_out=len(summary), metrics=metrics)

@@ -1,0 +1,1 @@
+"""The recommend stage: shoppers' histories -> tastes -> recommendations."""

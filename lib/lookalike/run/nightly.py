@@ -1,0 +1,43 @@
+"""The nightly run: embed -> index -> similar -> recommend under one run id, then the exports.
+
+Every stage is incremental on its own (unchanged images are not embedded, unchanged shards not rebuilt or
+re-queried, unchanged inputs not re-recommended) and commits atomically, so a run killed anywhere is
+finished by the next: what was committed is reused, what was not is redone, and no table holds half a
+write. Exports are published only after every stage succeeded. The caller holds the run lock (`lock.py`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from pyspark.sql import SparkSession
+
+from lookalike.config import Config
+from lookalike.results import StageResult
+from lookalike.run import export, runs, stages
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
+    started, clock = runs.now(), time.time()
+    root = cfg["output.root"]
+    results: list[StageResult] = []
+    for name in stages.STAGES:
+        if name == "recommend" and cfg["events.path"] is None:
+            log.warning("nightly %s: events.path is not set, recommend skipped", run_id)
+            continue
+        try:
+            results.append(stages.run_logged(name, cfg, spark, run_id))
+        except BaseException:
+            runs.record(root, run_id, "nightly", runs.FAILED, started, runs.now())
+            raise
+    export_started = runs.now()
+    written = export.publish(spark, root, run_id, cfg["export.keep"])
+    runs.record(root, run_id, "export", runs.SUCCEEDED, export_started, runs.now(), sum(written.values()),
+                sum(written.values()), {f"{table}_rows": float(n) for table, n in written.items()})
+    seconds = time.time() - clock
+    runs.record(root, run_id, "nightly", runs.SUCCEEDED, started, runs.now(),
+                metrics={"seconds": round(seconds, 3), "stages": float(len(results))})
+    log.info("nightly %s: done in %.0f s: %s", run_id, seconds, ", ".join(r.stage for r in results))
+    return results

@@ -1,0 +1,1 @@
+"""The similar stage: every item's nearest neighbours, and the duplicates table."""

@@ -1,0 +1,320 @@
+"""The similar stage: every item in `embeddings` -> its `similar.k` most similar items in `similar_items`.
+
+Work layout. The driver stages the vectors of the shards to (re)compute once, as Parquet partitioned by shard
+and query chunk (`<output.root>/staging/<run_id>/similar/items/shard_dir=<folder>/chunk=<c>/`), and plans
+work units (target shard, query shard, chunk). One Spark task runs a few consecutive units: for each it
+takes the target shard from the one-entry per-worker cache `distributor.worker_cached` (index from the latest
+build, vectors read from the staged folder, put in FAISS id order and checked by `LoadedShard.align`),
+reads the query chunk and searches. Units are sorted by target, so a reused Python worker loads each
+shard about once and never holds two. With `similar.scope: shard` an item's only target is its own
+shard; with `all` every (target, chunk) pair is a unit and Spark merges the per-target top-k lists by
+score. That merge is exact: a target's own top k holds everything it can contribute to the global top k.
+
+Search. The index proposes candidates and they are re-scored exactly (`shard_index.search`), so `score` is a
+true cosine. Candidates that may not be neighbours are filtered after the search: the item itself, items
+with the same image bytes (`similar.exclude_duplicates`), items out of stock (`similar.in_stock_only`) and
+scores under `similar.min_score`. Self and duplicates are one rule: every item carries an exclusion key, the
+hash of its `image_sha256` (its own `item_id` when duplicates may be neighbours), and a candidate sharing the
+query's key is dropped. So that k survive, a query asks for k plus the members of its own group in the
+target, divided by the target's in-stock share; rows still short are asked again 4x wider, twice, and what
+is left is scored exhaustively against the shard's vectors. Members of a duplicate group have identical
+vectors and the same exclusions, so each group is searched once and its list shared: a placeholder image
+used by thousands of items costs one query, not thousands of ever wider ones.
+
+Duplicates. Items with the same `image_sha256` form a group; its smallest `item_id` is the canonical item
+and every other member gets one row in `duplicates` (`item_id`, `duplicate_of` = the canonical item,
+`run_id` of the run that first saw the pair). The table spans the whole catalog, whatever the shards.
+
+Incremental. A shard's fingerprint joins the `vectors_sha256` of its index in the latest build with a digest
+of its rows in `embeddings` (item ids, the embed run that wrote each vector, exclusion keys, stock flags).
+`<output.root>/state/similar_items.json`, written after each commit, keeps the fingerprints, the settings
+and the table version the last run left. The next run recomputes only the shards whose fingerprint changed
+and replaces their items' rows by key; items that left `embeddings` are deleted. Everything is recomputed
+(and the table overwritten) when the settings changed, the table is not the version the state recorded
+(edited, restored or the state lost), or, with `scope: all`, any shard changed, since any item may then
+have a new neighbour. Nightly index builds rebuild every shard, but unchanged vectors keep their
+`vectors_sha256`, so a new build alone does not make a shard dirty.
+
+Freshness. The index must have been built from the current embeddings: a shard whose item count differs
+from its index's is refused on the driver, one whose vectors differ is refused by `align` in the task. Both
+raise `StaleIndexError`, which asks for `lookalike index` to be re-run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from lookalike import distributor
+from lookalike.config import Config
+from lookalike.embed import catalog, shards
+from lookalike.index import builds, shard_index
+from lookalike.index.builds import StaleIndexError
+from lookalike.results import StageResult
+from lookalike.similar.plan import (
+    STATE_VERSION,
+    Settings,
+    Unit,
+    changed_shards,
+    fingerprint,
+    pack,
+    plan_units,
+    task_size,
+)
+from lookalike.similar.search import RESULT_SCHEMA, neighbours, rerank_budget, result_rows
+from lookalike.storage import files, tables
+
+log = logging.getLogger(__name__)
+
+SIMILAR_ITEMS, DUPLICATES, EMBEDDINGS = "similar_items", "duplicates", "embeddings"
+TASK_ERROR = "lookalike-stale-index:"
+"""Prefix of the message a task fails with when its shard's vectors do not match the index, so that the
+driver can find it in Spark's wrapped exception and raise `StaleIndexError` with it."""
+
+
+@dataclass(frozen=True)
+class Job(builds.SearchJob):
+    """What every task needs, as plain values pickled into the task's closure."""
+
+    k: int
+    min_score: float | None
+
+
+@dataclass(frozen=True)
+class TargetShard:
+    """One shard as a worker searches it: the index, the vectors in FAISS id order (re-rank and exhaustive
+    scoring), and per FAISS id the exclusion key and whether the item may be a neighbour."""
+
+    loaded: shard_index.LoadedShard
+    vectors: np.ndarray
+    keys: np.ndarray
+    eligible: np.ndarray
+
+    def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`fetch` re-ranked candidates per query, with the candidate budget the index was tuned for."""
+        manifest = self.loaded.manifest
+        return shard_index.search(self.loaded.index, self.vectors, queries, fetch, manifest["nprobe"],
+                                  rerank_budget(manifest["rerank_k"], fetch))
+
+
+# ----------------------------------------------------------------------------------------- executors
+
+def _load_target(job: Job, shard: str) -> TargetShard:
+    """The shard's index and its staged rows in FAISS id order; vectors that differ from the build's fail
+    the task with `TASK_ERROR`. At its peak this holds the vectors twice (as read and as aligned)."""
+    item_ids, vectors, keys, eligible = _read_staged(job, f"shard_dir={shards.folder_name(shard)}")
+    try:
+        loaded = builds.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
+        aligned = loaded.align(item_ids, vectors)
+    except (ValueError, builds.IndexBuildError) as err:
+        raise RuntimeError(f"{TASK_ERROR} shard {shard!r} of index build {job.build}: {err}") from err
+    positions = pc.index_in(loaded.item_ids, value_set=item_ids).to_numpy()
+    return TargetShard(loaded=loaded, vectors=aligned, keys=keys[positions], eligible=eligible[positions])
+
+
+def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """Item ids, vectors, exclusion keys and eligibility of a staged folder: a shard, or one query chunk."""
+    table = distributor.read_staged(f"{job.staging}/{relative}", ["item_id", "embedding", "dup_key", "eligible"])
+    return (table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim),
+            table["dup_key"].to_numpy(), table["eligible"].to_numpy())
+
+
+def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.RecordBatch:
+    """One unit's rows. A function of its own so that no reference to the target outlives it: the next
+    unit's target then replaces it in memory instead of joining it."""
+    target, loaded = distributor.worker_cached(job.cache_key(unit.target), lambda: _load_target(job, unit.target))
+    query_ids, queries, query_keys, _ = _read_staged(
+        job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}")
+    ids, scores, scored = neighbours(target, queries, query_keys, job.k, job.min_score)
+    counters["shard_loads"].add(int(loaded))
+    counters["exhaustive"].add(scored)
+    return result_rows(query_ids, target.loaded.item_ids, ids, scores)
+
+
+def search_task(job: Job, counters: Mapping[str, Any]):
+    """The task body for `distributor.run_tasks`: a task is a list of units, searched in order."""
+
+    def search_units(units: list[Unit]) -> Iterator[pa.RecordBatch]:
+        for unit in units:
+            yield _search_unit(job, unit, counters)
+
+    return search_units
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _items(spark: SparkSession, cfg: Config, settings: Settings) -> DataFrame:
+    """`embeddings` with each item's exclusion key and whether it may be a neighbour."""
+    items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS)).select(
+        "item_id", "shard", "embedding", "model", "image_sha256", "run_id")
+    by_item = F.xxhash64(F.lit("item"), F.col("item_id"))
+    key = (F.when(F.col("image_sha256").isNotNull(), F.xxhash64(F.lit("image"), F.col("image_sha256")))
+           .otherwise(by_item) if settings.exclude_duplicates else by_item)
+    eligible = F.lit(True)
+    if settings.in_stock_only:  # an item no longer in the catalog is not offered either
+        stock = catalog.read_catalog(spark, cfg).select("item_id", "in_stock")
+        items, eligible = items.join(stock, "item_id", "left"), F.coalesce(F.col("in_stock"), F.lit(False))
+    return items.withColumn("dup_key", key).withColumn("eligible", eligible)
+
+
+def _shard_stats(items: DataFrame) -> dict[str, tuple[int, str, list[str]]]:
+    """Per shard: item count, an order-free digest of what decides its rows, and its models. Reads no
+    vectors: a re-embedded item has a new embed `run_id`."""
+    digest = F.sum(F.xxhash64("item_id", "run_id", "dup_key", "eligible").cast("decimal(38,0)"))
+    rows = items.groupBy("shard").agg(F.count("*").alias("n"), digest.alias("digest"),
+                                      F.collect_set("model").alias("models")).collect()
+    return {r["shard"]: (r["n"], str(r["digest"]), list(r["models"])) for r in rows}
+
+
+def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mapping[str, Any], build: str) -> None:
+    """Refuse a build that was made for other embeddings (its vectors are checked later, in the tasks)."""
+    builds.check_fresh({shard: n for shard, (n, _, _) in stats.items()},
+                      [m for _, _, models in stats.values() for m in models], summary, build, "lookalike similar")
+
+
+def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id: str) -> int:
+    """Update `duplicates`: new or changed pairs get this run id, members that left a group leave."""
+    canonical = F.min("item_id").over(Window.partitionBy("image_sha256"))
+    found = (items.filter(F.col("image_sha256").isNotNull()).select("item_id", canonical.alias("duplicate_of"))
+             .filter(F.col("item_id") != F.col("duplicate_of")).cache())
+    path = tables.table_path(root, DUPLICATES)
+    fresh = found.withColumn("run_id", F.lit(run_id))
+    if tables.exists(path):
+        current = tables.read(spark, path)
+        gone = current.select("item_id").join(found.select("item_id"), "item_id", "left_anti")
+        tables.replace_by_key(fresh.join(current, ["item_id", "duplicate_of"], "left_anti").select(*fresh.columns),
+                              path, "item_id", delete_keys=gone)
+    else:
+        tables.write(fresh, path, mode="overwrite")
+    count = found.count()
+    found.unpersist()
+    return count
+
+
+def _stage(spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chunk_size: int,
+           staging: str) -> dict[str, dict[int, int]]:
+    """Write the vectors of `counts`' shards partitioned by shard folder and query chunk; returns the
+    queries per (shard, chunk) that were written.
+
+    Chunks follow the exclusion key, so that a duplicate group lands in one chunk and is searched once.
+    """
+    plan = spark.createDataFrame(
+        [(shard, shards.folder_name(shard), max(1, math.ceil(n / chunk_size))) for shard, n in counts.items()],
+        "shard string, shard_dir string, chunks int")
+    staged = (items.join(F.broadcast(plan), "shard")
+              .select("item_id", "embedding", "dup_key", "eligible", "shard_dir",
+                      F.pmod("dup_key", F.col("chunks")).cast("int").alias("chunk")))
+    staged.repartition("shard_dir", "chunk").write.partitionBy("shard_dir", "chunk").parquet(staging)
+    by_folder = {shards.folder_name(shard): shard for shard in counts}
+    sizes: dict[str, dict[int, int]] = {}
+    for row in spark.read.parquet(staging).groupBy("shard_dir", "chunk").count().collect():
+        sizes.setdefault(by_folder[str(row["shard_dir"])], {})[int(row["chunk"])] = row["count"]
+    return sizes
+
+
+def _stale_error(err: Exception) -> StaleIndexError | None:
+    """The task's stale-index message out of Spark's wrapped exception, if that is what failed."""
+    match = re.search(re.escape(TASK_ERROR) + r" ([^\n]*)", str(err))
+    if match is None:
+        return None
+    return StaleIndexError(f"{match.group(1)}; re-run `lookalike index` (after `lookalike embed`), "
+                           "then `lookalike similar`")
+
+
+def _fingerprints(root: str, build: str, stats: Mapping[str, tuple[int, str, list[str]]]) -> dict[str, str]:
+    """Each shard's fingerprint, with the `vectors_sha256` from its manifest in the build."""
+    folder = f"{builds.indexes_root(root)}/{build}"
+    return {shard: fingerprint(files.read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")
+                               ["vectors_sha256"], n, digest)
+            for shard, (n, digest, _) in stats.items()}
+
+
+def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, run_id: str, out: str) -> dict:
+    """Run the tasks and write their rows (merged across targets for scope all) to `out`; returns the
+    executors' counters. A task that found its shard stale fails the run with `StaleIndexError`."""
+    counters = {name: spark.sparkContext.accumulator(0) for name in ("shard_loads", "exhaustive")}
+    found = distributor.run_tasks(spark, tasks, search_task(job, counters), RESULT_SCHEMA)
+    if scope == "all":
+        best_first = Window.partitionBy("item_id").orderBy(F.desc("score"), "similar_item_id")
+        found = (found.withColumn("rank", F.row_number().over(best_first)).filter(F.col("rank") <= job.k)
+                 .select(*RESULT_SCHEMA.names))
+    try:
+        found.withColumn("run_id", F.lit(run_id)).write.parquet(out)
+    except Exception as err:
+        stale = _stale_error(err)
+        if stale is None:
+            raise
+        raise stale from err
+    return {name: counter.value for name, counter in counters.items()}
+
+
+def _commit(spark: SparkSession, items: DataFrame, results: DataFrame, path: str, changed: set[str],
+            every_shard: bool) -> None:
+    """Overwrite the table when every shard was computed; else replace the changed shards' items by key
+    and delete every other item that is not in an unchanged shard (it left `embeddings`)."""
+    if every_shard:
+        tables.write(results, path, mode="overwrite")
+        return
+    keep = items.filter(~F.col("shard").isin(sorted(changed))).select("item_id")
+    leaving = tables.read(spark, path).select("item_id").distinct().join(keep, "item_id", "left_anti")
+    tables.replace_by_key(results, path, "item_id", delete_keys=leaving)
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    started = time.time()
+    settings = Settings.from_config(cfg)
+    root = cfg["output.root"]
+    build = builds.latest_build(root)
+    summary = builds.build_summary(root, build)
+    items = _items(spark, cfg, settings)
+    stats = _shard_stats(items)
+    _check_fresh(stats, summary, build)
+    n_items = sum(n for n, _, _ in stats.values())
+    fingerprints = _fingerprints(root, build, stats)
+    state_path, path = files.state_path(root, SIMILAR_ITEMS), tables.table_path(root, SIMILAR_ITEMS)
+    changed = changed_shards(files.read_json(state_path), fingerprints, settings, tables.version(path))
+    metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed)),
+               "duplicates": float(_commit_duplicates(spark, items, root, run_id))}
+    if not changed:
+        log.info("similar %s: all %d shards unchanged since the last run, nothing to do", run_id, len(stats))
+        metrics["seconds"] = round(time.time() - started, 3)
+        return StageResult("similar", rows_in=n_items, rows_out=0, metrics=metrics)
+
+    staging = files.staging_dir(root, run_id, "similar")
+    targets = sorted(changed) if settings.scope == "shard" else sorted(stats)
+    job = Job(output_root=root, build=build, model=summary["model"], dim=summary["dim"],
+              staging=f"{staging}/items", k=settings.k, min_score=settings.min_score)
+    n_queries = sum(stats[shard][0] for shard in changed)
+    size = task_size(cfg["similar.chunk_size"], n_queries, len(targets) if settings.scope == "all" else 1,
+                     spark.sparkContext.defaultParallelism)
+    try:
+        sizes = _stage(spark, items, {shard: stats[shard][0] for shard in targets}, size, job.staging)
+        tasks = pack(plan_units({shard: sizes[shard] for shard in changed}, targets, settings.scope), size)
+        log.info("similar %s: %d of %d shards to compute (scope %s, build %s): %d queries in %d tasks",
+                 run_id, len(changed), len(stats), settings.scope, build, n_queries, len(tasks))
+        counters = _search(spark, job, tasks, settings.scope, run_id, f"{staging}/results")
+        results = spark.read.parquet(f"{staging}/results")
+        _commit(spark, items, results, path, changed, every_shard=changed == set(stats))
+        rows_out = results.count()
+    finally:
+        files.remove_dir(staging)
+    # Published whole: a reader sees the old state or the new one.
+    files.write_text(state_path, json.dumps({"version": STATE_VERSION, "run_id": run_id, "build": build,
+                                               "settings": asdict(settings), "table_version": tables.version(path),
+                                               "shards": fingerprints}, indent=2, sort_keys=True))
+    metrics.update({"queries": float(n_queries), "tasks": float(len(tasks)),
+                    "shard_loads": float(counters["shard_loads"]), "exhaustive_queries": float(counters["exhaustive"]),
+                    "seconds": round(time.time() - started, 3)})
+    log.info("similar %s: %d rows for %d items; %s", run_id, rows_out, n_items, metrics)
+    return StageResult("similar", rows_in=n_items, rows_out=rows_out, metrics=metrics)

@@ -1,0 +1,1 @@
+"""Where data lives: one resolver for every path and URI, small files published whole, Delta tables."""
