@@ -1,4 +1,5 @@
 # The two commands of README.md:  `make demo` (set-up + nightly on demo data)  and  `make test`.
+# `make lint` (ruff + mypy) and `make docs` (docs/configuration.md from the config schema) for development.
 # Both build .venv on first use and reuse it after; the stamp file tracks the requirements.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +12,7 @@ DEMO_DIR ?= demo
 DEMO_LIMIT ?= 10000
 CONF ?= conf/local.yaml
 
-.PHONY: demo test venv datasets chromium clean
+.PHONY: demo test lint docs venv datasets chromium clean
 
 venv: $(STAMP)
 
@@ -43,6 +44,15 @@ demo: $(STAMP) datasets $(DEMO_DIR)/catalog.parquet
 
 test: $(STAMP) datasets chromium
 	$(BIN)/python -m pytest -q tests
+
+# Lint and format check, then the type check; settings in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check lib tests benchmarks jobs
+	$(BIN)/ruff format --check lib tests benchmarks jobs
+	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/python -m lookalike.config > docs/configuration.md
 
 clean:
 	rm -rf $(DEMO_DIR) out
