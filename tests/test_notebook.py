@@ -3,19 +3,28 @@
 The notebook is executed for real (nbclient, ipykernel): it starts its own SparkSession from the config named
 by LOOKALIKE_CONF, registers the tables as views and runs every query. The output copy lacks `duplicates`,
 so the skip path for a table that does not exist is exercised too.
+
+The plot cells (tagged `plots` in their metadata; the queries' cells are untagged and found by position) must
+show their figures as `image/png` outputs that decode and are not blank. The notebook reads a copy of the
+catalog in which two neighbours of the item it shows have a missing image and an HTML page for an image, so
+the thumbnails' placeholder tiles are exercised, and another neighbour's image is a `file://` URI.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import nbformat
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from nbclient import NotebookClient
+from PIL import Image
 
 from tests.conftest import REPO
 from tests.demo_output import BROKEN, FAILED_RUN_ID, K, RUN_ID, DemoOutput, demo_output, full_output
@@ -24,6 +33,7 @@ __all__ = ["demo_output", "full_output"]  # session fixtures shared with test_re
 
 NOTEBOOK = REPO / "notebooks" / "analysts.ipynb"
 KERNEL = "lookalike-test-venv"
+PLOTS = ("neighbour-thumbnails", "score-histogram", "category-mix", "runs-over-time")
 
 
 def venv_kernel(folder: Path) -> Path:
@@ -47,6 +57,46 @@ def cell_text(cell: nbformat.NotebookNode) -> str:
     return "".join(parts)
 
 
+def tags(cell: nbformat.NotebookNode) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def pngs(cell: nbformat.NotebookNode) -> list[Image.Image]:
+    """The figures a code cell displayed, decoded."""
+    images = []
+    for output in cell.get("outputs", []):
+        if output["output_type"] in ("execute_result", "display_data") and "image/png" in output["data"]:
+            image = Image.open(io.BytesIO(base64.b64decode(output["data"]["image/png"])))
+            image.load()
+            images.append(image)
+    return images
+
+
+def first_neighbours(full_output: DemoOutput) -> tuple[str, list[str]]:
+    """The item the notebook shows by default (the smallest item id) and its neighbours by rank."""
+    similar = full_output.table("similar_items").to_pandas()
+    first = similar["item_id"].min()
+    return first, similar[similar["item_id"] == first].sort_values("rank")["similar_item_id"].tolist()
+
+
+def catalog_with_unreadable_neighbours(full_output: DemoOutput, folder: Path) -> Path:
+    """A copy of the catalog with absolute image paths; of the first item's neighbours, rank 1's image is a
+    file:// URI, rank K-1's an HTML page (file://) and rank K's a file that does not exist."""
+    source = Path(full_output.cfg["catalog.path"])
+    catalog = pq.read_table(source)
+    _, neighbours = first_neighbours(full_output)
+    html_page = full_output.demo / "broken" / BROKEN["bad-html"][0]
+    uris = []
+    for item, uri in zip(catalog["item_id"].to_pylist(), catalog["image_uri"].to_pylist()):
+        path = source.parent / uri  # an absolute uri stays as it is
+        uris.append({neighbours[0]: path.as_uri(), neighbours[-2]: html_page.as_uri(),
+                     neighbours[-1]: str(folder / "no-such-image.png")}.get(item, str(path)))
+    column = catalog.schema.get_field_index("image_uri")
+    path = folder / "catalog.parquet"
+    pq.write_table(catalog.set_column(column, catalog.schema.field(column), pa.array(uris, pa.string())), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def executed(full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
     folder = tmp_path_factory.mktemp("notebook")
@@ -54,7 +104,8 @@ def executed(full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(full_output.root, out)
     shutil.rmtree(out / "tables" / "duplicates")
     conf = folder / "analysts.yaml"
-    values = {**dict(full_output.cfg), "output.root": str(out), "spark.driver_memory": "1g"}
+    values = {**dict(full_output.cfg), "output.root": str(out), "spark.driver_memory": "1g",
+              "catalog.path": str(catalog_with_unreadable_neighbours(full_output, folder))}
     conf.write_text(yaml.safe_dump(values))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOKALIKE_CONF", str(conf))
@@ -69,7 +120,13 @@ def executed(full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def texts(executed: nbformat.NotebookNode) -> list[str]:
-    return [cell_text(cell) for cell in executed.cells if cell.cell_type == "code"]
+    """What the query cells showed, in order (the plot cells are tested by their tags)."""
+    return [cell_text(cell) for cell in executed.cells if cell.cell_type == "code" and "plots" not in tags(cell)]
+
+
+@pytest.fixture(scope="module")
+def plots(executed: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
+    return {tag: cell for cell in executed.cells if cell.cell_type == "code" for tag in tags(cell) if tag in PLOTS}
 
 
 def test_notebook_runs_on_the_venv_kernel_and_skips_missing_tables(executed: nbformat.NotebookNode,
@@ -98,3 +155,21 @@ def test_notebook_queries_print_results(texts: list[str], full_output: DemoOutpu
     assert RUN_ID in runs and FAILED_RUN_ID in runs and "images_per_s" in runs and "failed" in runs
     for kind in {kind for _, _, kind in BROKEN.values()}:
         assert kind in quarantine
+
+
+def test_notebook_plots_render_as_pictures(plots: dict[str, nbformat.NotebookNode],
+                                           full_output: DemoOutput) -> None:
+    assert sorted(plots) == sorted(PLOTS)
+    for name, cell in plots.items():
+        images = pngs(cell)
+        assert images, f"{name} showed no image/png, only {cell_text(cell)!r}"
+        for image in images:
+            assert image.width >= 300 and image.height >= 150, (name, image.size)
+            colours = image.convert("RGB").getcolors(maxcolors=image.width * image.height)
+            background = max(count for count, _ in colours)
+            assert len(colours) > 1 and background < 0.99 * image.width * image.height, f"{name} is blank"
+    _, neighbours = first_neighbours(full_output)
+    thumbnails = cell_text(plots["neighbour-thumbnails"])
+    assert (f"{K + 1} pictures, 2 could not be shown: {neighbours[-2]} (not_an_image), {neighbours[-1]} (missing)"
+            in thumbnails)
+    assert "skipped" not in "".join(cell_text(cell) for cell in plots.values())
