@@ -20,6 +20,7 @@ The ratios printed at the end are what to read; absolute rates vary with the mac
 
     .venv/bin/python benchmarks/embed_throughput.py --n 40000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,7 @@ print(json.dumps({"images": result.rows_out, "seconds": seconds, "model_loads": 
 
 
 def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                         check=False)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         sys.exit(f"variant failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -89,27 +89,54 @@ def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=40000,
-                        help="images (default 40000: the stage's fixed cost per run is then a small share)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=40000,
+        help="images (default 40000: the stage's fixed cost per run is then a small share)",
+    )
     parser.add_argument("--image-size", type=int, default=112, help="input size of the main variants")
-    parser.add_argument("--batch-size", type=int, default=device.CPU_BATCH_SIZE,
-                        help="inference batch of the loop and the stage (default: the stage's CPU default)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=device.CPU_BATCH_SIZE,
+        help="inference batch of the loop and the stage (default: the stage's CPU default)",
+    )
     parser.add_argument("--skip-slow", action="store_true", help="only loop and spark at --image-size")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of every variant, interleaved; each variant's fastest round is reported "
-                             "(a shared machine's neighbours only ever slow a round down)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every variant, interleaved; each variant's fastest round is reported "
+        "(a shared machine's neighbours only ever slow a round down)",
+    )
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    subprocess.run([sys.executable, "-m", "lookalike.cli", "--log-level", "WARNING", "demo-data",
-                    "--out", str(work / "demo"), "--limit", str(args.n)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lookalike.cli",
+            "--log-level",
+            "WARNING",
+            "demo-data",
+            "--out",
+            str(work / "demo"),
+            "--limit",
+            str(args.n),
+        ],
+        check=True,
+    )
     catalog = str(work / "demo" / "catalog.parquet")
     half = work / "demo" / "catalog_half.parquet"
     rows = pd.read_parquet(catalog)
     rows.iloc[: len(rows) // 2].to_parquet(half)
     conf = work / "bench.yaml"
-    conf.write_text(f"catalog: {{path: {catalog}}}\nembed: {{batch_size: {args.batch_size}, "
-                    f"image_size: {args.image_size}}}\nspark: {{conf: {{spark.ui.enabled: 'false'}}}}\n")
+    conf.write_text(
+        f"catalog: {{path: {catalog}}}\nembed: {{batch_size: {args.batch_size}, "
+        f"image_size: {args.image_size}}}\nspark: {{conf: {{spark.ui.enabled: 'false'}}}}\n"
+    )
     tuned = {**os.environ, **MALLOC_ENV}
     plain = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
 
@@ -122,29 +149,36 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for r in range(args.repeat):
-        loop = _run(LOOP, [catalog, str(args.image_size), str(args.batch_size), str(cores),
-                           str(work / "loop.parquet")], tuned)
+        loop = _run(
+            LOOP, [catalog, str(args.image_size), str(args.batch_size), str(cores), str(work / "loop.parquet")], tuned
+        )
         fastest(results, "loop", loop)
         fastest(results, "loop-steady", {"images": loop["images"], "seconds": loop["steady"]})
         fastest(results, "spark", stage(f"spark{r}"))
         fastest(results, "spark-half", stage(f"half{r}", f"catalog.path={half}"))
         if not args.skip_slow:
-            fastest(results, "spark-no-malloc",
-                    stage(f"nomalloc{r}", f"catalog.path={half}", "spark.tune_malloc=false"))
+            fastest(
+                results, "spark-no-malloc", stage(f"nomalloc{r}", f"catalog.path={half}", "spark.tune_malloc=false")
+            )
             fastest(results, "spark-224", stage(f"s224{r}", f"catalog.path={half}", "embed.image_size=224"))
-    print(f"\n{args.n} Fashion-MNIST images, efficientnet-lite0, {cores} cores, batch {args.batch_size}, "
-          f"fastest of {args.repeat} round(s)")
+    print(
+        f"\n{args.n} Fashion-MNIST images, efficientnet-lite0, {cores} cores, batch {args.batch_size}, "
+        f"fastest of {args.repeat} round(s)"
+    )
     print(f"{'variant':<18}{'px':>5}{'images':>8}{'seconds':>9}{'img/s':>9}")
     for name, r in results.items():
         px = 224 if name == "spark-224" else args.image_size
         print(f"{name:<18}{px:>5}{r['images']:>8}{r['seconds']:>9.1f}{r['images'] / r['seconds']:>9.1f}")
     rate = {name: r["images"] / r["seconds"] for name, r in results.items()}
-    marginal = ((results["spark"]["images"] - results["spark-half"]["images"])
-                / (results["spark"]["seconds"] - results["spark-half"]["seconds"]))
+    marginal = (results["spark"]["images"] - results["spark-half"]["images"]) / (
+        results["spark"]["seconds"] - results["spark-half"]["seconds"]
+    )
     fixed = results["spark"]["seconds"] - results["spark"]["images"] / marginal
     print(f"\nspark stage / plain loop, end to end:   {rate['spark'] / rate['loop']:.2f}x  (target >= 0.85)")
-    print(f"spark stage marginal / loop steady:     {marginal / rate['loop-steady']:.2f}x  ({marginal:.1f} img/s; "
-          f"fixed cost per stage run {fixed:.1f} s)")
+    print(
+        f"spark stage marginal / loop steady:     {marginal / rate['loop-steady']:.2f}x  ({marginal:.1f} img/s; "
+        f"fixed cost per stage run {fixed:.1f} s)"
+    )
     if not args.skip_slow:
         print(f"tuned malloc / glibc default (stage):   {rate['spark-half'] / rate['spark-no-malloc']:.2f}x")
         print(f"{args.image_size} px / 224 px (stage):              {rate['spark-half'] / rate['spark-224']:.2f}x")

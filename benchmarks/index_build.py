@@ -19,6 +19,7 @@ Without --autofaiss-python the autofaiss row is skipped.
 This file only imports the standard library and NumPy at the top: the autofaiss worker mode runs it
 under autofaiss's interpreter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ DEFAULT_N = 500_000
 SCALE_NOTE = (
     "default scale 500,000, not 1,000,000: at 1,000,000 vectors autofaiss switches to 16,384 clusters "
     "trained on all of them in 320-d (5.2e13 multiply-adds of k-means alone, 20+ minutes on this 2-core "
-    "machine), while 500,000 runs whole in about 6 minutes; --n 1000000 runs the full scale")
+    "machine), while 500,000 runs whole in about 6 minutes; --n 1000000 runs the full scale"
+)
 
 
 class ClusterModel(NamedTuple):
@@ -79,7 +81,7 @@ def sample(model: ClusterModel, n: int, seed: int) -> np.ndarray:
         which = rng.choice(len(model.centres), size=size, p=model.weights)
         noise = rng.standard_normal((size, dim), dtype=np.float32) * model.spectrum
         chunk = model.centres[which] + noise * (model.spreads[which, None] / np.sqrt(dim))
-        out[start:start + size] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        out[start : start + size] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return out
 
 
@@ -107,13 +109,17 @@ def run_autofaiss_worker(folder: Path) -> None:
     _, ids = index.search(queries, K)
     search_seconds = time.perf_counter() - started
     np.save(folder / "autofaiss_ids.npy", ids)
-    (folder / "autofaiss_result.json").write_text(json.dumps({
-        "build_seconds": build_seconds,
-        "search_seconds": search_seconds,
-        "factory": f"{infos['index_key']} ({infos['index_param']})",
-        "bytes": (folder / "autofaiss.index").stat().st_size,
-        "faiss_version": faiss.__version__,
-    }))
+    (folder / "autofaiss_result.json").write_text(
+        json.dumps(
+            {
+                "build_seconds": build_seconds,
+                "search_seconds": search_seconds,
+                "factory": f"{infos['index_key']} ({infos['index_param']})",
+                "bytes": (folder / "autofaiss.index").stat().st_size,
+                "faiss_version": faiss.__version__,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -148,11 +154,14 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
         args.n = DEFAULT_N
         print(SCALE_NOTE)
     clusters = args.clusters or max(1, args.n // 500)
-    print(f"scale: n={args.n:,} x dim={args.dim}, {clusters:,} clusters, {args.queries:,} fresh queries, "
-          f"seed {args.seed}")
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
-          f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    print(
+        f"scale: n={args.n:,} x dim={args.dim}, {clusters:,} clusters, {args.queries:,} fresh queries, seed {args.seed}"
+    )
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
+        f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
+    )
     model = cluster_model(args.dim, clusters, args.seed)
     vectors = sample(model, args.n, args.seed + 1)
     queries = sample(model, args.queries, args.seed + 2)
@@ -172,55 +181,83 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
 
     params = choose_params(args.n, args.dim)
     built = shard_index.build(vectors, params, seed=args.seed)
-    manifest = shard_index.save(built, workdir / "lookalike", ids=[str(i) for i in range(args.n)],
-                                model="synthetic")
+    manifest = shard_index.save(built, workdir / "lookalike", ids=[str(i) for i in range(args.n)], model="synthetic")
     started = time.perf_counter()
     _, found = shard_index.search(built.index, vectors, queries, K, built.nprobe, built.rerank_k)
     ours_search = time.perf_counter() - started
     ours_recall = shard_index.recall_at_k(found, truth, K)
-    rows.append(("lookalike", f"{params.factory} (nprobe={built.nprobe}, re-rank {built.rerank_k})",
-                 built.build_seconds, manifest["bytes"], ours_recall, ours_search))
+    rows.append(
+        (
+            "lookalike",
+            f"{params.factory} (nprobe={built.nprobe}, re-rank {built.rerank_k})",
+            built.build_seconds,
+            manifest["bytes"],
+            ours_recall,
+            ours_search,
+        )
+    )
 
     autofaiss = None
     if args.autofaiss_python:
         autofaiss = run_autofaiss(args, workdir, vectors, queries, flat_bytes)
-        rows.append(("autofaiss", autofaiss["factory"], autofaiss["build_seconds"], autofaiss["bytes"],
-                     shard_index.recall_at_k(np.load(workdir / "autofaiss_ids.npy"), truth, K),
-                     autofaiss["search_seconds"]))
+        rows.append(
+            (
+                "autofaiss",
+                autofaiss["factory"],
+                autofaiss["build_seconds"],
+                autofaiss["bytes"],
+                shard_index.recall_at_k(np.load(workdir / "autofaiss_ids.npy"), truth, K),
+                autofaiss["search_seconds"],
+            )
+        )
     else:
         print("autofaiss: skipped (no --autofaiss-python)")
 
     print()
     print(f"{'builder':<11} {'build s':>8} {'index MB':>9} {'vs flat':>8} {'recall@10':>9} {'ms/query':>9}  index")
     for name, factory, seconds, size, recall, search_seconds in rows:
-        print(f"{name:<11} {seconds:>8.1f} {size / 1e6:>9.1f} {size / flat_bytes:>8.3f} {recall:>9.4f} "
-              f"{1000 * search_seconds / args.queries:>9.3f}  {factory}")
+        print(
+            f"{name:<11} {seconds:>8.1f} {size / 1e6:>9.1f} {size / flat_bytes:>8.3f} {recall:>9.4f} "
+            f"{1000 * search_seconds / args.queries:>9.3f}  {factory}"
+        )
     print()
-    print(f"lookalike build: train {built.train_seconds:.1f} s on {params.train_size:,} vectors, add "
-          f"{built.add_seconds:.1f} s, tuning {built.tune_seconds:.1f} s; (nprobe, rerank_k, recall@10) "
-          f"tried: {[(nprobe, rerank_k, round(recall, 4)) for nprobe, rerank_k, recall in built.tuning]}")
-    print(f"lookalike recall@10 in its manifest (own vectors as queries, self excluded): "
-          f"{built.recall_at_10:.4f}; on fresh queries: {ours_recall:.4f}")
+    print(
+        f"lookalike build: train {built.train_seconds:.1f} s on {params.train_size:,} vectors, add "
+        f"{built.add_seconds:.1f} s, tuning {built.tune_seconds:.1f} s; (nprobe, rerank_k, recall@10) "
+        f"tried: {[(nprobe, rerank_k, round(recall, 4)) for nprobe, rerank_k, recall in built.tuning]}"
+    )
+    print(
+        f"lookalike recall@10 in its manifest (own vectors as queries, self excluded): "
+        f"{built.recall_at_10:.4f}; on fresh queries: {ours_recall:.4f}"
+    )
     print(f"ratio recall@10 lookalike: {ours_recall:.4f} (target >= {params.target_recall})")
-    print(f"ratio bytes lookalike / flat float32: {manifest['bytes'] / flat_bytes:.4f} "
-          f"(target <= {MAX_BYTES_RATIO:.3f})")
+    print(
+        f"ratio bytes lookalike / flat float32: {manifest['bytes'] / flat_bytes:.4f} (target <= {MAX_BYTES_RATIO:.3f})"
+    )
     if autofaiss is not None:
-        print(f"ratio build time lookalike / autofaiss: {built.build_seconds / autofaiss['build_seconds']:.3f} "
-              f"(target <= 1.0)")
+        print(
+            f"ratio build time lookalike / autofaiss: {built.build_seconds / autofaiss['build_seconds']:.3f} "
+            f"(target <= 1.0)"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at end (other work on this machine slows every row)")
 
 
-def run_autofaiss(args: argparse.Namespace, workdir: Path, vectors: np.ndarray, queries: np.ndarray,
-                  flat_bytes: int) -> dict:
+def run_autofaiss(
+    args: argparse.Namespace, workdir: Path, vectors: np.ndarray, queries: np.ndarray, flat_bytes: int
+) -> dict:
     """Hand the vectors to the autofaiss worker and read back what it built and found."""
     (workdir / "embeddings").mkdir(exist_ok=True)
     np.save(workdir / "embeddings" / "vectors.npy", vectors)
     np.save(workdir / "queries.npy", queries)
-    (workdir / "job.json").write_text(json.dumps({
-        "max_index_memory_usage": f"{flat_bytes // 8}B",
-        "current_memory_available": "16G",
-        "nb_cores": os.cpu_count(),
-    }))
+    (workdir / "job.json").write_text(
+        json.dumps(
+            {
+                "max_index_memory_usage": f"{flat_bytes // 8}B",
+                "current_memory_available": "16G",
+                "nb_cores": os.cpu_count(),
+            }
+        )
+    )
     subprocess.run([args.autofaiss_python, __file__, "--autofaiss-worker", str(workdir)], check=True)
     return json.loads((workdir / "autofaiss_result.json").read_text())
 

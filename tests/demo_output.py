@@ -12,6 +12,7 @@ four broken images (quarantine kinds missing, not_an_image, decode_error) and a 
 yet" paths). `full_output` is a copy completed by the real recommend stage, with the `runs` rows of the
 stages that built it and an older failed run.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -87,8 +88,14 @@ def add_oddities(demo: Path) -> Path:
         row = by_id[source]
         if category == "other":
             category = "Bag" if row["category"] != "Bag" else "Sandal"
-        catalog.append({**row, "item_id": item, "category": category or row["category"],
-                        "title": f"Relisted {row['title'].lower()}"})
+        catalog.append(
+            {
+                **row,
+                "item_id": item,
+                "category": category or row["category"],
+                "title": f"Relisted {row['title'].lower()}",
+            }
+        )
     broken = demo / "broken"
     broken.mkdir(exist_ok=True)
     real_png = (demo / by_id["fm-00003"]["image_uri"]).read_bytes()
@@ -97,8 +104,15 @@ def add_oddities(demo: Path) -> Path:
             content = real_png[:80]
         if content is not None:
             (broken / name).write_bytes(content)
-        catalog.append({"item_id": item, "image_uri": f"broken/{name}", "category": "Bag",
-                        "title": f"Broken listing {item}", "in_stock": True})
+        catalog.append(
+            {
+                "item_id": item,
+                "image_uri": f"broken/{name}",
+                "category": "Bag",
+                "title": f"Broken listing {item}",
+                "in_stock": True,
+            }
+        )
     path = demo / "catalog_report.parquet"
     pq.write_table(pa.Table.from_pylist(catalog, schema=pq.read_schema(demo / "catalog.parquet")), path)
     return path
@@ -116,9 +130,17 @@ def build_pipeline_output(spark: SparkSession, folder: Path) -> DemoOutput:
         pytest.skip("needs `apt-get install dataset-fashion-mnist` (make datasets)")
     demo = folder / "demo"
     build_demo_data(demo, limit=N_ITEMS, workers=1)
-    cfg = make_config(folder, **{"catalog.path": str(add_oddities(demo)), "events.path": str(demo / "events.parquet"),
-                                 "embed.image_size": 64, "embed.batch_size": 32, "embed.partition_size": 80,
-                                 "similar.k": K})
+    cfg = make_config(
+        folder,
+        **{
+            "catalog.path": str(add_oddities(demo)),
+            "events.path": str(demo / "events.parquet"),
+            "embed.image_size": 64,
+            "embed.batch_size": 32,
+            "embed.partition_size": 80,
+            "similar.k": K,
+        },
+    )
     results = []
     for stage in (embed, index, similar):
         results.append(_timed(lambda stage=stage: stage.run(cfg, spark, RUN_ID)))
@@ -132,12 +154,30 @@ def build_full_output(spark: SparkSession, base: DemoOutput, folder: Path) -> De
     shutil.copytree(base.root, root)
     full = replace(base, cfg=base.cfg.with_overrides({"output.root": str(root), "recommend.n": RECS_PER_USER}))
     for result, started, finished in base.results:
-        runs.record(full.root, RUN_ID, result.stage, runs.SUCCEEDED, started, finished, result.rows_in,
-                    result.rows_out, result.metrics)
+        runs.record(
+            full.root,
+            RUN_ID,
+            result.stage,
+            runs.SUCCEEDED,
+            started,
+            finished,
+            result.rows_in,
+            result.rows_out,
+            result.metrics,
+        )
     stages.run_logged("recommend", full.cfg, spark, RUN_ID)
     yesterday = base.results[0][1] - timedelta(days=1)
-    runs.record(full.root, FAILED_RUN_ID, "embed", runs.FAILED, yesterday, yesterday + timedelta(seconds=75),
-                N_ITEMS, 0, {"bad_fraction": 0.61})
+    runs.record(
+        full.root,
+        FAILED_RUN_ID,
+        "embed",
+        runs.FAILED,
+        yesterday,
+        yesterday + timedelta(seconds=75),
+        N_ITEMS,
+        0,
+        {"bad_fraction": 0.61},
+    )
     return full
 
 
@@ -148,7 +188,6 @@ def demo_output(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def full_output(spark: SparkSession, demo_output: DemoOutput,
-                tmp_path_factory: pytest.TempPathFactory) -> DemoOutput:
+def full_output(spark: SparkSession, demo_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) -> DemoOutput:
     """`demo_output` plus the real `recommendations` and a `runs` log (see the module docstring)."""
     return _once("full", lambda: build_full_output(spark, demo_output, tmp_path_factory.mktemp("full-output")))

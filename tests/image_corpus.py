@@ -8,6 +8,7 @@ decode and bad ones land in quarantine with the right `error_kind`.
 
 Files are tiny and generated deterministically in well under a second.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,10 @@ def make_corpus(folder: Path) -> list[CorpusCase]:
     The unreadable-by-permission case is left out when running as root, where file modes do not stop reads.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    cases = [_write(folder, name, filename, make, expected_kind, size)
-             for name, filename, make, expected_kind, size in _FILE_CASES]
+    cases = [
+        _write(folder, name, filename, make, expected_kind, size)
+        for name, filename, make, expected_kind, size in _FILE_CASES
+    ]
     cases.append(CorpusCase("missing", folder / "missing.jpg", "missing"))
     directory = folder / "directory.jpg"
     directory.mkdir(exist_ok=True)
@@ -65,8 +68,14 @@ def make_corpus(folder: Path) -> list[CorpusCase]:
     return cases
 
 
-def _write(folder: Path, name: str, filename: str, make: Callable[[], bytes], expected_kind: str | None,
-           size: tuple[int, int] | None) -> CorpusCase:
+def _write(
+    folder: Path,
+    name: str,
+    filename: str,
+    make: Callable[[], bytes],
+    expected_kind: str | None,
+    size: tuple[int, int] | None,
+) -> CorpusCase:
     path = folder / filename
     path.write_bytes(make())
     return CorpusCase(name, path, expected_kind, size)
@@ -81,8 +90,9 @@ def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like RGB picture: smooth gradients plus noise, so encoders produce realistic streams."""
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1),
-                     (x + y) * 127 / max(width + height - 2, 1)], axis=-1)
+    base = np.stack(
+        [x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) * 127 / max(width + height - 2, 1)], axis=-1
+    )
     noise = np.random.default_rng(seed).normal(0, 12, size=base.shape)
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
@@ -113,8 +123,7 @@ def _bilevel_png() -> bytes:
 
 def _grey16_png() -> bytes:
     """Columns of 0, 32768 and 65535: they must become 0, ~128 and 255, not 0, 255 and 255."""
-    return _encode(Image.fromarray(np.repeat(np.array([[0, 32768, 65535]], dtype=np.uint16), 4, axis=0)),
-                   "PNG")
+    return _encode(Image.fromarray(np.repeat(np.array([[0, 32768, 65535]], dtype=np.uint16), 4, axis=0)), "PNG")
 
 
 def _float_tiff() -> bytes:
@@ -161,6 +170,7 @@ def _animated(fmt: str, **options: object) -> Callable[[], bytes]:
     def make() -> bytes:
         first, *rest = _frames()
         return _encode(first, fmt, save_all=True, append_images=rest, duration=100, loop=0, **options)
+
     return make
 
 
@@ -185,8 +195,10 @@ def _bmp() -> bytes:
 
 
 def _html() -> bytes:
-    return (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
-            b"<body><h1>Not Found</h1><p>The requested image was not found.</p></body></html>\n")
+    return (
+        b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
+        b"<body><h1>Not Found</h1><p>The requested image was not found.</p></body></html>\n"
+    )
 
 
 def _zip() -> bytes:
@@ -217,9 +229,9 @@ def _corrupt_png() -> bytes:
     smooth = Image.fromarray(((x * 4 + y * 2) % 256).astype(np.uint8)).convert("RGB")
     data = bytearray(_encode(smooth, "PNG"))
     start = data.index(b"IDAT") + 4
-    (length,) = struct.unpack(">I", data[start - 8: start - 4])
+    (length,) = struct.unpack(">I", data[start - 8 : start - 4])
     middle = start + length // 2
-    data[middle: middle + 16] = bytes(byte ^ 0xFF for byte in data[middle: middle + 16])
+    data[middle : middle + 16] = bytes(byte ^ 0xFF for byte in data[middle : middle + 16])
     return bytes(data)
 
 
@@ -229,13 +241,16 @@ def _png_bomb(width: int, height: int) -> Callable[[], bytes]:
     Deflate squeezes the all-zero rows ~1000:1, so a 30000x30000 bomb is ~110 KB on disk and 900 Mpx
     (2.7 GB as RGB) once decoded: exactly what the header check must stop.
     """
+
     def make() -> bytes:
         row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
         deflate = zlib.compressobj(9)
         pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
         header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-        return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels)
-                + _png_chunk(b"IEND", b""))
+        return (
+            b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+        )
+
     return make
 
 

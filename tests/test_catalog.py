@@ -1,4 +1,5 @@
 """Catalog reading: every input format, required columns, duplicates, relative URIs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,10 +12,15 @@ from lookalike.embed.catalog import CatalogError, read_catalog
 from lookalike.storage import tables
 from tests.conftest import make_config
 
-ITEMS = pd.DataFrame({"item_id": ["a", "b", "c"],
-                      "image_uri": ["img/a.png", "/abs/b.png", "s3a://bucket/c.jpg"],
-                      "category": ["shoe", "bag", None], "title": ["A", "B", "C"],
-                      "in_stock": [True, False, None]})
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["a", "b", "c"],
+        "image_uri": ["img/a.png", "/abs/b.png", "s3a://bucket/c.jpg"],
+        "category": ["shoe", "bag", None],
+        "title": ["A", "B", "C"],
+        "in_stock": [True, False, None],
+    }
+)
 
 
 def write_catalog(spark: SparkSession, folder: Path, fmt: str, pdf: pd.DataFrame = ITEMS) -> Path:

@@ -1,4 +1,5 @@
 """The command line: every DESIGN.md command is listed, errors are one line, every stage has its job."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,9 @@ COMMANDS = ["demo-data", "embed", "index", "similar", "recommend", "nightly", "r
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lookalike.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lookalike.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_help_lists_every_command() -> None:
@@ -30,7 +32,8 @@ def test_config_error_is_one_line(tmp_path: Path) -> None:
     out = run("embed", "--conf", str(conf), cwd=tmp_path)
     assert out.returncode == cli.EXIT_CONFIG
     assert out.stderr.strip().splitlines() == [
-        f"lookalike: config error: catalog.path: path does not exist: {tmp_path}/nowhere.parquet"]
+        f"lookalike: config error: catalog.path: path does not exist: {tmp_path}/nowhere.parquet"
+    ]
     out = run("embed", "--conf", str(conf), "--set", "embed.batch_size=x", cwd=tmp_path)
     assert "embed.batch_size: expected an integer, got 'x'" in out.stderr
 

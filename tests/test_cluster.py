@@ -13,6 +13,7 @@ folders, Python workers started by those executors (they must run the venv's int
 settings through `spark.executorEnv.*`; a /proc watcher checks both), files written by executors that the
 driver lists and commits, accumulators, and a driver started by spark-submit rather than by lookalike.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,6 +71,7 @@ def _needs(condition: bool, reason: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ processes
+
 
 def free_ports(n: int) -> list[int]:
     """n distinct ports free right now (all held open at once, so the OS cannot hand one out twice)."""
@@ -135,8 +137,9 @@ SPARK_INFO = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ")
 def tail(path: Path, lines: int = 60, quiet: bool = True) -> str:
     """The end of a log; `quiet` drops Spark's own INFO lines (keeps lookalike's, warnings, tracebacks)."""
     try:
-        text = [line for line in path.read_text(errors="replace").splitlines()
-                if not (quiet and SPARK_INFO.match(line))]
+        text = [
+            line for line in path.read_text(errors="replace").splitlines() if not (quiet and SPARK_INFO.match(line))
+        ]
     except OSError as err:
         return f"({err})"
     return "\n".join(text[-lines:])
@@ -167,19 +170,50 @@ class Cluster:
         log = self.folder / f"{name}.log"
         self.logs.append(log)
         with open(log, "wb") as out:
-            self.procs.append(subprocess.Popen([str(SPARK_HOME / "bin" / "spark-class"), *args], env=self.env,
-                                               cwd=self.folder, stdout=out, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    [str(SPARK_HOME / "bin" / "spark-class"), *args],
+                    env=self.env,
+                    cwd=self.folder,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
 
     def start(self) -> None:
-        self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                               "--port", str(self.ports[0]), "--webui-port", str(self.web_port)])
+        self._start(
+            "master",
+            [
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports[0]),
+                "--webui-port",
+                str(self.web_port),
+            ],
+        )
         for n in range(WORKERS):
             self.work_dir(n).mkdir()
-            self._start(f"worker-{n}", ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                        "--webui-port", str(self.ports[2 + n]), "--cores", "1",
-                                        "--memory", WORKER_MEMORY, "--work-dir", str(self.work_dir(n)),
-                                        self.url])
+            self._start(
+                f"worker-{n}",
+                [
+                    "org.apache.spark.deploy.worker.Worker",
+                    "--host",
+                    "127.0.0.1",
+                    "--webui-port",
+                    str(self.ports[2 + n]),
+                    "--cores",
+                    "1",
+                    "--memory",
+                    WORKER_MEMORY,
+                    "--work-dir",
+                    str(self.work_dir(n)),
+                    self.url,
+                ],
+            )
 
     def state(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/json/", timeout=5) as response:
@@ -228,8 +262,11 @@ class PythonWatcher:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                     if not any(b"pyspark" in arg for arg in argv) or b"java" in argv[0]:
                         continue
-                    env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes()
-                               .split(b"\0") if b"=" in item)
+                    env = dict(
+                        item.split(b"=", 1)
+                        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                        if b"=" in item
+                    )
                 except OSError:
                     continue
                 self.seen[pid] = (argv[0].decode(), {k: env.get(k.encode(), b"").decode() for k in MALLOC_ENV})
@@ -245,16 +282,22 @@ class PythonWatcher:
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Started here, waited for in the test: the JVMs boot while the local run works."""
     _needs(shutil.which("java") is not None or "JAVA_HOME" in os.environ, "needs Java for Spark")
-    _needs((FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
-           "needs `apt-get install dataset-fashion-mnist`")
+    _needs((FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(), "needs `apt-get install dataset-fashion-mnist`")
     folder = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "SPARK_HOME": str(SPARK_HOME), "SPARK_LOCAL_IP": "127.0.0.1",
-           "SPARK_DAEMON_MEMORY": DAEMON_MEMORY, "SPARK_CONF_DIR": str(folder / "conf"),
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(SPARK_HOME),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_DAEMON_MEMORY": DAEMON_MEMORY,
+        "SPARK_CONF_DIR": str(folder / "conf"),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     for name in (*MALLOC_ENV, "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET", "SPARK_MASTER_PORT"):
         env.pop(name, None)  # nothing of this process's own Spark or malloc setup may leak into the cluster
     (folder / "conf").mkdir()
@@ -273,18 +316,30 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     summary = build_demo_data(folder, limit=N_ITEMS, workers=1)
     (folder / "images" / "not-an-image.png").write_text("this is text, not a PNG")
     table = pq.read_table(summary.catalog_path).to_pandas()
-    bad = pd.DataFrame({"item_id": ["bad-missing", "bad-text"], "category": ["Bag", "Bag"],
-                        "image_uri": ["images/Bag/no-such-file.png", "images/not-an-image.png"],
-                        "title": ["Missing bag", "Text bag"], "in_stock": [True, True]})
+    bad = pd.DataFrame(
+        {
+            "item_id": ["bad-missing", "bad-text"],
+            "category": ["Bag", "Bag"],
+            "image_uri": ["images/Bag/no-such-file.png", "images/not-an-image.png"],
+            "title": ["Missing bag", "Text bag"],
+            "in_stock": [True, True],
+        }
+    )
     path = folder / "catalog-with-bad-rows.parquet"
     pd.concat([table, bad[table.columns]], ignore_index=True).to_parquet(path, index=False)
     return path
 
 
 def settings(demo: Path, root: Path) -> dict:
-    return {"catalog.path": str(demo), "events.path": str(demo.parent / "events.parquet"),
-            "output.root": str(root), "spark.shuffle_partitions": 4, "embed.image_size": 64,
-            "embed.batch_size": 32, "similar.k": 10}
+    return {
+        "catalog.path": str(demo),
+        "events.path": str(demo.parent / "events.parquet"),
+        "output.root": str(root),
+        "spark.shuffle_partitions": 4,
+        "embed.image_size": 64,
+        "embed.batch_size": 32,
+        "similar.k": 10,
+    }
 
 
 def run_local(spark: SparkSession, demo: Path, folder: Path) -> Path:
@@ -304,6 +359,7 @@ def nested(flat: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- comparison
+
 
 def table_names(root: Path) -> set[str]:
     folder = root / "tables"
@@ -338,8 +394,13 @@ def _is_map(series: pd.Series) -> bool:
 
 def _comparable(df: pd.DataFrame) -> pd.DataFrame:
     """Without the columns that say when or in which run (they must differ) and without maps (timings)."""
-    return df[[c for c in df.columns if c not in VOLATILE_COLUMNS
-               and not pd.api.types.is_datetime64_any_dtype(df[c]) and not _is_map(df[c])]]
+    return df[
+        [
+            c
+            for c in df.columns
+            if c not in VOLATILE_COLUMNS and not pd.api.types.is_datetime64_any_dtype(df[c]) and not _is_map(df[c])
+        ]
+    ]
 
 
 def compare_rows(name: str, local: pd.DataFrame, cluster: pd.DataFrame) -> None:
@@ -366,8 +427,10 @@ def _ties_only(name: str, owner: str, item: str, local: pd.DataFrame, cluster: p
     """Rows whose neighbour differs must be ties: the neighbour one run put at rank r is, in the other run,
     at a rank of the same score, or left out where the list ends at that score."""
     problems = []
-    lists = {run: {key: group.set_index(item)["score"] for key, group in df.groupby(owner)}
-             for run, df in (("local", local), ("cluster", cluster))}
+    lists = {
+        run: {key: group.set_index(item)["score"] for key, group in df.groupby(owner)}
+        for run, df in (("local", local), ("cluster", cluster))
+    }
     for run, other in (("local", "cluster"), ("cluster", "local")):
         for key, scores in lists[run].items():
             theirs = lists[other][key]
@@ -410,8 +473,12 @@ def compare_builds(local_root: Path, cluster_root: Path) -> None:
     shard_sets = [{s["shard"]: s["ntotal"] for s in b["shards"]} for b in builds]
     assert shard_sets[0] == shard_sets[1]
     for shard in shard_sets[0]:
-        ids = [pq.read_table(f"{builds.indexes_root(root)}/{b['run_id']}/{shards.folder_name(shard)}/ids.parquet")
-               .column("item_id").to_pylist() for root, b in zip(roots, builds)]
+        ids = [
+            pq.read_table(f"{builds.indexes_root(root)}/{b['run_id']}/{shards.folder_name(shard)}/ids.parquet")
+            .column("item_id")
+            .to_pylist()
+            for root, b in zip(roots, builds)
+        ]
         assert ids[0] == ids[1], f"index shard {shard}: item ids differ"
 
 
@@ -439,6 +506,7 @@ def compare(name: str, local: pd.DataFrame, remote: pd.DataFrame) -> None:
 
 # ----------------------------------------------------------------------------------------------- tests
 
+
 def test_worker_python_prefers_spark_conf_then_pyspark_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Executors run `spark.pyspark.python` from `spark.conf` (a venv shipped to a cluster), else what
     spark-submit exported as PYSPARK_PYTHON, else this interpreter; a builder setting alone reaches no worker."""
@@ -451,27 +519,54 @@ def test_worker_python_prefers_spark_conf_then_pyspark_python(tmp_path: Path, mo
     assert session_settings(shipped)["spark.executorEnv.PYSPARK_PYTHON"] == "./environment/bin/python"
 
 
-def test_nightly_on_standalone_cluster_matches_local_mode(spark: SparkSession, cluster: Cluster, demo: Path,
-                                                          tmp_path: Path) -> None:
+def test_nightly_on_standalone_cluster_matches_local_mode(
+    spark: SparkSession, cluster: Cluster, demo: Path, tmp_path: Path
+) -> None:
     cluster.wait_for_workers()
     folder = cluster.folder
     root = folder / "out"
     conf = folder / "nightly.yaml"
     # No spark.master: spark-submit's applies. The app name is the config's (lookalike sets it either way).
     conf.write_text(yaml.safe_dump(nested({**settings(demo, root), "spark.app_name": APP_NAME})))
-    submit = [str(SPARK_HOME / "bin" / "spark-submit"), "--master", cluster.url,
-              "--driver-memory", "1g", "--executor-memory", EXECUTOR_MEMORY, "--executor-cores", "1",
-              "--total-executor-cores", str(WORKERS),
-              "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
-              "--conf", f"spark.pyspark.python={sys.executable}",
-              "--conf", f"spark.pyspark.driver.python={sys.executable}", "--conf", "spark.ui.enabled=false",
-              str(REPO / "jobs" / "nightly.py"), "--conf", str(conf)]
+    submit = [
+        str(SPARK_HOME / "bin" / "spark-submit"),
+        "--master",
+        cluster.url,
+        "--driver-memory",
+        "1g",
+        "--executor-memory",
+        EXECUTOR_MEMORY,
+        "--executor-cores",
+        "1",
+        "--total-executor-cores",
+        str(WORKERS),
+        "--conf",
+        "spark.driver.host=127.0.0.1",
+        "--conf",
+        "spark.driver.bindAddress=127.0.0.1",
+        "--conf",
+        f"spark.pyspark.python={sys.executable}",
+        "--conf",
+        f"spark.pyspark.driver.python={sys.executable}",
+        "--conf",
+        "spark.ui.enabled=false",
+        str(REPO / "jobs" / "nightly.py"),
+        "--conf",
+        str(conf),
+    ]
     log = folder / "submit.log"
     started = time.time()
     with open(log, "wb") as out, PythonWatcher([p.pid for p in cluster.procs[1:]]) as watcher:
         # cwd is a scratch folder, not the repo: nothing may depend on where the job was started from.
-        proc = subprocess.Popen(submit, env=cluster.env, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            submit,
+            env=cluster.env,
+            cwd=folder,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             # The local run meanwhile: small Spark jobs wait on latency more than on the two cores.
             local_root = run_local(spark, demo, tmp_path)
@@ -482,8 +577,10 @@ def test_nightly_on_standalone_cluster_matches_local_mode(spark: SparkSession, c
         finally:
             stop([proc])
     seconds = time.time() - started
-    assert rc == 0, (f"spark-submit {'timed out' if rc is None else f'exited {rc}'} after {seconds:.0f}s\n"
-                     f"--- submit ---\n{tail(log, 150)}\n{cluster.report()}")
+    assert rc == 0, (
+        f"spark-submit {'timed out' if rc is None else f'exited {rc}'} after {seconds:.0f}s\n"
+        f"--- submit ---\n{tail(log, 150)}\n{cluster.report()}"
+    )
 
     # It ran on the cluster: the master finished the app, and each worker ran an executor for it.
     apps = cluster.state()["completedapps"] + cluster.state()["activeapps"]
@@ -500,8 +597,10 @@ def test_nightly_on_standalone_cluster_matches_local_mode(spark: SparkSession, c
     assert written["local"] == written["cluster"], written
     assert written["cluster"] >= EXPECTED_TABLES, written
     quarantine = read(root, "quarantine")
-    assert dict(zip(quarantine["item_id"], quarantine["error_kind"])) == {"bad-missing": "missing",
-                                                                          "bad-text": "not_an_image"}
+    assert dict(zip(quarantine["item_id"], quarantine["error_kind"])) == {
+        "bad-missing": "missing",
+        "bad-text": "not_an_image",
+    }
     for name in sorted(written["cluster"]):
         compare(name, read(local_root, name), read(root, name))
     exported = {"local": exports(local_root), "cluster": exports(root)}
@@ -509,5 +608,7 @@ def test_nightly_on_standalone_cluster_matches_local_mode(spark: SparkSession, c
     for name in sorted(exported["cluster"]):
         compare(name, read_export(local_root, name), read_export(root, name))
     compare_builds(local_root, root)
-    print(f"\nlocal nightly {local_seconds:.0f}s, cluster nightly {seconds:.0f}s; tables compared: "
-          f"{', '.join(sorted(written['cluster']))}; exports: {', '.join(sorted(exported['cluster'])) or 'none'}")
+    print(
+        f"\nlocal nightly {local_seconds:.0f}s, cluster nightly {seconds:.0f}s; tables compared: "
+        f"{', '.join(sorted(written['cluster']))}; exports: {', '.join(sorted(exported['cluster'])) or 'none'}"
+    )

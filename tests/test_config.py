@@ -1,4 +1,5 @@
 """Config errors are caught before Spark starts, with one line naming the key or path."""
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,11 @@ def catalog(tmp_path: Path) -> Path:
 
 
 def test_defaults_and_nested_yaml(tmp_path: Path, catalog: Path) -> None:
-    conf = write_conf(tmp_path, f"catalog:\n  path: {catalog}\noutput:\n  root: {tmp_path}/out\n"
-                                "embed:\n  batch_size: 8\nspark:\n  conf:\n    spark.executor.memory: 2g\n")
+    conf = write_conf(
+        tmp_path,
+        f"catalog:\n  path: {catalog}\noutput:\n  root: {tmp_path}/out\n"
+        "embed:\n  batch_size: 8\nspark:\n  conf:\n    spark.executor.memory: 2g\n",
+    )
     cfg = config_mod.load(conf)
     assert cfg["embed.batch_size"] == 8
     assert cfg["model.name"] == "efficientnet-lite0"
@@ -41,26 +45,29 @@ def test_set_overrides_are_typed(tmp_path: Path, catalog: Path) -> None:
     assert cfg["embed.batch_size"] == 32 and cfg["spark.tune_malloc"] is False and cfg["embed.image_size"] == 112
 
 
-def test_relative_paths_resolve_against_working_folder(tmp_path: Path, catalog: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_working_folder(
+    tmp_path: Path, catalog: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     conf = write_conf(tmp_path, "catalog: {path: catalog.parquet}\noutput: {root: out}\n")
     cfg = config_mod.load(conf)
     assert cfg["catalog.path"] == str(catalog) and cfg["output.root"] == str(tmp_path / "out")
 
 
-@pytest.mark.parametrize("body, overrides, message", [
-    ("embed: {batchsize: 8}", [], "unknown config key 'embed.batchsize'"),
-    ("", ["nope.key=1"], "unknown config key 'nope.key'"),
-    ("embed: {batch_size: eight}", [], "embed.batch_size: expected an integer, got 'eight'"),
-    ("embed: {batch_size: true}", [], "embed.batch_size: expected an integer, got True"),
-    ("embed: {batch_size: 0}", [], "embed.batch_size: must be >= 1"),
-    ("", ["catalog.format=xml"], "catalog.format: must be one of parquet, csv, json, delta"),
-    ("spark: {conf: 3}", [], "spark.conf: expected a mapping"),
-    ("", ["embed.batch_size"], "--set expects dotted.key=value"),
-])
-def test_bad_values_name_the_key(tmp_path: Path, catalog: Path, body: str, overrides: list[str],
-                                 message: str) -> None:
+@pytest.mark.parametrize(
+    "body, overrides, message",
+    [
+        ("embed: {batchsize: 8}", [], "unknown config key 'embed.batchsize'"),
+        ("", ["nope.key=1"], "unknown config key 'nope.key'"),
+        ("embed: {batch_size: eight}", [], "embed.batch_size: expected an integer, got 'eight'"),
+        ("embed: {batch_size: true}", [], "embed.batch_size: expected an integer, got True"),
+        ("embed: {batch_size: 0}", [], "embed.batch_size: must be >= 1"),
+        ("", ["catalog.format=xml"], "catalog.format: must be one of parquet, csv, json, delta"),
+        ("spark: {conf: 3}", [], "spark.conf: expected a mapping"),
+        ("", ["embed.batch_size"], "--set expects dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, catalog: Path, body: str, overrides: list[str], message: str) -> None:
     conf = write_conf(tmp_path, f"catalog: {{path: {catalog}}}\noutput: {{root: out}}\n{body}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_mod.load(conf, overrides)

@@ -1,4 +1,5 @@
 """decode_image over the image corpus: good images decode faithfully, bad ones fail with the right kind."""
+
 from __future__ import annotations
 
 import io
@@ -105,8 +106,9 @@ def test_float_in_unit_range_keeps_its_scale(corpus: dict[str, CorpusCase]) -> N
     assert image.getpixel((15, 7)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("samples", [np.array([[0, 100_000, 200_000]], dtype=np.int32),
-                                     np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)])
+@pytest.mark.parametrize(
+    "samples", [np.array([[0, 100_000, 200_000]], dtype=np.int32), np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)]
+)
 def test_samples_beyond_the_declared_depth_scale_by_their_range(samples: np.ndarray) -> None:
     image = decode_image(encode(Image.fromarray(samples), "TIFF"), CORPUS_MAX_PIXELS).image
     assert [image.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
@@ -194,8 +196,13 @@ _BOMB_PROBE = textwrap.dedent("""
 def test_bombs_are_rejected_from_the_header_without_decoding(corpus: dict[str, CorpusCase], name: str) -> None:
     path: Path = corpus[name].path
     assert path.stat().st_size < 200_000  # a real bomb: tiny file, 144-900 Mpx
-    run = subprocess.run([sys.executable, "-c", _BOMB_PROBE, str(path), str(CORPUS_MAX_PIXELS)],
-                         capture_output=True, text=True, check=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", _BOMB_PROBE, str(path), str(CORPUS_MAX_PIXELS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     probe = json.loads(run.stdout)
     assert probe["kind"] == "too_large"
     assert probe["seconds"] < 0.5

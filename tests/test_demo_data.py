@@ -1,4 +1,5 @@
 """Demo data: real PNGs, the catalog/users/events contract, and a simulation whose tastes show in the events."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,6 @@ from lookalike.demo_data import (
 from lookalike.errors import LookalikeError
 
 LIMIT = 300
-
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,22 @@ def test_summary_counts_and_paths(demo):
 def test_schemas_exactly_as_the_contract_says(demo):
     summary = demo[0]
     assert pq.read_schema(summary.catalog_path).remove_metadata() == pa.schema(
-        [("item_id", pa.string()), ("image_uri", pa.string()), ("category", pa.string()),
-         ("title", pa.string()), ("in_stock", pa.bool_())])
+        [
+            ("item_id", pa.string()),
+            ("image_uri", pa.string()),
+            ("category", pa.string()),
+            ("title", pa.string()),
+            ("in_stock", pa.bool_()),
+        ]
+    )
     assert pq.read_schema(summary.events_path).remove_metadata() == pa.schema(
-        [("user_id", pa.string()), ("item_id", pa.string()), ("event_type", pa.string()),
-         ("ts", pa.timestamp("us", tz="UTC"))])
+        [
+            ("user_id", pa.string()),
+            ("item_id", pa.string()),
+            ("event_type", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+        ]
+    )
     users = pq.read_schema(summary.users_path)
     assert users.field("user_id").type == pa.string()
     assert users.field("favourite_categories").type == pa.list_(pa.string())

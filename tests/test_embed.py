@@ -3,6 +3,7 @@
 A generated corpus of good, odd and bad images goes through `embed.run`: every good image must land in
 `embeddings`, every bad one in `quarantine` with its kind, and re-runs must be incremental.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,13 @@ SMALL = {"embed.image_size": 64, "embed.batch_size": 8, "embed.partition_size": 
 
 def write_catalog(folder: Path, uris: dict[str, str], categories: dict[str, str] | None = None) -> Path:
     path = folder / "catalog.parquet"
-    pd.DataFrame({"item_id": list(uris), "image_uri": list(uris.values()),
-                  "category": [(categories or {}).get(i, "odd") for i in uris]}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "item_id": list(uris),
+            "image_uri": list(uris.values()),
+            "category": [(categories or {}).get(i, "odd") for i in uris],
+        }
+    ).to_parquet(path)
     return path
 
 
@@ -49,8 +55,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
 
 
 def config(tmp_path: Path, catalog: Path, **overrides: object) -> Config:
-    return make_config(tmp_path, **{"catalog.path": str(catalog), "embed.max_bad_fraction": 1.0,
-                                    **SMALL, **overrides})
+    return make_config(tmp_path, **{"catalog.path": str(catalog), "embed.max_bad_fraction": 1.0, **SMALL, **overrides})
 
 
 def test_corpus_good_embedded_bad_quarantined(spark: SparkSession, tmp_path: Path, corpus) -> None:
@@ -107,8 +112,10 @@ def test_incremental_reruns(spark: SparkSession, tmp_path: Path) -> None:
     assert len(quarantine(tmp_path / "out")) == 0  # healed images leave quarantine
 
     # A different input size is a different model version: everything is embedded again.
-    assert embed.run(config(tmp_path, write_catalog(tmp_path, uris), **{"embed.image_size": 48}),
-                     spark, "r4").rows_out == 6
+    assert (
+        embed.run(config(tmp_path, write_catalog(tmp_path, uris), **{"embed.image_size": 48}), spark, "r4").rows_out
+        == 6
+    )
 
 
 def test_too_many_bad_images_stops_and_commits_nothing(spark: SparkSession, tmp_path: Path) -> None:

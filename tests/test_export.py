@@ -1,4 +1,5 @@
 """Exports: plain Parquet snapshots with _SUCCESS, LATEST written last, old and broken snapshots pruned."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ from lookalike.storage import tables
 
 
 def write_similar(spark: SparkSession, root: str, rows: int) -> None:
-    frame = spark.createDataFrame(pd.DataFrame({"item_id": [f"i{n}" for n in range(rows)], "rank": 1,
-                                                "similar_item_id": "x", "score": 0.5, "run_id": "r"}))
+    frame = spark.createDataFrame(
+        pd.DataFrame(
+            {"item_id": [f"i{n}" for n in range(rows)], "rank": 1, "similar_item_id": "x", "score": 0.5, "run_id": "r"}
+        )
+    )
     tables.write(frame, tables.table_path(root, "similar_items"), mode="overwrite")
 
 
@@ -33,7 +37,9 @@ def test_publish_snapshots_then_latest_and_prunes(spark: SparkSession, tmp_path:
     write_similar(spark, root, 9)
     export.publish(spark, root, "20260103T000000Z-cccccc", keep=2)
     export.publish(spark, root, "20260104T000000Z-dddddd", keep=2)
-    assert sorted(p.name for p in folder.glob("run_id=*")) == ["run_id=20260103T000000Z-cccccc",
-                                                               "run_id=20260104T000000Z-dddddd"]
+    assert sorted(p.name for p in folder.glob("run_id=*")) == [
+        "run_id=20260103T000000Z-cccccc",
+        "run_id=20260104T000000Z-dddddd",
+    ]
     assert export.latest(root, "similar_items") == "20260104T000000Z-dddddd"
     assert len(pd.read_parquet(folder / "run_id=20260104T000000Z-dddddd")) == 9

@@ -1,4 +1,5 @@
 """The index stage on Spark: one build per shard, LATEST published last, old builds pruned, model checked."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,16 @@ def write_embeddings(spark: SparkSession, root: Path, sizes: dict[str, int], mod
         for i, vec in enumerate(clustered(n, seed=s)):
             rows.append((f"{shard}-{i:05d}", shard, vec.tolist(), model))
     df = spark.createDataFrame(rows, "item_id string, shard string, embedding array<float>, model string").select(
-        "item_id", "shard", "embedding", "model", F.lit("sha").alias("image_sha256"), F.lit(1).alias("width"),
-        F.lit(1).alias("height"), F.lit("r0").alias("run_id"), F.current_timestamp().alias("embedded_at"))
+        "item_id",
+        "shard",
+        "embedding",
+        "model",
+        F.lit("sha").alias("image_sha256"),
+        F.lit(1).alias("width"),
+        F.lit(1).alias("height"),
+        F.lit("r0").alias("run_id"),
+        F.current_timestamp().alias("embedded_at"),
+    )
     tables.write(df, tables.table_path(str(root), "embeddings"), mode="overwrite")
 
 
@@ -62,8 +71,7 @@ def test_builds_every_shard_and_publishes_latest(spark: SparkSession, tmp_path: 
     vectors = clustered(12000, seed=1)
     shard = builds.load_shard(root, "20260101T000000Z-aaaaaa", "T-shirt/top", model=MODEL, dim=DIM)
     manifest = shard.manifest
-    assert set(manifest) >= {"factory", "dim", "ntotal", "nprobe", "recall_at_10", "model", "build_seconds",
-                             "bytes"}
+    assert set(manifest) >= {"factory", "dim", "ntotal", "nprobe", "recall_at_10", "model", "build_seconds", "bytes"}
     assert manifest["bytes"] <= manifest["flat_bytes"] / 4
     ids = np.array([int(i.split("-")[-1]) for i in shard.item_ids.to_pylist()])
     ordered = vectors[ids]  # FAISS id order
@@ -83,8 +91,11 @@ def test_failed_build_keeps_latest_and_old_builds_are_pruned(spark: SparkSession
         index.run(cfg, spark, run)
     # A shard whose vectors are not unit length makes its task fail half-way through the build.
     bad = tables.read(spark, tables.table_path(root, "embeddings")).withColumn(
-        "embedding", F.when(F.col("shard") == "Shoe", F.transform("embedding", lambda x: x * 3).cast("array<float>"))
-        .otherwise(F.col("embedding")))
+        "embedding",
+        F.when(F.col("shard") == "Shoe", F.transform("embedding", lambda x: x * 3).cast("array<float>")).otherwise(
+            F.col("embedding")
+        ),
+    )
     tables.write(bad, tables.table_path(root, "embeddings"), mode="overwrite")
     with pytest.raises(PythonException, match="vectors are not L2-normalised"):
         index.run(cfg, spark, "20260103T000000Z-000003")
@@ -105,13 +116,16 @@ def test_unchanged_shards_are_reused_and_changed_ones_rebuilt(spark: SparkSessio
     again = index.run(cfg, spark, "20260102T000000Z-000002")
     assert again.metrics["shards_built"] == 0 and again.metrics["shards_reused"] == 2
     # The copied shard is complete and identical; the build stands on its own after older ones are pruned.
-    old, new = (Path(root) / "indexes" / run / shards.folder_name("Bag")
-                for run in ("20260101T000000Z-000001", "20260102T000000Z-000002"))
+    old, new = (
+        Path(root) / "indexes" / run / shards.folder_name("Bag")
+        for run in ("20260101T000000Z-000001", "20260102T000000Z-000002")
+    )
     assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in old.iterdir())
     assert (new / "index.faiss").read_bytes() == (old / "index.faiss").read_bytes()
     # One shard's vectors change (same item ids, same embed run id): only that shard is rebuilt.
     moved = tables.read(spark, tables.table_path(root, "embeddings")).withColumn(
-        "embedding", F.when(F.col("shard") == "Shoe", F.reverse("embedding")).otherwise(F.col("embedding")))
+        "embedding", F.when(F.col("shard") == "Shoe", F.reverse("embedding")).otherwise(F.col("embedding"))
+    )
     tables.write(moved, tables.table_path(root, "embeddings"), mode="overwrite")
     third = index.run(cfg, spark, "20260103T000000Z-000003")
     assert third.metrics["shards_built"] == 1 and third.metrics["shards_reused"] == 1
@@ -135,8 +149,11 @@ def test_mixed_models_in_embeddings_are_refused(spark: SparkSession, tmp_path: P
     cfg = config(tmp_path)
     root = Path(cfg["output.root"])
     write_embeddings(spark, root, {"Bag": 20})
-    other = tables.read(spark, tables.table_path(str(root), "embeddings")).withColumn(
-        "item_id", F.concat("item_id", F.lit("x"))).withColumn("model", F.lit("other@1/8px"))
+    other = (
+        tables.read(spark, tables.table_path(str(root), "embeddings"))
+        .withColumn("item_id", F.concat("item_id", F.lit("x")))
+        .withColumn("model", F.lit("other@1/8px"))
+    )
     tables.write(other, tables.table_path(str(root), "embeddings"), mode="append")
     with pytest.raises(builds.IndexBuildError, match="expected exactly one"):
         index.run(cfg, spark, "r1")

@@ -1,4 +1,5 @@
 """index_params.choose_params: the rules that turn a shard's size into FAISS parameters."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,18 @@ def test_50k_by_256() -> None:
     assert MIN_POINTS_PER_CENTROID * params.nlist <= params.train_size <= 50_000
 
 
-@pytest.mark.parametrize("n, dim", [(10_000, 256), (12_345, 64), (100_000, 384), (1_000_000, 256),
-                                    (1_000_000, 1280), (30_000, 1280), (5_000_000, 512)])
+@pytest.mark.parametrize(
+    "n, dim",
+    [
+        (10_000, 256),
+        (12_345, 64),
+        (100_000, 384),
+        (1_000_000, 256),
+        (1_000_000, 1280),
+        (30_000, 1280),
+        (5_000_000, 512),
+    ],
+)
 def test_rules_hold_across_sizes(n: int, dim: int) -> None:
     params = choose_params(n, dim, flat_below=0)
     assert params.kind == "ivfpq"
@@ -112,19 +123,22 @@ def test_params_are_frozen() -> None:
         choose_params(50_000, 256).nlist = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n=0, dim=256), "n must be >= 1"),
-    (dict(n=100, dim=0), "dim must be >= 1"),
-    (dict(n=100, dim=256, flat_below=-1), "flat_below"),
-    (dict(n=100, dim=256, target_recall=0.0), "target_recall"),
-    (dict(n=100, dim=256, target_recall=1.5), "target_recall"),
-    (dict(n=100, dim=256, reduce_dim=512), "reduce_dim must be between 1 and dim=256"),
-    (dict(n=100, dim=256, reduce_dim=0), "reduce_dim"),
-    (dict(n=100, dim=256, rotation="svd"), "rotation must be"),
-    (dict(n=100, dim=256, rotation="pca"), "needs reduce_dim"),
-    (dict(n=100, dim=256, reduce_dim=64, rotation="rr"), "reduce_dim needs rotation"),
-    (dict(n=50_000, dim=13), "no divisor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0, dim=256), "n must be >= 1"),
+        (dict(n=100, dim=0), "dim must be >= 1"),
+        (dict(n=100, dim=256, flat_below=-1), "flat_below"),
+        (dict(n=100, dim=256, target_recall=0.0), "target_recall"),
+        (dict(n=100, dim=256, target_recall=1.5), "target_recall"),
+        (dict(n=100, dim=256, reduce_dim=512), "reduce_dim must be between 1 and dim=256"),
+        (dict(n=100, dim=256, reduce_dim=0), "reduce_dim"),
+        (dict(n=100, dim=256, rotation="svd"), "rotation must be"),
+        (dict(n=100, dim=256, rotation="pca"), "needs reduce_dim"),
+        (dict(n=100, dim=256, reduce_dim=64, rotation="rr"), "reduce_dim needs rotation"),
+        (dict(n=50_000, dim=13), "no divisor"),
+    ],
+)
 def test_invalid_inputs_are_refused_clearly(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         choose_params(**kwargs)

@@ -1,4 +1,5 @@
 """The run lock: one live run per output root, dead runs' locks taken over, never held forever."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,8 +24,15 @@ def dead_pid() -> int:
 
 def write_holder(root: Path, **fields: object) -> None:
     now = dt.datetime.now(dt.UTC).isoformat()
-    holder = {"run_id": "old-run", "command": "nightly", "host": socket.gethostname(), "pid": 1,
-              "started_at": now, "heartbeat": now, **fields}
+    holder = {
+        "run_id": "old-run",
+        "command": "nightly",
+        "host": socket.gethostname(),
+        "pid": 1,
+        "started_at": now,
+        "heartbeat": now,
+        **fields,
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / lock.LOCK_FILE).write_text(json.dumps(holder))
 

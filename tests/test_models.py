@@ -2,6 +2,7 @@
 
 Everything runs on the CPU with the packaged EfficientNet-Lite0 weights, mostly at small input sizes to stay fast.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -54,10 +55,13 @@ def _state_dict_file(path: Path, arch: str, seed: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- registry
 
+
 def test_model_names_import_without_torch():
-    code = ("import sys; from lookalike.embed.models.registry import MODEL_NAMES, get_spec; "
-            "assert 'efficientnet-lite0' in MODEL_NAMES and get_spec('efficientnet-lite0').dim == 1280; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from lookalike.embed.models.registry import MODEL_NAMES, get_spec; "
+        "assert 'efficientnet-lite0' in MODEL_NAMES and get_spec('efficientnet-lite0').dim == 1280; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -84,6 +88,7 @@ def test_torchvision_dims_match_the_architecture(name):
 
 # ---------------------------------------------------------------------------------------------- versions
 
+
 def test_version_is_name_and_weights_hash():
     path = registry.weights_file("efficientnet-lite0")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
@@ -103,9 +108,15 @@ def test_version_follows_the_weights_bytes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- embedding
 
+
 def test_embeddings_are_unit_float32_rows(lite0):
-    images = [_photo_like(64, 48, seed=0), _photo_like(30, 90, 1, "L"), _photo_like(50, 50, 2, "RGBA"),
-              _photo_like(40, 40, 3, "P"), _photo_like(20, 20, 4, "CMYK")]
+    images = [
+        _photo_like(64, 48, seed=0),
+        _photo_like(30, 90, 1, "L"),
+        _photo_like(50, 50, 2, "RGBA"),
+        _photo_like(40, 40, 3, "P"),
+        _photo_like(20, 20, 4, "CMYK"),
+    ]
     vectors = lite0.embed(images)
     assert vectors.shape == (5, 1280) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
@@ -168,6 +179,7 @@ def test_weights_problems_are_clear_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- preprocessing
 
+
 def test_per_image_pixels_then_batch_equals_preprocess(lite0):
     images = [_photo_like(90, 40, seed) for seed in range(3)]
     arrays = [lite0.pixels(image) for image in images]
@@ -210,6 +222,7 @@ def test_transparent_background_becomes_white():
 
 
 # ---------------------------------------------------------------------------------------------- devices
+
 
 def test_resolve_device_on_cpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -258,11 +271,12 @@ def test_gpu_half_precision_agrees_with_the_cpu(lite0):
 
 # ---------------------------------------------------------------------------------------------- quality
 
+
 def _idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format): magic with the dimension count in byte 3, big-endian sizes, uint8 data."""
     raw = gzip.decompress(path.read_bytes())
     ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -280,7 +294,7 @@ def test_retrieval_quality_on_fashion_mnist(lite0):
     labels = _idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
     chosen = np.concatenate([np.flatnonzero(labels == c)[:60] for c in range(10)])
     images = [Image.fromarray(pixels[i]).convert("RGB") for i in chosen]
-    vectors = np.concatenate([lite0.embed(images[i:i + 100]) for i in range(0, len(images), 100)])
+    vectors = np.concatenate([lite0.embed(images[i : i + 100]) for i in range(0, len(images), 100)])
     score = precision_at_k(vectors, labels[chosen], k=10)
     print(f"efficientnet-lite0 @112 px precision@10 by class on 600 Fashion-MNIST images: {score:.3f}")
     # Measured here: 0.697 with these weights and inputs (ImageNet mean/std instead: 0.674); chance is 0.1,

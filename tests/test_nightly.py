@@ -6,6 +6,7 @@ must equal the reference row by row. Between kills, every table must be whole: r
 Also checked: the lock refuses a second live run, the `runs` log, the exports, and that an unchanged re-run
 does no work.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ from lookalike.run import export, lock
 from lookalike.storage import files, tables
 
 N_ITEMS = 160
-TABLE_KEYS = {"embeddings": ["item_id"], "similar_items": ["item_id", "rank"], "quarantine": ["item_id"],
-              "recommendations": ["user_id", "rank"]}
+TABLE_KEYS = {
+    "embeddings": ["item_id"],
+    "similar_items": ["item_id", "rank"],
+    "quarantine": ["item_id"],
+    "recommendations": ["user_id", "rank"],
+}
 VOLATILE = {"run_id", "embedded_at", "seen_at"}  # differ between runs by design
 
 
@@ -53,9 +58,14 @@ recommend: {{n: 5}}
 
 def start(conf: Path, command: str = "nightly") -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lookalike.cli", command, "--conf", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lookalike.cli", command, "--conf", str(conf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -86,7 +96,8 @@ def snapshot(root: Path) -> dict[str, pd.DataFrame]:
             frame = tables.read_arrow(path).to_pandas()
             assert not frame.duplicated(keys).any(), f"{name} has duplicate {keys} rows"
             found[name] = frame.drop(columns=[c for c in frame.columns if c in VOLATILE]).sort_values(
-                keys, ignore_index=True)
+                keys, ignore_index=True
+            )
     return found
 
 
@@ -96,8 +107,13 @@ def same_rows(left: pd.DataFrame, right: pd.DataFrame, name: str) -> None:
     for column in left.columns:
         a, b = left[column].tolist(), right[column].tolist()
         if column in ("embedding", "score"):
-            assert np.abs(np.array([np.asarray(x, dtype=np.float64) for x in a]) -
-                          np.array([np.asarray(y, dtype=np.float64) for y in b])).max() < 1e-5, (name, column)
+            assert (
+                np.abs(
+                    np.array([np.asarray(x, dtype=np.float64) for x in a])
+                    - np.array([np.asarray(y, dtype=np.float64) for y in b])
+                ).max()
+                < 1e-5
+            ), (name, column)
         else:
             plain = [list(x) if isinstance(x, np.ndarray) else x for x in a]
             assert plain == [list(y) if isinstance(y, np.ndarray) else y for y in b], (name, column)
@@ -115,8 +131,12 @@ def reference(demo: Path) -> tuple[Path, str]:
     while not (demo / "clean" / lock.LOCK_FILE).exists():
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "lookalike.cli", "nightly", "--conf", str(conf)],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "lookalike.cli", "nightly", "--conf", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     log = finish(proc)
     assert second.returncode == 1
     assert "output root is in use by run" in second.stderr and "nightly" in second.stderr
@@ -162,9 +182,12 @@ def test_unchanged_rerun_does_no_work(reference: tuple[Path, str], demo: Path) -
 def test_killed_runs_are_finished_by_the_next_run(reference: tuple[Path, str], demo: Path) -> None:
     conf = write_conf(demo, "crashy")
     root = demo / "crashy"
-    points = [("embed", r"embed \S+: \d+ catalog items", 4.0), ("index", r"index \S+: \d+ shards of model", 1.0),
-              ("similar", r"similar \S+: \d+ of \d+ shards to compute", 1.0),
-              ("recommend", r"recommend \S+: \d+ users in", 1.0)]
+    points = [
+        ("embed", r"embed \S+: \d+ catalog items", 4.0),
+        ("index", r"index \S+: \d+ shards of model", 1.0),
+        ("similar", r"similar \S+: \d+ of \d+ shards to compute", 1.0),
+        ("recommend", r"recommend \S+: \d+ users in", 1.0),
+    ]
     killed = []
     for stage, pattern, delay in points:
         log = kill_when(start(conf), pattern, delay)

@@ -9,6 +9,7 @@ show their figures as `image/png` outputs that decode and are not blank. The not
 catalog in which two neighbours of the item it shows have a missing image and an HTML page for an image, so
 the thumbnails' placeholder tiles are exercised, and another neighbour's image is a `file://` URI.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,9 +41,15 @@ def venv_kernel(folder: Path) -> Path:
     """A kernel spec that runs this interpreter (the venv's), whatever kernels the machine has installed."""
     spec = folder / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "lookalike test venv", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "lookalike test venv",
+                "language": "python",
+            }
+        )
+    )
     return folder
 
 
@@ -89,8 +96,13 @@ def catalog_with_unreadable_neighbours(full_output: DemoOutput, folder: Path) ->
     uris = []
     for item, uri in zip(catalog["item_id"].to_pylist(), catalog["image_uri"].to_pylist()):
         path = source.parent / uri  # an absolute uri stays as it is
-        uris.append({neighbours[0]: path.as_uri(), neighbours[-2]: html_page.as_uri(),
-                     neighbours[-1]: str(folder / "no-such-image.png")}.get(item, str(path)))
+        uris.append(
+            {
+                neighbours[0]: path.as_uri(),
+                neighbours[-2]: html_page.as_uri(),
+                neighbours[-1]: str(folder / "no-such-image.png"),
+            }.get(item, str(path))
+        )
     column = catalog.schema.get_field_index("image_uri")
     path = folder / "catalog.parquet"
     pq.write_table(catalog.set_column(column, catalog.schema.field(column), pa.array(uris, pa.string())), path)
@@ -104,8 +116,12 @@ def executed(full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(full_output.root, out)
     shutil.rmtree(out / "tables" / "duplicates")
     conf = folder / "analysts.yaml"
-    values = {**dict(full_output.cfg), "output.root": str(out), "spark.driver_memory": "1g",
-              "catalog.path": str(catalog_with_unreadable_neighbours(full_output, folder))}
+    values = {
+        **dict(full_output.cfg),
+        "output.root": str(out),
+        "spark.driver_memory": "1g",
+        "catalog.path": str(catalog_with_unreadable_neighbours(full_output, folder)),
+    }
     conf.write_text(yaml.safe_dump(values))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOKALIKE_CONF", str(conf))
@@ -113,8 +129,9 @@ def executed(full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory) 
         env.setenv("JUPYTER_PATH", str(venv_kernel(folder / "jupyter")))
         env.setenv("JUPYTER_RUNTIME_DIR", str(folder / "runtime"))
         notebook = nbformat.read(NOTEBOOK, as_version=4)
-        NotebookClient(notebook, kernel_name=KERNEL, timeout=600,
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+        NotebookClient(
+            notebook, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+        ).execute()
     return notebook
 
 
@@ -129,8 +146,9 @@ def plots(executed: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
     return {tag: cell for cell in executed.cells if cell.cell_type == "code" for tag in tags(cell) if tag in PLOTS}
 
 
-def test_notebook_runs_on_the_venv_kernel_and_skips_missing_tables(executed: nbformat.NotebookNode,
-                                                                   texts: list[str]) -> None:
+def test_notebook_runs_on_the_venv_kernel_and_skips_missing_tables(
+    executed: nbformat.NotebookNode, texts: list[str]
+) -> None:
     code = [cell for cell in executed.cells if cell.cell_type == "code"]
     assert all(cell.execution_count for cell in code)  # every cell ran, top to bottom
     assert not [out for cell in code for out in cell.outputs if out["output_type"] == "error"]
@@ -157,8 +175,7 @@ def test_notebook_queries_print_results(texts: list[str], full_output: DemoOutpu
         assert kind in quarantine
 
 
-def test_notebook_plots_render_as_pictures(plots: dict[str, nbformat.NotebookNode],
-                                           full_output: DemoOutput) -> None:
+def test_notebook_plots_render_as_pictures(plots: dict[str, nbformat.NotebookNode], full_output: DemoOutput) -> None:
     assert sorted(plots) == sorted(PLOTS)
     for name, cell in plots.items():
         images = pngs(cell)
@@ -170,6 +187,8 @@ def test_notebook_plots_render_as_pictures(plots: dict[str, nbformat.NotebookNod
             assert len(colours) > 1 and background < 0.99 * image.width * image.height, f"{name} is blank"
     _, neighbours = first_neighbours(full_output)
     thumbnails = cell_text(plots["neighbour-thumbnails"])
-    assert (f"{K + 1} pictures, 2 could not be shown: {neighbours[-2]} (not_an_image), {neighbours[-1]} (missing)"
-            in thumbnails)
+    assert (
+        f"{K + 1} pictures, 2 could not be shown: {neighbours[-2]} (not_an_image), {neighbours[-1]} (missing)"
+        in thumbnails
+    )
     assert "skipped" not in "".join(cell_text(cell) for cell in plots.values())

@@ -1,4 +1,5 @@
 """read_bytes: local paths, file: URIs and pyarrow filesystems, every failure as an ImageError kind."""
+
 from __future__ import annotations
 
 import os

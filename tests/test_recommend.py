@@ -4,6 +4,7 @@ Three shards (Shoe, Pan, Bag), each a tight cluster of its own direction, so the
 known; hand-written events make shoppers with one taste, two tastes, no usable history, and a co-visitation
 pattern that crosses categories. Indexes are real FAISS shards built by `index.run`.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -42,8 +43,14 @@ def item_vectors() -> pd.DataFrame:
             v = np.zeros(DIM)
             v[axis] = 1.0
             v[3:] = 0.15 * rng.normal(size=DIM - 3)
-            rows.append({"item_id": f"{shard}-{i:03d}", "shard": shard, "category": shard,
-                         "embedding": (v / np.linalg.norm(v)).astype(np.float32)})
+            rows.append(
+                {
+                    "item_id": f"{shard}-{i:03d}",
+                    "shard": shard,
+                    "category": shard,
+                    "embedding": (v / np.linalg.norm(v)).astype(np.float32),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -58,13 +65,16 @@ def write_events(events: pd.DataFrame, path: Path) -> None:
 def world_events() -> pd.DataFrame:
     rows = [
         # One taste: shoes. Buys Shoe-001, which must never come back.
-        event("u_shoes", "Shoe-001"), event("u_shoes", "Shoe-001", "purchase"), event("u_shoes", "Shoe-002"),
+        event("u_shoes", "Shoe-001"),
+        event("u_shoes", "Shoe-001", "purchase"),
+        event("u_shoes", "Shoe-002"),
         event("u_shoes", "Shoe-003", "cart"),
         # Two tastes: mostly pans, some bags.
         *(event("u_two", f"Pan-{i:03d}", "cart") for i in range(10, 16)),
         *(event("u_two", f"Bag-{i:03d}") for i in range(10, 13)),
         # Nothing usable: an item that is not in embeddings, and an event type without a weight.
-        event("u_cold", NOT_EMBEDDED, "purchase"), event("u_wish", "Shoe-002", "wishlist"),
+        event("u_cold", NOT_EMBEDDED, "purchase"),
+        event("u_wish", "Shoe-002", "wishlist"),
     ]
     # Co-visitation across categories: twenty shoppers who look at Shoe-030 also look at Pan-030.
     for u in range(20):
@@ -81,15 +91,28 @@ def world(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> tupl
     folder = tmp_path_factory.mktemp("recommend-world")
     items = item_vectors()
     root = str(folder / "out")
-    frame = spark.createDataFrame(items.assign(embedding=items["embedding"].map(lambda v: v.tolist())).drop(
-        columns="category"), "item_id string, shard string, embedding array<float>")
-    tables.write(frame.select("item_id", "shard", "embedding", F.lit(MODEL).alias("model"),
-                              F.col("item_id").alias("image_sha256"), F.lit(28).alias("width"),
-                              F.lit(28).alias("height"), F.lit("e1").alias("run_id"),
-                              F.current_timestamp().alias("embedded_at")),
-                 tables.table_path(root, "embeddings"), mode="overwrite")
-    catalog = items[["item_id", "category"]].assign(image_uri=items["item_id"] + ".png",
-                                                     in_stock=items["item_id"] != OUT_OF_STOCK)
+    frame = spark.createDataFrame(
+        items.assign(embedding=items["embedding"].map(lambda v: v.tolist())).drop(columns="category"),
+        "item_id string, shard string, embedding array<float>",
+    )
+    tables.write(
+        frame.select(
+            "item_id",
+            "shard",
+            "embedding",
+            F.lit(MODEL).alias("model"),
+            F.col("item_id").alias("image_sha256"),
+            F.lit(28).alias("width"),
+            F.lit(28).alias("height"),
+            F.lit("e1").alias("run_id"),
+            F.current_timestamp().alias("embedded_at"),
+        ),
+        tables.table_path(root, "embeddings"),
+        mode="overwrite",
+    )
+    catalog = items[["item_id", "category"]].assign(
+        image_uri=items["item_id"] + ".png", in_stock=items["item_id"] != OUT_OF_STOCK
+    )
     catalog.to_parquet(folder / "catalog.parquet")
     write_events(world_events(), folder / "events.parquet")
     index.run(config(folder), spark, "b1")
@@ -97,9 +120,16 @@ def world(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 def config(folder: Path, **overrides: object) -> Config:
-    return make_config(folder, **{"catalog.path": str(folder / "catalog.parquet"),
-                                  "events.path": str(folder / "events.parquet"), "index.flat_below": 2000,
-                                  "recommend.n": 6, **overrides})
+    return make_config(
+        folder,
+        **{
+            "catalog.path": str(folder / "catalog.parquet"),
+            "events.path": str(folder / "events.parquet"),
+            "index.flat_below": 2000,
+            "recommend.n": 6,
+            **overrides,
+        },
+    )
 
 
 def run_stage(spark: SparkSession, world: tuple[Path, pd.DataFrame], **overrides: object) -> pd.DataFrame:
@@ -179,8 +209,9 @@ def test_exclusion_rules_are_configurable(spark: SparkSession, world: tuple[Path
     assert {"Shoe-002", "Shoe-003"} <= set(shoes)
 
 
-def test_missing_events_path_and_bad_events_are_clear_errors(spark: SparkSession, world: tuple[Path, pd.DataFrame],
-                                                             tmp_path: Path) -> None:
+def test_missing_events_path_and_bad_events_are_clear_errors(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
     with pytest.raises(recommend.RecommendError, match="events.path is not set"):
         recommend.run(config(world[0], **{"events.path": None}), spark, "r2")
     bad = tmp_path / "events.parquet"
@@ -192,9 +223,9 @@ def test_missing_events_path_and_bad_events_are_clear_errors(spark: SparkSession
         recommend.run(config(world[0], **{"events.path": str(bad)}), spark, "r4")
 
 
-def test_events_on_no_embedded_item_give_an_empty_table_not_a_crash(spark: SparkSession,
-                                                                     world: tuple[Path, pd.DataFrame],
-                                                                     tmp_path: Path) -> None:
+def test_events_on_no_embedded_item_give_an_empty_table_not_a_crash(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
     # No user has a usable history and nothing recommendable is popular: every staged folder is empty.
     events = tmp_path / "events.parquet"
     write_events(pd.DataFrame([event("u1", NOT_EMBEDDED), event("u2", "Gone-002", "purchase")]), events)
@@ -203,9 +234,16 @@ def test_events_on_no_embedded_item_give_an_empty_table_not_a_crash(spark: Spark
 
 
 def test_event_weights_and_half_life_decay(spark: SparkSession) -> None:
-    events = spark.createDataFrame(pd.DataFrame([
-        event("u", "a", "view", days_ago=0), event("u", "a", "purchase", days_ago=10),
-        event("u", "b", "cart", days_ago=20), event("u", "c", "wishlist", days_ago=0)]))
+    events = spark.createDataFrame(
+        pd.DataFrame(
+            [
+                event("u", "a", "view", days_ago=0),
+                event("u", "a", "purchase", days_ago=10),
+                event("u", "b", "cart", days_ago=20),
+                event("u", "c", "wishlist", days_ago=0),
+            ]
+        )
+    )
     weighted = history.weighted(history.validate(events, "test"), {"view": 1.0, "cart": 3.0, "purchase": 5.0}, 10.0)
     pairs = history.user_items(weighted, ["purchase"]).toPandas().set_index("item_id")
     assert pairs.loc["a", "weight"] == pytest.approx(1.0 + 5.0 * 0.5)

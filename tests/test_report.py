@@ -5,6 +5,7 @@ The page is parsed with the standard library's HTMLParser into sections, rows, t
 assertions are about what an analyst sees, not about string layout; the parser also checks that every
 element is closed in order.
 """
+
 from __future__ import annotations
 
 import base64
@@ -167,11 +168,14 @@ def picture(src: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def reports(spark: SparkSession, demo_output: DemoOutput, full_output: DemoOutput,
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, ReportSummary]]:
+def reports(
+    spark: SparkSession, demo_output: DemoOutput, full_output: DemoOutput, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, ReportSummary]]:
     folder = tmp_path_factory.mktemp("reports")
-    return {name: (folder / f"{name}.html", write_report(output.cfg, spark, folder / f"{name}.html"))
-            for name, output in (("bare", demo_output), ("full", full_output))}
+    return {
+        name: (folder / f"{name}.html", write_report(output.cfg, spark, folder / f"{name}.html"))
+        for name, output in (("bare", demo_output), ("full", full_output))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +221,9 @@ def test_users_with_history_and_recommendations(full: Page, full_output: DemoOut
     for row in rows:
         mine = events[events["user_id"] == row.key]
         assert len(mine) > 0 and f"{len(mine)} events" in row.text
-        latest = mine.groupby("item_id")["ts"].max().reset_index().sort_values(["ts", "item_id"],
-                                                                                ascending=[False, True])
+        latest = (
+            mine.groupby("item_id")["ts"].max().reset_index().sort_values(["ts", "item_id"], ascending=[False, True])
+        )
         assert [t.item for t in row.strip("history")] == latest["item_id"].tolist()[:12]
         assert [t.item for t in row.strip("recs")] == recs[recs["user_id"] == row.key]["item_id"].tolist()
         assert all(t.src for t in row.tiles)
@@ -265,7 +270,7 @@ def test_runs_newest_first_with_metrics(full: Page, full_output: DemoOutput) -> 
     cells = full.sections["runs"].cells
     heads = [row[0] for row in cells if len(row) == 1]
     assert heads == [RUN_ID, FAILED_RUN_ID]
-    stages = {row[0]: row for row in cells[cells.index([RUN_ID]) + 1: cells.index([FAILED_RUN_ID])]}
+    stages = {row[0]: row for row in cells[cells.index([RUN_ID]) + 1 : cells.index([FAILED_RUN_ID])]}
     assert list(stages) == ["embed", "index", "similar", "recommend"]
     assert {row[1] for row in stages.values()} == {"succeeded"}
     embed_result = full_output.results[0][0]
@@ -287,8 +292,9 @@ def test_data_strings_are_escaped_and_nothing_is_fetched(reports: dict, full: Pa
         assert forbidden not in raw, forbidden
 
 
-def test_missing_tables_are_explained(reports: dict, spark: SparkSession, demo_output: DemoOutput,
-                                      tmp_path: Path) -> None:
+def test_missing_tables_are_explained(
+    reports: dict, spark: SparkSession, demo_output: DemoOutput, tmp_path: Path
+) -> None:
     path, summary = reports["bare"]
     assert summary.absent == ("runs",)  # the users section still shows history without recommendations
     page = Page(path.read_text())
@@ -300,8 +306,9 @@ def test_missing_tables_are_explained(reports: dict, spark: SparkSession, demo_o
     assert any("The runs table does not exist yet" in note for note in page.sections["runs"].notes)
     assert page.cards["Users with recommendations"] == "–" and page.cards["Last run"] == "–"
     # a fresh output root: every section explains itself, nothing crashes
-    empty = write_report(demo_output.cfg.with_overrides({"output.root": str(tmp_path / "nothing")}), spark,
-                         tmp_path / "empty.html")
+    empty = write_report(
+        demo_output.cfg.with_overrides({"output.root": str(tmp_path / "nothing")}), spark, tmp_path / "empty.html"
+    )
     assert set(empty.absent) == {"similar", "duplicates", "quarantine", "runs"}
     page = Page((tmp_path / "empty.html").read_text())
     assert any("similar_items table does not exist yet" in n for n in page.sections["similar"].notes)
@@ -321,10 +328,23 @@ def test_renders_in_headless_chromium(reports: dict, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.skip("needs Debian chromium (`make chromium`)")
     shot = tmp_path / "report.png"
-    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-               f"--window-size={SCREEN[0]},{SCREEN[1]}", f"--screenshot={shot}", reports["full"][0].as_uri()]
+    command = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={SCREEN[0]},{SCREEN[1]}",
+        f"--screenshot={shot}",
+        reports["full"][0].as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
     assert shot.is_file(), done.stderr[-2000:]
     with Image.open(shot) as image:

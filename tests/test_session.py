@@ -1,4 +1,5 @@
 """The session factory: settings from config, master resolution, the workers' interpreter."""
+
 from __future__ import annotations
 
 import sys
@@ -20,7 +21,8 @@ def test_settings_from_config(tmp_path: Path) -> None:
     assert settings["spark.foo"] == "bar"
     assert settings["spark.executorEnv.MALLOC_MMAP_MAX_"] == "0"
     assert "spark.executorEnv.MALLOC_MMAP_MAX_" not in session_settings(
-        make_config(tmp_path, **{"spark.tune_malloc": False}))
+        make_config(tmp_path, **{"spark.tune_malloc": False})
+    )
 
 
 def test_master_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,6 +39,9 @@ def test_live_session(spark: SparkSession) -> None:
     assert conf.get("spark.python.worker.reuse") == "true"
     assert spark.sparkContext.master == "local[2]"
     # Workers run this interpreter (the venv's), and they inherit the malloc settings.
-    got = spark.sparkContext.parallelize([0], 1).map(
-        lambda _: (__import__("sys").executable, __import__("os").environ.get("MALLOC_MMAP_MAX_"))).collect()
+    got = (
+        spark.sparkContext.parallelize([0], 1)
+        .map(lambda _: (__import__("sys").executable, __import__("os").environ.get("MALLOC_MMAP_MAX_")))
+        .collect()
+    )
     assert got == [(sys.executable, "0")]

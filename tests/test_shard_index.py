@@ -1,4 +1,5 @@
 """shard_index: build, tune, search, save and load one shard, on small clustered synthetic vectors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,7 +73,7 @@ def test_tuning_stops_at_the_first_setting_reaching_the_target(built: shard_inde
     *before, last = built.tuning
     assert last == (built.nprobe, built.rerank_k, built.recall_at_10)
     assert all(recall < built.params.target_recall for _, _, recall in before)
-    assert [nprobe for nprobe, _, _ in built.tuning][:2] == [1, 2][:len(built.tuning)]
+    assert [nprobe for nprobe, _, _ in built.tuning][:2] == [1, 2][: len(built.tuning)]
 
 
 def test_manifest_recall_matches_recall_on_fresh_queries(built: shard_index.BuiltIndex, vectors: np.ndarray) -> None:
@@ -129,16 +130,35 @@ def test_build_refuses_vectors_that_are_not_the_plan() -> None:
 def test_save_writes_the_documented_files(saved: Path, built: shard_index.BuiltIndex) -> None:
     assert sorted(p.name for p in saved.iterdir()) == ["ids.parquet", "index.faiss", "manifest.json"]
     manifest = json.loads((saved / "manifest.json").read_text())
-    for key in ("factory", "dim", "ntotal", "nprobe", "recall_at_10", "model", "build_seconds", "bytes",
-                "kind", "nlist", "m", "rerank", "target_recall", "target_reached", "train_size", "eval_queries"):
+    for key in (
+        "factory",
+        "dim",
+        "ntotal",
+        "nprobe",
+        "recall_at_10",
+        "model",
+        "build_seconds",
+        "bytes",
+        "kind",
+        "nlist",
+        "m",
+        "rerank",
+        "target_recall",
+        "target_reached",
+        "train_size",
+        "eval_queries",
+    ):
         assert key in manifest, key
     assert manifest["bytes"] == (saved / "index.faiss").stat().st_size
     assert manifest["bytes"] <= manifest["flat_bytes"] / 8
     assert (manifest["factory"], manifest["ntotal"], manifest["dim"]) == (built.params.factory, 20_000, DIM)
     assert (manifest["nprobe"], manifest["rerank"], manifest["rerank_k"]) == (built.nprobe, True, built.rerank_k)
     assert manifest["model"] == MODEL and manifest["shard"] == "shoes"
-    assert manifest["tuning"][-1] == {"nprobe": built.nprobe, "rerank_k": built.rerank_k,
-                                      "recall_at_10": built.recall_at_10}
+    assert manifest["tuning"][-1] == {
+        "nprobe": built.nprobe,
+        "rerank_k": built.rerank_k,
+        "recall_at_10": built.recall_at_10,
+    }
     ids = pq.read_table(saved / "ids.parquet")
     assert ids.column_names == ["item_id"] and ids["item_id"].to_pylist() == item_ids(20_000)
 
@@ -258,12 +278,21 @@ def test_tune_reranks_more_when_nprobe_stops_helping() -> None:
     tried, chosen = shard_index._tune(measure, fake_params(64))
     assert chosen == (8, 400, 0.97)
     # At 100 candidates nprobe 16 adds nothing over 8, so candidates double and nprobe resumes at 8.
-    assert [step[:2] for step in tried] == [(1, 100), (2, 100), (4, 100), (8, 100), (16, 100),
-                                            (8, 200), (16, 200), (8, 400)]
+    assert [step[:2] for step in tried] == [
+        (1, 100),
+        (2, 100),
+        (4, 100),
+        (8, 100),
+        (16, 100),
+        (8, 200),
+        (16, 200),
+        (8, 400),
+    ]
 
 
 def test_tune_keeps_the_best_setting_when_the_target_is_out_of_reach() -> None:
-    tried, chosen = shard_index._tune(lambda nprobe, rerank_k: min(0.1 * nprobe, 0.5) + rerank_k / 1e4,
-                                      fake_params(16, target=0.99))
+    tried, chosen = shard_index._tune(
+        lambda nprobe, rerank_k: min(0.1 * nprobe, 0.5) + rerank_k / 1e4, fake_params(16, target=0.99)
+    )
     assert chosen == max(tried, key=lambda step: step[2]) and chosen[2] < 0.99
     assert chosen[1] == 800

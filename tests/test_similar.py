@@ -3,6 +3,7 @@
 Synthetic clustered vectors go into an `embeddings` table, `index.run` builds the shards, then
 `similar.run`; results are checked against brute-force cosine search with the same exclusions.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -48,8 +49,17 @@ def dataset(sizes: dict[str, int]) -> pd.DataFrame:
     frames = []
     for seed, (shard, n) in enumerate(sizes.items()):
         ids = [f"{shard}-{i:05d}" for i in range(n)]
-        frames.append(pd.DataFrame({"item_id": ids, "shard": shard, "embedding": list(clustered(n, seed)),
-                                    "image_sha256": [f"sha-{i}" for i in ids], "run_id": "e1"}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "item_id": ids,
+                    "shard": shard,
+                    "embedding": list(clustered(n, seed)),
+                    "image_sha256": [f"sha-{i}" for i in ids],
+                    "run_id": "e1",
+                }
+            )
+        )
     df = pd.concat(frames, ignore_index=True).set_index("item_id", drop=False)
     if "Bag" in sizes and "Shoe" in sizes:
         for group in (TWINS, list(CROSS_TWIN)):
@@ -59,13 +69,25 @@ def dataset(sizes: dict[str, int]) -> pd.DataFrame:
 
 
 def write_embeddings(spark: SparkSession, root: str, df: pd.DataFrame) -> None:
-    frame = spark.createDataFrame(df.assign(embedding=df["embedding"].map(lambda v: v.tolist())),
-                                  "item_id string, shard string, embedding array<float>, image_sha256 string, "
-                                  "run_id string")
-    tables.write(frame.select("item_id", "shard", "embedding", F.lit(MODEL).alias("model"), "image_sha256",
-                              F.lit(28).alias("width"), F.lit(28).alias("height"), "run_id",
-                              F.current_timestamp().alias("embedded_at")),
-                 tables.table_path(root, "embeddings"), mode="overwrite")
+    frame = spark.createDataFrame(
+        df.assign(embedding=df["embedding"].map(lambda v: v.tolist())),
+        "item_id string, shard string, embedding array<float>, image_sha256 string, run_id string",
+    )
+    tables.write(
+        frame.select(
+            "item_id",
+            "shard",
+            "embedding",
+            F.lit(MODEL).alias("model"),
+            "image_sha256",
+            F.lit(28).alias("width"),
+            F.lit(28).alias("height"),
+            "run_id",
+            F.current_timestamp().alias("embedded_at"),
+        ),
+        tables.table_path(root, "embeddings"),
+        mode="overwrite",
+    )
 
 
 def config(tmp_path: Path, **overrides: object) -> Config:
@@ -92,8 +114,14 @@ def similar_rows(root: str) -> pd.DataFrame:
     return tables.read_arrow(tables.table_path(root, "similar_items")).to_pandas()
 
 
-def brute_force(df: pd.DataFrame, k: int, *, scope_all: bool = False, eligible: np.ndarray | None = None,
-                min_score: float | None = None) -> dict[str, list[tuple[str, float]]]:
+def brute_force(
+    df: pd.DataFrame,
+    k: int,
+    *,
+    scope_all: bool = False,
+    eligible: np.ndarray | None = None,
+    min_score: float | None = None,
+) -> dict[str, list[tuple[str, float]]]:
     """Exact top-k per item with the stage's exclusions: self, same image, ineligible, under min_score."""
     vectors = np.stack(df["embedding"].to_numpy())
     scores = vectors @ vectors.T
@@ -134,8 +162,12 @@ def test_contract_exact_k_and_duplicates(spark: SparkSession, small: tuple[Path,
     root = cfg["output.root"]
     schema = tables.spark_schema(tables.table_path(root, "similar_items"))
     assert [(f.name, f.dataType.simpleString()) for f in schema.fields] == [
-        ("item_id", "string"), ("rank", "int"), ("similar_item_id", "string"), ("score", "float"),
-        ("run_id", "string")]
+        ("item_id", "string"),
+        ("rank", "int"),
+        ("similar_item_id", "string"),
+        ("score", "float"),
+        ("run_id", "string"),
+    ]
     rows = similar_rows(root)
     assert (rows.groupby("item_id").size() == K).all() and len(rows) == K * len(df) == result.rows_out
     check_lists(rows, brute_force(df, K), df)
@@ -146,8 +178,11 @@ def test_contract_exact_k_and_duplicates(spark: SparkSession, small: tuple[Path,
 
     duplicates = tables.read_arrow(tables.table_path(root, "duplicates")).to_pandas()
     assert sorted(zip(duplicates["item_id"], duplicates["duplicate_of"])) == [
-        ("Bag-00001", "Bag-00000"), ("Bag-00002", "Bag-00000"), ("Bag-00003", "Bag-00000"),
-        ("Shoe-00000", "Bag-00010")]
+        ("Bag-00001", "Bag-00000"),
+        ("Bag-00002", "Bag-00000"),
+        ("Bag-00003", "Bag-00000"),
+        ("Shoe-00000", "Bag-00010"),
+    ]
     assert set(duplicates["run_id"]) == {"r1"}
     # 500 items in chunks of ~120: several tasks, each worker loading a shard once, not per task
     assert result.metrics["tasks"] >= 4 and result.metrics["shard_loads"] < result.metrics["tasks"]
@@ -178,7 +213,8 @@ def test_ivfpq_shard_recall_against_brute_force(spark: SparkSession, tmp_path: P
     # every score is the true cosine, not a PQ estimate
     pairs = rows.merge(df[["item_id", "embedding"]], on="item_id").merge(
         df[["item_id", "embedding"]].rename(columns={"item_id": "similar_item_id", "embedding": "other"}),
-        on="similar_item_id")
+        on="similar_item_id",
+    )
     cosines = np.einsum("ij,ij->i", np.stack(pairs["embedding"].to_numpy()), np.stack(pairs["other"].to_numpy()))
     np.testing.assert_allclose(pairs["score"].to_numpy(), cosines, atol=1e-5)
 
@@ -187,7 +223,8 @@ def test_min_score_and_in_stock_only(spark: SparkSession, small: tuple[Path, pd.
     df = copy_of(small, tmp_path)
     in_stock = np.random.default_rng(3).random(len(df)) > 0.4
     pd.DataFrame({"item_id": df["item_id"], "image_uri": "x.png", "in_stock": in_stock}).to_parquet(
-        tmp_path / "catalog.parquet")
+        tmp_path / "catalog.parquet"
+    )
     cfg = config(tmp_path, **{"similar.in_stock_only": True, "similar.min_score": 0.75})
     similar.run(cfg, spark, "r1")
     rows = similar_rows(cfg["output.root"])
@@ -211,8 +248,9 @@ def test_scope_all_merges_shards(spark: SparkSession, small: tuple[Path, pd.Data
     assert not rows[rows["item_id"] == CROSS_TWIN[0]]["similar_item_id"].isin([CROSS_TWIN[1]]).any()
 
 
-def test_incremental_recomputes_changed_shards_only(spark: SparkSession, small: tuple[Path, pd.DataFrame],
-                                                    tmp_path: Path) -> None:
+def test_incremental_recomputes_changed_shards_only(
+    spark: SparkSession, small: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
     df = copy_of(small, tmp_path)
     cfg = config(tmp_path)
     root = cfg["output.root"]
@@ -252,25 +290,29 @@ def test_stale_index_is_refused(spark: SparkSession, small: tuple[Path, pd.DataF
     shoes = moved["shard"] == "Shoe"
     moved.loc[shoes, "embedding"] = pd.Series(list(clustered(int(shoes.sum()), seed=5)), index=moved.index[shoes])
     write_embeddings(spark, root, moved)
-    with pytest.raises(builds.StaleIndexError, match=r"shard 'Shoe' of index build b1: .* differ from those the "
-                                                      r"index was built from.*re-run `lookalike index`"):
+    with pytest.raises(
+        builds.StaleIndexError,
+        match=r"shard 'Shoe' of index build b1: .* differ from those the "
+        r"index was built from.*re-run `lookalike index`",
+    ):
         similar.run(cfg, spark, "r1")
 
     grown = pd.concat([df, df.iloc[:1].assign(item_id="Bag-new")], ignore_index=True)
     write_embeddings(spark, root, grown)
-    with pytest.raises(builds.StaleIndexError, match="shard 'Bag' has 301 items in embeddings but 300 in index "
-                                                      "build b1"):
+    with pytest.raises(
+        builds.StaleIndexError, match="shard 'Bag' has 301 items in embeddings but 300 in index build b1"
+    ):
         similar.run(cfg, spark, "r2")
     assert not tables.exists(tables.table_path(root, "similar_items"))
 
 
 # ------------------------------------------------------------------------------ search math, no Spark
 
+
 def flat_target(vectors: np.ndarray, keys: np.ndarray, eligible: np.ndarray, tmp_path: Path) -> similar.TargetShard:
     params = choose_params(len(vectors), DIM)
     folder = tmp_path / "shard"
-    shard_index.save(shard_index.build(vectors, params), folder, ids=[str(i) for i in range(len(vectors))],
-                     model=MODEL)
+    shard_index.save(shard_index.build(vectors, params), folder, ids=[str(i) for i in range(len(vectors))], model=MODEL)
     loaded = shard_index.load(folder, expected_dim=DIM, expected_model=MODEL)
     return similar.TargetShard(loaded, vectors, keys, eligible)
 
@@ -310,7 +352,13 @@ def test_planning() -> None:
     assert search.group_sizes(np.array([4, 9, 1]), np.array([1, 4, 4, 4, 7])).tolist() == [3, 0, 1]
     units = plan.plan_units({"a": {0: 5, 1: 5}, "b": {0: 3}}, ["a", "b"], "all")
     assert [(u.target, u.source, u.chunk) for u in units] == [
-        ("a", "a", 0), ("a", "a", 1), ("a", "b", 0), ("b", "a", 0), ("b", "a", 1), ("b", "b", 0)]
+        ("a", "a", 0),
+        ("a", "a", 1),
+        ("a", "b", 0),
+        ("b", "a", 0),
+        ("b", "a", 1),
+        ("b", "b", 0),
+    ]
     tasks = plan.pack(units, 8)
     assert [[u.size for u in task] for task in tasks] == [[5], [5, 3], [5], [5, 3]]
     assert len(plan.plan_units({"a": {0: 5}, "b": {0: 3}}, ["a", "b"], "shard")) == 2
@@ -318,8 +366,12 @@ def test_planning() -> None:
 
 def test_changed_shards() -> None:
     settings = plan.Settings(k=10, scope="shard", min_score=None, in_stock_only=False, exclude_duplicates=True)
-    state = {"version": plan.STATE_VERSION, "settings": asdict(settings), "table_version": 4,
-             "shards": {"a": "x", "b": "y"}}
+    state = {
+        "version": plan.STATE_VERSION,
+        "settings": asdict(settings),
+        "table_version": 4,
+        "shards": {"a": "x", "b": "y"},
+    }
     assert plan.changed_shards(state, {"a": "x", "b": "z", "c": "w"}, settings, 4) == {"b", "c"}
     assert plan.changed_shards(state, {"a": "x"}, settings, 4) == set()  # b's items are deleted by key
     assert plan.changed_shards(state, {"a": "x", "b": "y"}, settings, 5) == {"a", "b"}  # table edited

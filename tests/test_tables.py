@@ -1,4 +1,5 @@
 """The Delta table layer: atomic commits, failed and killed writes, replace by key, concurrent readers."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ from tests.conftest import REPO
 
 
 def frame(spark: SparkSession, ids: range, value: str = "v1", partitions: int = 2) -> DataFrame:
-    return spark.createDataFrame([(f"i{i:04d}", value, [float(i), 1.0]) for i in ids],
-                                 "item_id string, value string, vec array<float>").repartition(partitions)
+    return spark.createDataFrame(
+        [(f"i{i:04d}", value, [float(i), 1.0]) for i in ids], "item_id string, value string, vec array<float>"
+    ).repartition(partitions)
 
 
 def rows(spark: SparkSession, path: str) -> dict[str, str]:
@@ -134,8 +136,13 @@ def test_killed_write_leaves_previous_version(spark: SparkSession, tmp_path: Pat
     script = tmp_path / "writer.py"
     script.write_text(KILLED_WRITER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), path, str(tmp_path / "w")], stdout=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), path, str(tmp_path / "w")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "WRITING"
         # Kill the driver and its JVM once executors have started writing Parquet files into the table.

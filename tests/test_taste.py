@@ -1,4 +1,5 @@
 """The recommendation math on hand-made numbers: decay, interests, quotas, fair merge, blend, because."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def test_one_taste_gives_one_interest_even_when_more_are_allowed() -> None:
 
 def test_two_tastes_give_two_interests_heaviest_first_with_weight_shares() -> None:
     shoes, pans = _unit(1, 0, 0, 0), _unit(0, 0, 1, 0)
-    history = np.stack([_unit(1, 0.05, 0, 0), _unit(1, -0.05, 0, 0), _unit(0, 0, 1, 0.05), _unit(0, 0, 1, -0.05),
-                        _unit(0.02, 0, 1, 0)])
+    history = np.stack(
+        [_unit(1, 0.05, 0, 0), _unit(1, -0.05, 0, 0), _unit(0, 0, 1, 0.05), _unit(0, 0, 1, -0.05), _unit(0.02, 0, 1, 0)]
+    )
     weights = np.array([1.0, 1.0, 2.0, 2.0, 2.0])  # the pans weigh more
     centroids, labels, shares = taste.interests(history, weights, max_interests=3)
     assert len(centroids) == 2

@@ -3,6 +3,7 @@
 End to end through `embed.run` on the shared SparkSession first (so that its model-load count sees the
 workers' first load), then the model itself, the catalog contract and the config checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ TITLES = {
 def write_catalog(folder: Path, titles: dict[str, str | None]) -> Path:
     """A catalog without `image_uri`: item_id, title and a category per item (its id's prefix)."""
     path = folder / "catalog.parquet"
-    pd.DataFrame({"item_id": list(titles), "title": list(titles.values()),
-                  "category": [item.split("-")[0] for item in titles]}).to_parquet(path)
+    pd.DataFrame(
+        {"item_id": list(titles), "title": list(titles.values()), "category": [item.split("-")[0] for item in titles]}
+    ).to_parquet(path)
     return path
 
 
@@ -73,6 +75,7 @@ def minilm(one_torch_thread):
 
 
 # ---------------------------------------------------------------------------------------------- embed stage
+
 
 def test_titles_embed_end_to_end_and_incrementally(spark: SparkSession, tmp_path: Path) -> None:
     titles = dict(TITLES)
@@ -117,8 +120,9 @@ def test_titles_embed_end_to_end_and_incrementally(spark: SparkSession, tmp_path
     state["encoder.layer.5.output.dense.bias"] += 0.01
     weights = tmp_path / "tuned.safetensors"
     save_file(state, str(weights))
-    fourth = embed.run(config(tmp_path, write_catalog(tmp_path, titles), **{"model.weights": str(weights)}),
-                       spark, "r4")
+    fourth = embed.run(
+        config(tmp_path, write_catalog(tmp_path, titles), **{"model.weights": str(weights)}), spark, "r4"
+    )
     final = embeddings(tmp_path / "out")
     assert fourth.rows_out == len(titles) and (final["run_id"] == "r4").all()
     assert final["model"].nunique() == 1 and final["model"].iloc[0] != after["model"].iloc[0]
@@ -137,8 +141,7 @@ def test_titles_without_text_are_quarantined_as_no_text(spark: SparkSession, tmp
 
     # A title that gets text leaves quarantine and is embedded; the job went on meanwhile.
     titles["empty-1"] = "Leather gloves"
-    again = embed.run(config(tmp_path, write_catalog(tmp_path, titles), **{"embed.max_bad_fraction": 1.0}),
-                      spark, "r2")
+    again = embed.run(config(tmp_path, write_catalog(tmp_path, titles), **{"embed.max_bad_fraction": 1.0}), spark, "r2")
     assert again.rows_out == 1 and "empty-1" in embeddings(tmp_path / "out").index
     assert set(quarantine(tmp_path / "out").index) == {"null-1", "blank-1"}
 
@@ -153,6 +156,7 @@ def test_too_many_empty_titles_stop_the_run(spark: SparkSession, tmp_path: Path)
 
 # ---------------------------------------------------------------------------------------------- catalog
 
+
 def test_title_input_needs_title_not_image_uri(spark: SparkSession, tmp_path: Path) -> None:
     df = read_catalog(spark, config(tmp_path, write_catalog(tmp_path, {"a-1": "Wool socks"})))
     [row] = df.collect()
@@ -165,9 +169,11 @@ def test_title_input_needs_title_not_image_uri(spark: SparkSession, tmp_path: Pa
 
 # ---------------------------------------------------------------------------------------------- model
 
+
 def test_similar_meaning_is_closer(minilm) -> None:
-    shoes, sneakers, pan = minilm.embed(["red running shoes", "crimson sneakers for jogging",
-                                         "stainless steel saucepan"])
+    shoes, sneakers, pan = minilm.embed(
+        ["red running shoes", "crimson sneakers for jogging", "stainless steel saucepan"]
+    )
     assert float(shoes @ sneakers) > float(shoes @ pan) + 0.3
     # Measured here and with sentence-transformers 6.2.0: 0.683 and 0.056.
     assert float(shoes @ sneakers) == pytest.approx(0.6835, abs=1e-3)
@@ -180,10 +186,12 @@ def test_matches_sentence_transformers_reference(minilm) -> None:
     agreed to 1.4e-7 and its token ids were identical; these leading values keep that pinned.
     """
     vectors = minilm.embed(["red running shoes", "Slim black sandal"])
-    np.testing.assert_allclose(vectors[0, :6], [-0.081954, -0.007958, -0.058658, 0.042644, 0.03555, 0.006476],
-                               atol=2e-5)
-    np.testing.assert_allclose(vectors[1, :6], [-0.093001, 0.038902, -0.001567, 0.046189, -0.015854, 0.016794],
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        vectors[0, :6], [-0.081954, -0.007958, -0.058658, 0.042644, 0.03555, 0.006476], atol=2e-5
+    )
+    np.testing.assert_allclose(
+        vectors[1, :6], [-0.093001, 0.038902, -0.001567, 0.046189, -0.015854, 0.016794], atol=2e-5
+    )
 
 
 def test_tokenizer_truncates_at_the_models_length_and_batches_do_not_change_vectors(minilm) -> None:
@@ -212,15 +220,23 @@ def test_text_model_shares_the_registry_cache_and_versioning(minilm) -> None:
 
 # ---------------------------------------------------------------------------------------------- config
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"embed.input": "title"},
-     r"embed.input is 'title' but model.name 'efficientnet-lite0' is an image model; .*use a text model "
-     r"\(all-minilm-l6-v2\)"),
-    ({"model.name": MODEL},
-     r"embed.input is 'image' but model.name 'all-minilm-l6-v2' is a text model; .*or set embed.input: title"),
-    ({"embed.input": "text"}, r"embed.input: must be one of image, title"),
-    ({"model.name": "bert"}, r"model.name: unknown model 'bert'"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"embed.input": "title"},
+            r"embed.input is 'title' but model.name 'efficientnet-lite0' is an image model; .*use a text model "
+            r"\(all-minilm-l6-v2\)",
+        ),
+        (
+            {"model.name": MODEL},
+            r"embed.input is 'image' but model.name 'all-minilm-l6-v2' is a text model; .*or set embed.input: title",
+        ),
+        ({"embed.input": "text"}, r"embed.input: must be one of image, title"),
+        ({"model.name": "bert"}, r"model.name: unknown model 'bert'"),
+    ],
+)
 def test_model_and_input_must_agree(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, **overrides)

@@ -4,6 +4,7 @@ Every stage command takes `--conf FILE` and repeatable `--set dotted.key=value`,
 Spark starts, and turns a LookalikeError into one line on stderr and a non-zero exit. `jobs/<stage>.py` calls
 `main` with the stage's name, so spark-submit and the CLI run the same code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_conf_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", required=True, help="YAML config file (see conf/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set embed.batch_size=32 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set embed.batch_size=32 (repeatable)",
+    )
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
@@ -70,8 +77,14 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         spark = get_spark(cfg)
         dead = held.previous
         if dead is not None:
-            runs.record(root, dead.run_id, dead.command, runs.INTERRUPTED,
-                        dt.datetime.fromisoformat(dead.started_at), dt.datetime.fromisoformat(dead.heartbeat))
+            runs.record(
+                root,
+                dead.run_id,
+                dead.command,
+                runs.INTERRUPTED,
+                dt.datetime.fromisoformat(dead.started_at),
+                dt.datetime.fromisoformat(dead.heartbeat),
+            )
         cleared = files.clear_stale_staging(root, run_id)
         if cleared:
             log.info("removed the staging folders of unfinished runs %s", cleared)
@@ -91,15 +104,21 @@ def _report(args: argparse.Namespace) -> int:
     from lookalike.session import get_spark
 
     summary = write_report(cfg, get_spark(cfg), args.out)
-    log.info("report written to %s (%d KB, %d thumbnails%s)", summary.path, summary.bytes // 1024,
-             summary.thumbnails, f"; not available yet: {', '.join(summary.absent)}" if summary.absent else "")
+    log.info(
+        "report written to %s (%d KB, %d thumbnails%s)",
+        summary.path,
+        summary.bytes // 1024,
+        summary.thumbnails,
+        f"; not available yet: {', '.join(summary.absent)}" if summary.absent else "",
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are CPU-feature probing
     try:
         if args.command == "demo-data":

@@ -4,6 +4,7 @@ Everything is checked before Spark starts, so a typo in a nightly config costs a
 cluster allocation. The schema below is the single source of truth for defaults and their explanations:
 docs/configuration.md is generated from it (`make docs`; a test fails when the file is stale).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -40,131 +41,287 @@ class Key:
 
 
 SCHEMA: dict[str, Key] = {
-    "catalog.path": Key(str, None, "Catalog table: a file or folder (or URI) of items to embed.",
-                        required=True, is_path=True, must_exist=True),
-    "catalog.format": Key(str, "parquet", "Format of `catalog.path`: parquet, csv, json or delta.",
-                          choices=("parquet", "csv", "json", "delta")),
-    "events.path": Key(str, None, "Interaction events (parquet) for `recommend`; unset skips recommendations.",
-                       nullable=True, is_path=True, must_exist=True),
-    "output.root": Key(str, None, "Folder (or URI) under which `tables/`, `indexes/` and `export/` are written.",
-                       required=True, is_path=True),
-    "spark.master": Key(str, None, "Spark master. Unset: the one spark-submit gives, else `local[*]`.",
-                        nullable=True),
-    "spark.app_name": Key(str, "lookalike", "Spark application name (under spark-submit too, where it replaces "
-                                            "`--name`)."),
-    "spark.driver_memory": Key(str, "4g", "Driver JVM heap (only applies when lookalike starts the JVM, not under "
-                                          "spark-submit)."),
-    "spark.shuffle_partitions": Key(int, 16, "`spark.sql.shuffle.partitions`; adaptive execution coalesces "
-                                             "small ones.", minimum=1),
-    "spark.tune_malloc": Key(bool, True, "Give Python workers glibc malloc settings (`MALLOC_MMAP_MAX_=0`, high trim "
-                                         "threshold and top pad) that stop the allocator returning activation buffers"
-                                         " to the OS every batch: about 3x CPU inference speed here. Set as "
-                                         "`spark.executorEnv.*` on clusters too."),
-    "spark.conf": Key(dict, {}, "Extra Spark settings passed to the session verbatim, e.g. `{spark.executor.memory: "
-                                "8g}`. A `spark.pyspark.python` here also sets the executors' interpreter (see "
-                                "docs/cluster.md)."),
+    "catalog.path": Key(
+        str,
+        None,
+        "Catalog table: a file or folder (or URI) of items to embed.",
+        required=True,
+        is_path=True,
+        must_exist=True,
+    ),
+    "catalog.format": Key(
+        str,
+        "parquet",
+        "Format of `catalog.path`: parquet, csv, json or delta.",
+        choices=("parquet", "csv", "json", "delta"),
+    ),
+    "events.path": Key(
+        str,
+        None,
+        "Interaction events (parquet) for `recommend`; unset skips recommendations.",
+        nullable=True,
+        is_path=True,
+        must_exist=True,
+    ),
+    "output.root": Key(
+        str,
+        None,
+        "Folder (or URI) under which `tables/`, `indexes/` and `export/` are written.",
+        required=True,
+        is_path=True,
+    ),
+    "spark.master": Key(str, None, "Spark master. Unset: the one spark-submit gives, else `local[*]`.", nullable=True),
+    "spark.app_name": Key(
+        str, "lookalike", "Spark application name (under spark-submit too, where it replaces `--name`)."
+    ),
+    "spark.driver_memory": Key(
+        str, "4g", "Driver JVM heap (only applies when lookalike starts the JVM, not under spark-submit)."
+    ),
+    "spark.shuffle_partitions": Key(
+        int, 16, "`spark.sql.shuffle.partitions`; adaptive execution coalesces small ones.", minimum=1
+    ),
+    "spark.tune_malloc": Key(
+        bool,
+        True,
+        "Give Python workers glibc malloc settings (`MALLOC_MMAP_MAX_=0`, high trim "
+        "threshold and top pad) that stop the allocator returning activation buffers"
+        " to the OS every batch: about 3x CPU inference speed here. Set as "
+        "`spark.executorEnv.*` on clusters too.",
+    ),
+    "spark.conf": Key(
+        dict,
+        {},
+        "Extra Spark settings passed to the session verbatim, e.g. `{spark.executor.memory: "
+        "8g}`. A `spark.pyspark.python` here also sets the executors' interpreter (see "
+        "docs/cluster.md).",
+    ),
     "export.keep": Key(int, 3, "Complete Parquet snapshots kept per exported table under `export/`.", minimum=1),
-    "lock.stale_seconds": Key(float, 600.0, "A run lock whose heartbeat (rewritten every 30 s) is older than this "
-                                            "belongs to a dead run and is taken over; on the same host a lock whose "
-                                            "process is gone is taken over at once.", minimum=60.0),
+    "lock.stale_seconds": Key(
+        float,
+        600.0,
+        "A run lock whose heartbeat (rewritten every 30 s) is older than this "
+        "belongs to a dead run and is taken over; on the same host a lock whose "
+        "process is gone is taken over at once.",
+        minimum=60.0,
+    ),
     "model.name": Key(str, "efficientnet-lite0", "Embedding model from the registry (see docs/stages.md, Models)."),
-    "model.weights": Key(str, None, "Local weights file, for registry models that take one (torchvision "
-                                    "architectures).",
-                         nullable=True, is_path=True, must_exist=True),
-    "embed.batch_size": Key(int, None, "Images (or titles) per inference batch; unset: 16 on the CPU (a batch's "
-                                       "activations stay in cache: 1.2x faster than 64 at 112 px), 256 on a GPU.",
-                            nullable=True, minimum=1),
-    "embed.image_size": Key(int, None, "Model input size in pixels; unset uses the model's own size (224 for lite0). "
-                                       "Image models only.",
-                            nullable=True, minimum=16),
-    "embed.input": Key(str, "image", "What the embed stage embeds: `image` (each item's `image_uri`, with an image "
-                                     "model) or `title` (its `title` text, with the text model `all-minilm-l6-v2`; "
-                                     "see docs/stages.md, Text input).",
-                        choices=("image", "title")),
-    "embed.device": Key(str, "auto", "Where inference runs: `auto` (the task's GPU when Spark gives one, else CPU), "
-                                     "`cpu`, or `cuda` (fail without a GPU).", choices=("auto", "cpu", "cuda")),
-    "embed.partition_size": Key(int, 1000, "Catalog items per Spark task (at least two tasks per core).",
-                                minimum=1),
-    "embed.decode_threads": Key(int, 2, "Threads per task that read, decode and preprocess images ahead of "
-                                        "inference.", minimum=1),
-    "embed.max_pixels": Key(int, 100_000_000, "Images whose header claims more pixels are quarantined as `too_large` "
-                                              "before decoding (decompression bombs).", minimum=1),
-    "embed.max_bytes": Key(int, 64 * 1024 * 1024, "Image files larger than this (64 MiB) are quarantined as "
-                                                  "`too_large`.",
-                           minimum=1),
-    "embed.max_bad_fraction": Key(float, 0.2, "The run stops, committing nothing, when more than this share "
-                                              "of the images it tried fails (a broken mount must not empty "
-                                              "the table).", minimum=0.0, maximum=1.0),
+    "model.weights": Key(
+        str,
+        None,
+        "Local weights file, for registry models that take one (torchvision architectures).",
+        nullable=True,
+        is_path=True,
+        must_exist=True,
+    ),
+    "embed.batch_size": Key(
+        int,
+        None,
+        "Images (or titles) per inference batch; unset: 16 on the CPU (a batch's "
+        "activations stay in cache: 1.2x faster than 64 at 112 px), 256 on a GPU.",
+        nullable=True,
+        minimum=1,
+    ),
+    "embed.image_size": Key(
+        int,
+        None,
+        "Model input size in pixels; unset uses the model's own size (224 for lite0). Image models only.",
+        nullable=True,
+        minimum=16,
+    ),
+    "embed.input": Key(
+        str,
+        "image",
+        "What the embed stage embeds: `image` (each item's `image_uri`, with an image "
+        "model) or `title` (its `title` text, with the text model `all-minilm-l6-v2`; "
+        "see docs/stages.md, Text input).",
+        choices=("image", "title"),
+    ),
+    "embed.device": Key(
+        str,
+        "auto",
+        "Where inference runs: `auto` (the task's GPU when Spark gives one, else CPU), "
+        "`cpu`, or `cuda` (fail without a GPU).",
+        choices=("auto", "cpu", "cuda"),
+    ),
+    "embed.partition_size": Key(int, 1000, "Catalog items per Spark task (at least two tasks per core).", minimum=1),
+    "embed.decode_threads": Key(
+        int, 2, "Threads per task that read, decode and preprocess images ahead of inference.", minimum=1
+    ),
+    "embed.max_pixels": Key(
+        int,
+        100_000_000,
+        "Images whose header claims more pixels are quarantined as `too_large` before decoding (decompression bombs).",
+        minimum=1,
+    ),
+    "embed.max_bytes": Key(
+        int, 64 * 1024 * 1024, "Image files larger than this (64 MiB) are quarantined as `too_large`.", minimum=1
+    ),
+    "embed.max_bad_fraction": Key(
+        float,
+        0.2,
+        "The run stops, committing nothing, when more than this share "
+        "of the images it tried fails (a broken mount must not empty "
+        "the table).",
+        minimum=0.0,
+        maximum=1.0,
+    ),
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
-    "index.max_shard_size": Key(int, 200_000, "Shards with more items are split into hash sub-shards (`value#00`, "
-                                              "`value#01`, ...).", minimum=2),
-    "index.flat_below": Key(int, 32_768, "Shards with fewer items get exact (Flat) search instead of IVF-PQ (PQ "
-                                         "codebooks train poorly on fewer points).",
-                            minimum=1),
-    "index.target_recall": Key(float, 0.95, "nprobe (then re-ranked candidates) is raised per shard until recall@10 "
-                                            "against exact search reaches this; the manifest says when it cannot.",
-                                            minimum=0.0, maximum=1.0),
-    "index.reduce_dim": Key(int, None, "Rotate and reduce vectors to this dimension (OPQ) before PQ; unset keeps the "
-                                       "full dimension with a random rotation.", nullable=True, minimum=4),
-    "index.keep_builds": Key(int, 3, "Complete index builds kept under `indexes/` (older and incomplete ones are "
-                                     "removed).",
-                             minimum=1),
+    "index.max_shard_size": Key(
+        int, 200_000, "Shards with more items are split into hash sub-shards (`value#00`, `value#01`, ...).", minimum=2
+    ),
+    "index.flat_below": Key(
+        int,
+        32_768,
+        "Shards with fewer items get exact (Flat) search instead of IVF-PQ (PQ "
+        "codebooks train poorly on fewer points).",
+        minimum=1,
+    ),
+    "index.target_recall": Key(
+        float,
+        0.95,
+        "nprobe (then re-ranked candidates) is raised per shard until recall@10 "
+        "against exact search reaches this; the manifest says when it cannot.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    "index.reduce_dim": Key(
+        int,
+        None,
+        "Rotate and reduce vectors to this dimension (OPQ) before PQ; unset keeps the "
+        "full dimension with a random rotation.",
+        nullable=True,
+        minimum=4,
+    ),
+    "index.keep_builds": Key(
+        int, 3, "Complete index builds kept under `indexes/` (older and incomplete ones are removed).", minimum=1
+    ),
     "similar.k": Key(int, 10, "Neighbours kept per item in `similar_items`.", minimum=1),
-    "similar.scope": Key(str, "shard", "Where an item's neighbours come from: `shard` (its own index shard) or `all` "
-                                       "(every shard, merged by score).", choices=("shard", "all")),
-    "similar.min_score": Key(float, None, "Neighbours with a lower cosine are left out, so an item may get fewer than"
-                                          " `k`; unset keeps the k best whatever their score.",
-                             nullable=True, minimum=-1.0, maximum=1.0),
-    "similar.in_stock_only": Key(bool, False, "Only in-stock catalog items (the catalog's `in_stock`) become "
-                                              "neighbours; every item still gets its own list."),
-    "similar.exclude_duplicates": Key(bool, True, "Items with identical image bytes (`image_sha256`) are not each "
-                                                  "other's neighbours; they are listed in `duplicates` either way."),
-    "similar.chunk_size": Key(int, 10_000, "Most queries per Spark task: a big shard's queries are split "
-                                           "into chunks of about this many items (fewer when that would leave "
-                                           "a core without two tasks).", minimum=1),
+    "similar.scope": Key(
+        str,
+        "shard",
+        "Where an item's neighbours come from: `shard` (its own index shard) or `all` (every shard, merged by score).",
+        choices=("shard", "all"),
+    ),
+    "similar.min_score": Key(
+        float,
+        None,
+        "Neighbours with a lower cosine are left out, so an item may get fewer than"
+        " `k`; unset keeps the k best whatever their score.",
+        nullable=True,
+        minimum=-1.0,
+        maximum=1.0,
+    ),
+    "similar.in_stock_only": Key(
+        bool,
+        False,
+        "Only in-stock catalog items (the catalog's `in_stock`) become neighbours; every item still gets its own list.",
+    ),
+    "similar.exclude_duplicates": Key(
+        bool,
+        True,
+        "Items with identical image bytes (`image_sha256`) are not each "
+        "other's neighbours; they are listed in `duplicates` either way.",
+    ),
+    "similar.chunk_size": Key(
+        int,
+        10_000,
+        "Most queries per Spark task: a big shard's queries are split "
+        "into chunks of about this many items (fewer when that would leave "
+        "a core without two tasks).",
+        minimum=1,
+    ),
     "recommend.n": Key(int, 10, "Recommendations kept per user.", minimum=1),
-    "recommend.event_weights": Key(dict, {"view": 1.0, "cart": 3.0, "purchase": 5.0},
-                                   "Weight of each `event_type` in a user's taste, in co-visitation and in "
-                                   "popularity. Types not listed are ignored and named in the log.", item_type=float),
-    "recommend.half_life_days": Key(float, 30.0, "An event's weight halves every this many days of age, counted from "
-                                                 "the newest event in `events` (not the wall clock, so re-runs "
-                                                 "agree); unset: no decay.",
-                                    nullable=True, minimum=0.001),
-    "recommend.max_interests": Key(int, 3, "Most interest vectors per user. A history with several distinct tastes is"
-                                           " clustered; each taste searches its own shards and gets a share of the "
-                                           "list by its weight.", minimum=1),
-    "recommend.covisit_weight": Key(float, 0.5, "Blend of co-visitation (1) and visual similarity (0) in `score`. "
-                                                "Items nobody co-visited compete on looks alone.",
-                                                minimum=0.0, maximum=1.0),
-    "recommend.exclude_events": Key(list, ["view", "cart", "purchase"],
-                                    "Items a user has events of these types for are never recommended to "
-                                    "them. Drop `purchase` for repeat-purchase catalogs, `view` to let viewed "
-                                    "items come back.", item_type=str),
-    "recommend.in_stock_only": Key(bool, True, "Only in-stock catalog items are recommended (the catalog's "
-                                               "`in_stock`)."),
-    "recommend.history_limit": Key(int, 10, "A user's heaviest items (most recent among equal weights) that shape "
-                                            "their taste and candidates: recent intent predicts the next interaction "
-                                            "best.",
-                                   minimum=1),
-    "recommend.covisit_history": Key(int, 200, "A user's heaviest items that count for co-visitation pairs: long, "
-                                               "since co-visitation learns from everyone (bounds the pairs per user).",
-                                               minimum=2),
-    "recommend.candidates": Key(int, 100, "Candidates each interest asks its shards for, and co-visited candidates "
-                                          "kept per user, before the rules and ranking.", minimum=1),
+    "recommend.event_weights": Key(
+        dict,
+        {"view": 1.0, "cart": 3.0, "purchase": 5.0},
+        "Weight of each `event_type` in a user's taste, in co-visitation and in "
+        "popularity. Types not listed are ignored and named in the log.",
+        item_type=float,
+    ),
+    "recommend.half_life_days": Key(
+        float,
+        30.0,
+        "An event's weight halves every this many days of age, counted from "
+        "the newest event in `events` (not the wall clock, so re-runs "
+        "agree); unset: no decay.",
+        nullable=True,
+        minimum=0.001,
+    ),
+    "recommend.max_interests": Key(
+        int,
+        3,
+        "Most interest vectors per user. A history with several distinct tastes is"
+        " clustered; each taste searches its own shards and gets a share of the "
+        "list by its weight.",
+        minimum=1,
+    ),
+    "recommend.covisit_weight": Key(
+        float,
+        0.5,
+        "Blend of co-visitation (1) and visual similarity (0) in `score`. "
+        "Items nobody co-visited compete on looks alone.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    "recommend.exclude_events": Key(
+        list,
+        ["view", "cart", "purchase"],
+        "Items a user has events of these types for are never recommended to "
+        "them. Drop `purchase` for repeat-purchase catalogs, `view` to let viewed "
+        "items come back.",
+        item_type=str,
+    ),
+    "recommend.in_stock_only": Key(
+        bool, True, "Only in-stock catalog items are recommended (the catalog's `in_stock`)."
+    ),
+    "recommend.history_limit": Key(
+        int,
+        10,
+        "A user's heaviest items (most recent among equal weights) that shape "
+        "their taste and candidates: recent intent predicts the next interaction "
+        "best.",
+        minimum=1,
+    ),
+    "recommend.covisit_history": Key(
+        int,
+        200,
+        "A user's heaviest items that count for co-visitation pairs: long, "
+        "since co-visitation learns from everyone (bounds the pairs per user).",
+        minimum=2,
+    ),
+    "recommend.candidates": Key(
+        int,
+        100,
+        "Candidates each interest asks its shards for, and co-visited candidates "
+        "kept per user, before the rules and ranking.",
+        minimum=1,
+    ),
     "recommend.covisit_neighbours": Key(int, 50, "Most co-visited items kept per item.", minimum=1),
     "recommend.because": Key(int, 3, "History items named in `because`.", minimum=1),
-    "recommend.chunk_size": Key(int, 5000, "Users per scoring task (fewer when that would leave a core "
-                                           "without two tasks).", minimum=1),
-    "report.items": Key(int, 8, "Sample items the report shows with their neighbours (spread over categories).",
-                        minimum=1, maximum=200),
-    "report.users": Key(int, 6, "Sample users the report shows with their recent history and recommendations.",
-                        minimum=1, maximum=200),
-    "report.examples": Key(int, 5, "Duplicate groups, and quarantine rows per error kind, shown as examples in the "
-                                   "report.",
-                           minimum=1, maximum=100),
+    "recommend.chunk_size": Key(
+        int, 5000, "Users per scoring task (fewer when that would leave a core without two tasks).", minimum=1
+    ),
+    "report.items": Key(
+        int, 8, "Sample items the report shows with their neighbours (spread over categories).", minimum=1, maximum=200
+    ),
+    "report.users": Key(
+        int, 6, "Sample users the report shows with their recent history and recommendations.", minimum=1, maximum=200
+    ),
+    "report.examples": Key(
+        int,
+        5,
+        "Duplicate groups, and quarantine rows per error kind, shown as examples in the report.",
+        minimum=1,
+        maximum=100,
+    ),
     "report.runs": Key(int, 10, "Most recent runs listed in the report.", minimum=1, maximum=1000),
-    "report.thumbnail_px": Key(int, 96, "Longest side of the thumbnails embedded in the report (never "
-                                        "enlarged; the page scales small images up).", minimum=16, maximum=512),
+    "report.thumbnail_px": Key(
+        int,
+        96,
+        "Longest side of the thumbnails embedded in the report (never enlarged; the page scales small images up).",
+        minimum=16,
+        maximum=512,
+    ),
 }
 
 
@@ -252,8 +409,11 @@ def _check_type(key: str, spec: Key, value: Any) -> Any:
 def _check_items(key: str, item_type: type, value: list | dict) -> None:
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for name, item in items:
-        ok = (isinstance(item, (int, float)) and not isinstance(item, bool) and item >= 0 if item_type is float
-              else isinstance(item, item_type))
+        ok = (
+            isinstance(item, (int, float)) and not isinstance(item, bool) and item >= 0
+            if item_type is float
+            else isinstance(item, item_type)
+        )
         if not ok:
             expected = "a number >= 0" if item_type is float else _type_name(Key(item_type, None, ""))
             raise ConfigError(f"{key}: {name!r} must be {expected}, got {item!r}")
@@ -261,8 +421,14 @@ def _check_items(key: str, item_type: type, value: list | dict) -> None:
 
 def _type_name(spec: Key) -> str:
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
-             list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -283,8 +449,9 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
     """
     unknown = sorted(set(values) - set(SCHEMA))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)"
-                                                                  if len(unknown) > 1 else ""))
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     checked: dict[str, Any] = {}
     for key, spec in SCHEMA.items():
         value = values.get(key, spec.default)
@@ -324,15 +491,19 @@ def _check_model(model_name: str, embed_input: str, weights: str | None) -> None
         raise ConfigError(
             f"embed.input is {embed_input!r} but model.name {model_name!r} is {article[spec.modality]} model; "
             f"with embed.input: {embed_input} use {article[wanted]} model ({', '.join(fitting[:3])}"
-            f"{', ...' if len(fitting) > 3 else ''}), or set embed.input: {other_input}")
+            f"{', ...' if len(fitting) > 3 else ''}), or set embed.input: {other_input}"
+        )
     if spec.needs_weights_file and weights is None:
-        raise ConfigError(f"model.weights: {model_name} has no packaged weights; set model.weights to a local "
-                          "state_dict file saved with torch.save(model.state_dict(), path) (nothing is "
-                          "downloaded at run time)")
+        raise ConfigError(
+            f"model.weights: {model_name} has no packaged weights; set model.weights to a local "
+            "state_dict file saved with torch.save(model.state_dict(), path) (nothing is "
+            "downloaded at run time)"
+        )
 
 
-def load(conf_file: str | os.PathLike[str] | None, overrides: Iterable[str] = (),
-         need_paths: Iterable[str] | None = None) -> Config:
+def load(
+    conf_file: str | os.PathLike[str] | None, overrides: Iterable[str] = (), need_paths: Iterable[str] | None = None
+) -> Config:
     """Read a YAML config file, apply `--set` overrides and validate the result."""
     tree: dict[str, Any] = {}
     if conf_file is not None:
@@ -374,8 +545,13 @@ def _default_text(spec: Key) -> str:
 def reference_markdown() -> str:
     """docs/configuration.md: every key of SCHEMA with its default, constraints and meaning, so defaults and
     explanations are typed once, here (`make docs` writes it; a test fails when the file is stale)."""
-    lines = ["# Configuration", "", "<!-- Generated from lookalike.config.SCHEMA by `make docs`: edit the schema, "
-             "not this file. -->", "", REFERENCE_INTRO]
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from lookalike.config.SCHEMA by `make docs`: edit the schema, not this file. -->",
+        "",
+        REFERENCE_INTRO,
+    ]
     section = None
     for key, spec in SCHEMA.items():
         prefix = key.split(".", 1)[0]

@@ -37,6 +37,7 @@ Simulation (pure functions returning Arrow tables) is kept apart from writing fi
 under a temporary name and moved into place, and images of an earlier, larger build are pruned, so
 re-running on an existing DIR never leaves a half-written file or a stale image behind.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -66,18 +67,56 @@ IDX_FILES = (
     ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 )
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # The noun a shop would put in a title; several per class where shops use several words.
 TITLE_NOUNS = {
-    "T-shirt/top": ("T-shirt", "top"), "Trouser": ("trousers",), "Pullover": ("pullover",),
-    "Dress": ("dress",), "Coat": ("coat",), "Sandal": ("sandal",), "Shirt": ("shirt",),
-    "Sneaker": ("sneaker",), "Bag": ("bag",), "Ankle boot": ("ankle boot",),
+    "T-shirt/top": ("T-shirt", "top"),
+    "Trouser": ("trousers",),
+    "Pullover": ("pullover",),
+    "Dress": ("dress",),
+    "Coat": ("coat",),
+    "Sandal": ("sandal",),
+    "Shirt": ("shirt",),
+    "Sneaker": ("sneaker",),
+    "Bag": ("bag",),
+    "Ankle boot": ("ankle boot",),
 }
-TITLE_ADJECTIVES = ("Classic", "Slim", "Relaxed", "Everyday", "Vintage", "Lightweight", "Soft", "Essential",
-                    "Modern", "Casual", "Minimal", "Cosy", "Tailored", "Urban", "Premium", "Sporty")
-TITLE_COLOURS = ("black", "white", "grey", "navy", "beige", "olive", "burgundy", "charcoal",
-                 "cream", "khaki", "red", "blue", "green", "brown", "pink", "camel")
+TITLE_ADJECTIVES = (
+    "Classic",
+    "Slim",
+    "Relaxed",
+    "Everyday",
+    "Vintage",
+    "Lightweight",
+    "Soft",
+    "Essential",
+    "Modern",
+    "Casual",
+    "Minimal",
+    "Cosy",
+    "Tailored",
+    "Urban",
+    "Premium",
+    "Sporty",
+)
+TITLE_COLOURS = (
+    "black",
+    "white",
+    "grey",
+    "navy",
+    "beige",
+    "olive",
+    "burgundy",
+    "charcoal",
+    "cream",
+    "khaki",
+    "red",
+    "blue",
+    "green",
+    "brown",
+    "pink",
+    "camel",
+)
 
 P_IN_STOCK = 0.9
 SIMULATION_END = datetime(2025, 1, 1, tzinfo=UTC)
@@ -102,12 +141,26 @@ PARALLEL_MIN_IMAGES = 2000
 # What `write_images` leaves in a category folder: images and, after an interruption, their temp files.
 _IMAGE_NAME = re.compile(r"fm-\d{5}\.png(\.tmp)?")
 
-CATALOG_SCHEMA = pa.schema([("item_id", pa.string()), ("image_uri", pa.string()), ("category", pa.string()),
-                            ("title", pa.string()), ("in_stock", pa.bool_())])
-USERS_SCHEMA = pa.schema([("user_id", pa.string()), ("favourite_categories", pa.list_(pa.string())),
-                          ("taste_strength", pa.float64())])
-EVENTS_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("event_type", pa.string()),
-                           ("ts", pa.timestamp("us", tz="UTC"))])
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("category", pa.string()),
+        ("title", pa.string()),
+        ("in_stock", pa.bool_()),
+    ]
+)
+USERS_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("favourite_categories", pa.list_(pa.string())), ("taste_strength", pa.float64())]
+)
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("event_type", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 class DemoDataError(LookalikeError, ValueError):
@@ -137,6 +190,7 @@ class DemoSummary:
 
 # --- reading Fashion-MNIST ------------------------------------------------------------------------------
 
+
 def _read_idx(path: Path, limit: int | None) -> np.ndarray:
     """The first `limit` records of a gzipped idx file (the MNIST format: a 4-byte magic with the dtype code
     and rank, big-endian int32 dimensions, then raw uint8 data); reads no further than it needs."""
@@ -153,15 +207,18 @@ def _read_idx(path: Path, limit: int | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(count, *dims[1:])
 
 
-def load_fashion_mnist(dataset_dir: Path = FASHION_MNIST_DIR,
-                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    dataset_dir: Path = FASHION_MNIST_DIR, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The first `limit` (default all 70,000) images, shape (n, 28, 28) uint8, and labels (n,) uint8."""
     dataset_dir = Path(dataset_dir)
     for names in IDX_FILES:
         for name in names:
             if not (dataset_dir / name).is_file():
-                raise DatasetMissingError(f"Fashion-MNIST file {dataset_dir / name} not found: install it with "
-                                          "`apt-get install dataset-fashion-mnist`")
+                raise DatasetMissingError(
+                    f"Fashion-MNIST file {dataset_dir / name} not found: install it with "
+                    "`apt-get install dataset-fashion-mnist`"
+                )
     images, labels = [], []
     remaining = limit
     for image_name, label_name in IDX_FILES:
@@ -170,8 +227,7 @@ def load_fashion_mnist(dataset_dir: Path = FASHION_MNIST_DIR,
         part_images = _read_idx(dataset_dir / image_name, remaining)
         part_labels = _read_idx(dataset_dir / label_name, remaining)
         if len(part_images) != len(part_labels):
-            raise DemoDataError(f"{dataset_dir / image_name}: {len(part_images)} images but "
-                             f"{len(part_labels)} labels")
+            raise DemoDataError(f"{dataset_dir / image_name}: {len(part_images)} images but {len(part_labels)} labels")
         images.append(part_images)
         labels.append(part_labels)
         if remaining is not None:
@@ -180,6 +236,7 @@ def load_fashion_mnist(dataset_dir: Path = FASHION_MNIST_DIR,
 
 
 # --- simulation (pure: arrays and a Generator in, Arrow tables out) --------------------------------------
+
 
 def category_slug(category: str) -> str:
     """A safe folder name for a class name: "T-shirt/top" -> "t-shirt-top", "Ankle boot" -> "ankle-boot"."""
@@ -234,8 +291,9 @@ def _gaps(rng: np.random.Generator, n: int, spec: tuple[int, int, int]) -> np.nd
     return minimum + np.minimum(rng.exponential(mean, n), cap).astype(np.int64)
 
 
-def _zipf_cdfs(item_categories: np.ndarray, n_categories: int,
-               rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+def _zipf_cdfs(
+    item_categories: np.ndarray, n_categories: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per category: its item indexes and the cumulative distribution of a Zipf-like popularity that puts
     weight 1/rank^ZIPF_EXPONENT on a seeded ranking of those items."""
     cdfs = []
@@ -268,15 +326,16 @@ def simulate_events(catalog: pa.Table, users: pa.Table, rng: np.random.Generator
     fav_count = np.array([len(f) for f in favourites])
     fav_table = np.zeros((n_users, max(fav_count)), dtype=np.int64)
     for u, favs in enumerate(favourites):
-        fav_table[u, :len(favs)] = favs
+        fav_table[u, : len(favs)] = favs
     taste = users.column("taste_strength").to_numpy()
 
     # Sessions: which user, which day (distinct per user), when in the day, which category.
     sessions_per_user = rng.integers(SESSIONS_PER_USER[0], SESSIONS_PER_USER[1] + 1, n_users)
     session_user = np.repeat(np.arange(n_users), sessions_per_user)
     n_sessions = len(session_user)
-    session_rank = np.arange(n_sessions) - np.repeat(np.cumsum(sessions_per_user) - sessions_per_user,
-                                                     sessions_per_user)
+    session_rank = np.arange(n_sessions) - np.repeat(
+        np.cumsum(sessions_per_user) - sessions_per_user, sessions_per_user
+    )
     days = np.argsort(rng.random((n_users, WINDOW_DAYS)), axis=1)[session_user, session_rank]
     window_start = int(SIMULATION_END.timestamp()) - WINDOW_DAYS * 86400
     session_start = window_start + days * 86400 + rng.integers(*SESSION_START_SECONDS, n_sessions)
@@ -289,7 +348,8 @@ def simulate_events(catalog: pa.Table, users: pa.Table, rng: np.random.Generator
     view_session = np.repeat(np.arange(n_sessions), views_per_session)
     n_views = len(view_session)
     view_ts = session_start[view_session] + _within_group_offsets(
-        views_per_session, _gaps(rng, n_views, VIEW_GAP_SECONDS))
+        views_per_session, _gaps(rng, n_views, VIEW_GAP_SECONDS)
+    )
     view_category = session_category[view_session]
     view_item = np.empty(n_views, dtype=np.int64)
     for c, (items, cdf) in enumerate(_zipf_cdfs(item_categories, n_categories, rng)):
@@ -316,6 +376,7 @@ def simulate_events(catalog: pa.Table, users: pa.Table, rng: np.random.Generator
 
 
 # --- writing files ----------------------------------------------------------------------------------------
+
 
 def _png_bytes(image: np.ndarray) -> bytes:
     """PNG encoding of a grey image; PIL writes no timestamps, so the same pixels give the same bytes."""
@@ -363,7 +424,7 @@ def write_images(root: Path, uris: list[str], images: np.ndarray, workers: int) 
     if workers <= 1 or len(uris) < PARALLEL_MIN_IMAGES:
         return _write_png_chunk(str(root), uris, images)
     size = math.ceil(len(uris) / (workers * 4))  # a few chunks per worker evens out their finishing times
-    chunks = [(str(root), uris[i:i + size], images[i:i + size]) for i in range(0, len(uris), size)]
+    chunks = [(str(root), uris[i : i + size], images[i : i + size]) for i in range(0, len(uris), size)]
     with get_context("spawn").Pool(workers) as pool:
         return sum(pool.starmap(_write_png_chunk, chunks))
 
@@ -397,8 +458,13 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build_demo_data(out: Path, limit: int | None = None, seed: int = 7,
-                    dataset_dir: Path = FASHION_MNIST_DIR, workers: int | None = None) -> DemoSummary:
+def build_demo_data(
+    out: Path,
+    limit: int | None = None,
+    seed: int = 7,
+    dataset_dir: Path = FASHION_MNIST_DIR,
+    workers: int | None = None,
+) -> DemoSummary:
     """Build the demo catalog, images, users and events under `out` (see the module docstring).
 
     `limit` keeps the first N images (train then test order; None = all 70,000). `workers` is the number of
@@ -426,8 +492,13 @@ def build_demo_data(out: Path, limit: int | None = None, seed: int = 7,
     uris = catalog.column("image_uri").to_pylist()
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     written = write_images(out, uris, images, workers)
-    logger.info("images under %s: %d written, %d already up to date (%.1fs)", out / "images", written,
-                len(uris) - written, time.perf_counter() - started)
+    logger.info(
+        "images under %s: %d written, %d already up to date (%.1fs)",
+        out / "images",
+        written,
+        len(uris) - written,
+        time.perf_counter() - started,
+    )
     paths = {name: out / f"{name}.parquet" for name in ("catalog", "users", "events")}
     for name, table in (("catalog", catalog), ("users", users), ("events", events)):
         write_parquet_atomic(table, paths[name])
@@ -435,6 +506,13 @@ def build_demo_data(out: Path, limit: int | None = None, seed: int = 7,
     if removed:
         logger.info("removed %d stale images of an earlier build", removed)
     logger.info("demo data in %s ready after %.1fs", out, time.perf_counter() - started)
-    return DemoSummary(out=out, images_dir=out / "images", catalog_path=paths["catalog"],
-                       users_path=paths["users"], events_path=paths["events"], n_items=len(catalog),
-                       n_users=len(users), n_events=len(events))
+    return DemoSummary(
+        out=out,
+        images_dir=out / "images",
+        catalog_path=paths["catalog"],
+        users_path=paths["users"],
+        events_path=paths["events"],
+        n_items=len(catalog),
+        n_users=len(users),
+        n_events=len(events),
+    )

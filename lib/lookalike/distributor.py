@@ -11,6 +11,7 @@ A reused Python worker keeps this module between tasks, so `worker_cached` holds
 worker has loaded (a FAISS shard and its vectors) for the next task that asks for the same key. Units are
 sorted by that key, so a worker loads each about once and never holds two.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -32,8 +33,9 @@ U = TypeVar("U")
 _worker_cache: dict[Hashable, Any] = {}
 
 
-def run_tasks(spark: SparkSession, units: Sequence[U], work: Callable[[U], Iterable[pa.RecordBatch]],
-              schema: pa.Schema) -> DataFrame:
+def run_tasks(
+    spark: SparkSession, units: Sequence[U], work: Callable[[U], Iterable[pa.RecordBatch]], schema: pa.Schema
+) -> DataFrame:
     """The rows `work(unit)` yields for every unit, with one Spark task per unit, in the units' order.
 
     `work` and `units` are pickled into the tasks: they must hold plain values, never config or Spark
@@ -45,8 +47,9 @@ def run_tasks(spark: SparkSession, units: Sequence[U], work: Callable[[U], Itera
     return one_per_partition.mapInArrow(_units_task(units, work), from_arrow_schema(schema))
 
 
-def _units_task(units: Sequence[U], work: Callable[[U], Iterable[pa.RecordBatch]]
-                ) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _units_task(
+    units: Sequence[U], work: Callable[[U], Iterable[pa.RecordBatch]]
+) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def run_units(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import faiss
 

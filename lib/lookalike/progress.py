@@ -4,6 +4,7 @@ Executors report through accumulators, which reach the driver as tasks finish; a
 into one log line every `interval` seconds (done, rate, failures, time left), so a nightly log shows a
 stage is alive long before it ends.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,7 @@ class Progress:
 
     def _line(self) -> str:
         done = sum(self.counters[name].value for name in ("embedded", "unchanged", "failed"))
-        return progress_line(self.label, done, self.total, self.counters["failed"].value,
-                             time.time() - self._started)
+        return progress_line(self.label, done, self.total, self.counters["failed"].value, time.time() - self._started)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -48,8 +48,9 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stop.set()
         self._thread.join()
         if exc is None:

@@ -1,4 +1,5 @@
 """What every stage hands back: its counts and metrics, logged and written to the `runs` table."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

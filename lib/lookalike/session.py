@@ -4,6 +4,7 @@ Settings that matter for this pipeline live in one place: Arrow for pandas UDFs,
 model cached in a package module loads once per worker, not once per task), the interpreter the workers run,
 and quiet logs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,7 @@ def worker_python(cfg: Config) -> str:
     `--conf spark.pyspark.python` as that), then this interpreter (one host, or nodes with the venv at the
     same path).
     """
-    return str(cfg["spark.conf"].get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON")
-               or sys.executable)
+    return str(cfg["spark.conf"].get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON") or sys.executable)
 
 
 def resolve_master(cfg: Config) -> str | None:
@@ -94,6 +94,9 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    log.info("spark session: master=%s, default parallelism=%d", spark.sparkContext.master,
-             spark.sparkContext.defaultParallelism)
+    log.info(
+        "spark session: master=%s, default parallelism=%d",
+        spark.sparkContext.master,
+        spark.sparkContext.defaultParallelism,
+    )
     return spark

@@ -8,6 +8,7 @@ embed stage, which quarantines them and goes on.
 Which columns are required follows `embed.input`: `image_uri` when images are embedded, `title` when titles
 are (a catalog without images then reads with a null `image_uri`).
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -41,7 +42,8 @@ def resolve_uri(uri: Column, base: str) -> Column:
     """Absolute paths and URIs stay as they are; relative paths are joined to `base`."""
     absolute = uri.startswith("/") | uri.rlike(_URI_SCHEME)
     return F.when(uri.isNull() | (F.trim(uri) == "") | absolute, uri).otherwise(
-        F.concat(F.lit(base.rstrip("/") + "/"), uri))
+        F.concat(F.lit(base.rstrip("/") + "/"), uri)
+    )
 
 
 def _load(spark: SparkSession, path: str, fmt: str) -> DataFrame:
@@ -67,20 +69,29 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input
     extra = [c for c in keep if c not in COLUMNS]
     absent = [c for c in extra if c not in df.columns]
     if absent:
-        raise CatalogError(f"catalog {source} lacks column(s) {absent} named by index.shard_by; "
-                           f"it has {df.columns}")
+        raise CatalogError(f"catalog {source} lacks column(s) {absent} named by index.shard_by; it has {df.columns}")
     df = df.select(
         F.col("item_id").cast("string").alias("item_id"),
         (F.col("image_uri") if "image_uri" in df.columns else F.lit(None)).cast("string").alias("image_uri"),
-        *[F.coalesce((F.col(name) if name in df.columns else F.lit(None)).cast(dtype), F.lit(default).cast(dtype))
-          .alias(name) for name, (dtype, default) in OPTIONAL_COLUMNS.items()],
+        *[
+            F.coalesce(
+                (F.col(name) if name in df.columns else F.lit(None)).cast(dtype), F.lit(default).cast(dtype)
+            ).alias(name)
+            for name, (dtype, default) in OPTIONAL_COLUMNS.items()
+        ],
         *extra,
     )
     # One aggregation finds both problems on the happy path: rows without an id group under a null key.
     blank = F.col("item_id").isNull() | (F.trim("item_id") == "")
     keys = df.withColumn("item_id", F.when(blank, F.lit(None)).otherwise(F.col("item_id")))
-    bad = (keys.groupBy("item_id").count().filter(F.col("item_id").isNull() | (F.col("count") > 1))
-           .orderBy(F.col("item_id").isNotNull(), F.desc("count"), "item_id").limit(_EXAMPLES).collect())
+    bad = (
+        keys.groupBy("item_id")
+        .count()
+        .filter(F.col("item_id").isNull() | (F.col("count") > 1))
+        .orderBy(F.col("item_id").isNotNull(), F.desc("count"), "item_id")
+        .limit(_EXAMPLES)
+        .collect()
+    )
     if bad and bad[0]["item_id"] is None:
         content = CONTENT_COLUMNS[embed_input]
         examples = ", ".join(repr(r[content]) for r in df.filter(blank).limit(_EXAMPLES).collect())
@@ -95,6 +106,5 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input
 def read_catalog(spark: SparkSession, cfg: Config) -> DataFrame:
     """The validated catalog with relative image URIs resolved against the catalog's folder."""
     path, fmt = cfg["catalog.path"], cfg["catalog.format"]
-    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],),
-                  embed_input=cfg["embed.input"])
+    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],), embed_input=cfg["embed.input"])
     return df.withColumn("image_uri", resolve_uri(F.col("image_uri"), catalog_folder(path)))

@@ -11,6 +11,7 @@ written for that setting:
   30000x30000 pixels and would otherwise allocate gigabytes on an executor.
 * The format is decided by content, never by file suffix: catalogs are full of JPEGs named `.png`.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,10 +22,10 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 ERROR_KINDS: tuple[str, ...] = (
-    "missing",       # the path or object does not exist (reader)
-    "unreadable",    # it exists but cannot be read: permissions, a directory, a filesystem error (reader)
+    "missing",  # the path or object does not exist (reader)
+    "unreadable",  # it exists but cannot be read: permissions, a directory, a filesystem error (reader)
     "not_an_image",  # the bytes are not a supported image: empty, an HTML error page, text, an archive
-    "too_large",     # over the byte limit (reader) or the pixel limit, judged from the header (decode)
+    "too_large",  # over the byte limit (reader) or the pixel limit, judged from the header (decode)
     "decode_error",  # a recognised image that fails to decode: truncated, corrupt, an unsupported variant
 )
 
@@ -36,7 +37,8 @@ ERROR_KINDS: tuple[str, ...] = (
 # registration out of executor threads.
 Image.init()
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(
-    name for name in ("JPEG", "PNG", "WEBP", "GIF", "AVIF", "TIFF", "BMP") if name in Image.OPEN)
+    name for name in ("JPEG", "PNG", "WEBP", "GIF", "AVIF", "TIFF", "BMP") if name in Image.OPEN
+)
 # Formats whose decoder can scale down while decoding (libjpeg's DCT scaling); MPO is Pillow's name for
 # multi-picture JPEGs.
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
@@ -104,8 +106,9 @@ def decode_image(data: bytes, max_pixels: int, target_size: int | None = None) -
     img = _open(data)
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageError("too_large", f"{img.format} of {width}x{height} = {width * height} pixels, "
-                                      f"over the limit of {max_pixels}")
+        raise ImageError(
+            "too_large", f"{img.format} of {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
     if target_size and img.format in _DRAFT_FORMATS:
         img.draft("RGB", (target_size, target_size))
     try:
@@ -117,8 +120,9 @@ def decode_image(data: bytes, max_pixels: int, target_size: int | None = None) -
     except Image.DecompressionBombError as err:  # a GIF frame or TIFF tile bigger than the header said
         raise ImageError("too_large", f"{img.format}: {err}") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is a property of this input
-        raise ImageError("decode_error", f"{img.format} {width}x{height} {img.mode}: "
-                                         f"{type(err).__name__}: {err}") from None
+        raise ImageError(
+            "decode_error", f"{img.format} {width}x{height} {img.mode}: {type(err).__name__}: {err}"
+        ) from None
     return DecodedImage(image=rgb, width=width, height=height)
 
 
@@ -131,10 +135,13 @@ def _open(data: bytes) -> ImageFile.ImageFile:
     except Image.UnidentifiedImageError:
         claimed = _claimed_format(data)
         if claimed is None:
-            raise ImageError("not_an_image", f"not a supported image ({', '.join(SUPPORTED_FORMATS)}); "
-                                             f"{len(data)} bytes starting {data[:24]!r}") from None
-        raise ImageError("decode_error", f"starts like {claimed} but its header is unreadable "
-                                         f"({len(data)} bytes)") from None
+            raise ImageError(
+                "not_an_image",
+                f"not a supported image ({', '.join(SUPPORTED_FORMATS)}); {len(data)} bytes starting {data[:24]!r}",
+            ) from None
+        raise ImageError(
+            "decode_error", f"starts like {claimed} but its header is unreadable ({len(data)} bytes)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a plugin accepted the magic number, then choked on the header
         raise ImageError("decode_error", f"unreadable header: {type(err).__name__}: {err}") from None
 

@@ -9,6 +9,7 @@ Runs on executors once per image, so:
 * The byte limit is checked from the file size before reading, and enforced again while reading, so a
   stray multi-gigabyte file (or one that grows) is never pulled into memory.
 """
+
 from __future__ import annotations
 
 import os

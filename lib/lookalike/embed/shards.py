@@ -5,6 +5,7 @@ category and because a category-sized index fits one task. A value with more tha
 items is split into hash sub-shards (`Bag#00`, `Bag#01`, ...) so that no single task must hold too many
 vectors; the hash of `item_id` keeps an item in the same sub-shard night after night.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,8 @@ def assign(catalog: DataFrame, shard_by: str, max_shard_size: int) -> tuple[Data
     if parts:
         n_parts = F.create_map(*[F.lit(x) for pair in sorted(parts.items()) for x in pair])[shard]
         shard = F.when(n_parts.isNull(), shard).otherwise(
-            F.format_string("%s#%02d", shard, F.pmod(F.xxhash64("item_id"), n_parts)))
+            F.format_string("%s#%02d", shard, F.pmod(F.xxhash64("item_id"), n_parts))
+        )
     return base.withColumn("shard", shard).drop("_shard_base"), sum(sizes.values())
 
 

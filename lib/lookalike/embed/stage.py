@@ -11,6 +11,7 @@ An item is embedded again only when the sha256 of its image bytes or the model v
 left the catalog, or whose image can no longer be used, leave `embeddings`. With `embed.input: title` the
 same holds for the title: its text is what is hashed and embedded (`inference.embed_titles`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,11 +62,18 @@ def settings_from(cfg: Config) -> EmbedSettings:
     # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
     image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
     return EmbedSettings(
-        model_name=spec.name, weights=cfg["model.weights"], image_size=image_size,
+        model_name=spec.name,
+        weights=cfg["model.weights"],
+        image_size=image_size,
         decode_size=math.ceil(image_size / spec.crop_fraction) if image_size and spec.crop_fraction else None,
         crop_fraction=spec.crop_fraction if image_size else None,
-        batch_size=cfg["embed.batch_size"], device=cfg["embed.device"], max_pixels=cfg["embed.max_pixels"],
-        max_bytes=cfg["embed.max_bytes"], decode_threads=cfg["embed.decode_threads"], input=cfg["embed.input"])
+        batch_size=cfg["embed.batch_size"],
+        device=cfg["embed.device"],
+        max_pixels=cfg["embed.max_pixels"],
+        max_bytes=cfg["embed.max_bytes"],
+        decode_threads=cfg["embed.decode_threads"],
+        input=cfg["embed.input"],
+    )
 
 
 def embed_task(settings: EmbedSettings, counters: dict):
@@ -81,8 +89,11 @@ def embed_task(settings: EmbedSettings, counters: dict):
             # Threads start on first use: with titles (no reading or decoding) the pool stays empty.
             with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool:
                 for contents, known in batches:
-                    frame = (embed_titles(list(contents), list(known), model) if settings.input == "title"
-                             else embed_rows(list(contents), list(known), model, pool))
+                    frame = (
+                        embed_titles(list(contents), list(known), model)
+                        if settings.input == "title"
+                        else embed_rows(list(contents), list(known), model, pool)
+                    )
                     status = frame["status"]
                     for name in (EMBEDDED, UNCHANGED, FAILED):
                         counters[name].add(int((status == name).sum()))
@@ -95,51 +106,80 @@ def embed_task(settings: EmbedSettings, counters: dict):
 
 def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
     """Enough tasks to keep every core busy and report progress, few enough that each amortises its start."""
-    return max(1, min(max(math.ceil(n_items / partition_size), 2 * spark.sparkContext.defaultParallelism),
-                      n_items))
+    return max(1, min(max(math.ceil(n_items / partition_size), 2 * spark.sparkContext.defaultParallelism), n_items))
 
 
-def _check_bad_fraction(counts: dict[str, int], staged: DataFrame, max_fraction: float,
-                        embed_input: str = "image") -> None:
+def _check_bad_fraction(
+    counts: dict[str, int], staged: DataFrame, max_fraction: float, embed_input: str = "image"
+) -> None:
     attempted = counts[EMBEDDED] + counts[FAILED]
     if attempted == 0 or counts[FAILED] / attempted <= max_fraction:
         return
     # A failed title has no URI to show: its item_id is the example.
     what, example = ("images", "image_uri") if embed_input == "image" else ("titles", "item_id")
-    reasons = (staged.filter(F.col("status") == FAILED).groupBy("error_kind")
-               .agg(F.count("*").alias("n"), F.first(example).alias("example"))
-               .orderBy(F.desc("n")).limit(3).collect())
+    reasons = (
+        staged.filter(F.col("status") == FAILED)
+        .groupBy("error_kind")
+        .agg(F.count("*").alias("n"), F.first(example).alias("example"))
+        .orderBy(F.desc("n"))
+        .limit(3)
+        .collect()
+    )
     detail = "; ".join(f"{r['error_kind']}: {r['n']} (e.g. {r['example']})" for r in reasons)
     raise TooManyBadImages(
         f"{counts[FAILED]} of {attempted} {what} failed ({counts[FAILED] / attempted:.0%} > "
-        f"embed.max_bad_fraction {max_fraction:.0%}); nothing was committed. {detail}")
+        f"embed.max_bad_fraction {max_fraction:.0%}); nothing was committed. {detail}"
+    )
 
 
-def _commit(staged: DataFrame, existing: DataFrame | None, emb_path: str, q_path: str, version: str,
-            run_id: str) -> None:
+def _commit(
+    staged: DataFrame, existing: DataFrame | None, emb_path: str, q_path: str, version: str, run_id: str
+) -> None:
     """The run's rows into `embeddings` and `quarantine`, each in one Delta commit."""
     embedded_at = F.current_timestamp()
     new_rows = staged.filter(F.col("status") == EMBEDDED).select(
-        "item_id", "shard", "embedding", F.lit(version).alias("model"), "image_sha256", "width", "height",
-        F.lit(run_id).alias("run_id"), embedded_at.alias("embedded_at"))
+        "item_id",
+        "shard",
+        "embedding",
+        F.lit(version).alias("model"),
+        "image_sha256",
+        "width",
+        "height",
+        F.lit(run_id).alias("run_id"),
+        embedded_at.alias("embedded_at"),
+    )
     if existing is None:
         tables.write(new_rows, emb_path, mode="overwrite")
     else:
         # Unchanged images whose shard moved (a category grew past index.max_shard_size) keep their vector.
-        moved = (existing.join(staged.filter(F.col("status") == UNCHANGED)
-                               .select("item_id", F.col("shard").alias("new_shard")), "item_id")
-                 .filter(F.col("shard") != F.col("new_shard"))
-                 .withColumn("shard", F.col("new_shard")).select(*new_rows.columns))
+        moved = (
+            existing.join(
+                staged.filter(F.col("status") == UNCHANGED).select("item_id", F.col("shard").alias("new_shard")),
+                "item_id",
+            )
+            .filter(F.col("shard") != F.col("new_shard"))
+            .withColumn("shard", F.col("new_shard"))
+            .select(*new_rows.columns)
+        )
         gone = existing.select("item_id").join(
-            staged.filter(F.col("status") != FAILED).select("item_id"), "item_id", "left_anti")
+            staged.filter(F.col("status") != FAILED).select("item_id"), "item_id", "left_anti"
+        )
         tables.replace_by_key(new_rows.unionByName(moved), emb_path, "item_id", delete_keys=gone)
 
     failed = staged.filter(F.col("status") == FAILED).select(
-        "item_id", "image_uri", "error_kind", "error_message", F.lit(run_id).alias("run_id"),
-        embedded_at.alias("seen_at"))
+        "item_id",
+        "image_uri",
+        "error_kind",
+        "error_message",
+        F.lit(run_id).alias("run_id"),
+        embedded_at.alias("seen_at"),
+    )
     if tables.exists(q_path):
-        healed = (tables.read(staged.sparkSession, q_path).select("item_id")
-                  .join(failed.select("item_id"), "item_id", "left_anti"))
+        healed = (
+            tables.read(staged.sparkSession, q_path)
+            .select("item_id")
+            .join(failed.select("item_id"), "item_id", "left_anti")
+        )
         tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
     else:
         tables.write(failed, q_path, mode="overwrite")
@@ -151,24 +191,26 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     version = registry.model_version(settings.model_name, settings.weights, settings.image_size)
     root = cfg["output.root"]
     emb_path, q_path = tables.table_path(root, EMBEDDINGS), tables.table_path(root, QUARANTINE)
-    items, n_items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"],
-                                   cfg["index.max_shard_size"])
+    items, n_items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
     content = catalog.CONTENT_COLUMNS[settings.input]  # image_uri, or title
     items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
     existing = tables.read(spark, emb_path) if tables.exists(emb_path) else None
     if existing is None:
         items = items.withColumn("known", F.lit(None).cast("string"))
     else:
-        items = items.join(existing.filter(F.col("model") == version)
-                           .select("item_id", F.col("image_sha256").alias("known")), "item_id", "left")
+        items = items.join(
+            existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known")),
+            "item_id",
+            "left",
+        )
     n_partitions = _partitions(spark, n_items, cfg["embed.partition_size"])
     work = items.repartition(n_partitions)
     log.info("embed %s: %d catalog items, model %s, %d partitions", run_id, n_items, version, n_partitions)
 
     counters = {name: spark.sparkContext.accumulator(0) for name in (EMBEDDED, UNCHANGED, FAILED, "model_loads")}
-    results = work.select("item_id", "image_uri", "shard",
-                          embed_task(settings, counters)(content, "known").alias("r")).select(
-        "item_id", "image_uri", "shard", "r.*")
+    results = work.select(
+        "item_id", "image_uri", "shard", embed_task(settings, counters)(content, "known").alias("r")
+    ).select("item_id", "image_uri", "shard", "r.*")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_ROWS))
     staged = results.persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -186,8 +228,13 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     processed = counts[EMBEDDED] + counts[FAILED]
     if processed == 0:
         log.info("embed %s: nothing to embed, all %d images unchanged", run_id, counts[UNCHANGED])
-    metrics = {"embedded": counts[EMBEDDED], "unchanged": counts[UNCHANGED], "quarantined": counts[FAILED],
-               "model_loads": counters["model_loads"].value, "seconds": round(seconds, 3),
-               "images_per_s": round(processed / seconds, 2) if seconds else 0.0}
+    metrics = {
+        "embedded": counts[EMBEDDED],
+        "unchanged": counts[UNCHANGED],
+        "quarantined": counts[FAILED],
+        "model_loads": counters["model_loads"].value,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(processed / seconds, 2) if seconds else 0.0,
+    }
     log.info("embed %s: %s", run_id, metrics)
     return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)

@@ -11,6 +11,7 @@ With `embed.input: title` a row's content is its title instead (`embed_titles`):
 title's UTF-8 bytes, so an unchanged title is not embedded again either, and a row without text fails as
 `no_text`. Titles need no reading or decoding, so they are tokenised and embedded in the task's own thread.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
 # pixels. A fixed number, because the batch size is only known once the device is (`TaskModel`).
 DECODE_AHEAD = 256
 NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
-OUTPUT_SCHEMA = ("status string, embedding array<float>, image_sha256 string, width int, height int, "
-                 "error_kind string, error_message string")
+OUTPUT_SCHEMA = (
+    "status string, embedding array<float>, image_sha256 string, width int, height int, "
+    "error_kind string, error_message string"
+)
 _COLUMNS = ["status", "embedding", "image_sha256", "width", "height", "error_kind", "error_message"]
 
 
@@ -138,8 +141,9 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]
         yield pending.popleft().result()
 
 
-def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel,
-               pool: ThreadPoolExecutor) -> pd.DataFrame:
+def embed_rows(
+    uris: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel, pool: ThreadPoolExecutor
+) -> pd.DataFrame:
     """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
 
     The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
@@ -154,8 +158,9 @@ def embed_rows(uris: Sequence[str | None], known_sha: Sequence[str | None], mode
         assert isinstance(embedder, Embedder)  # rows with images are embedded by an image model
         vectors = embedder.infer(embedder.batch([item.pixels for _, item in ready if item.pixels is not None]))
         for (i, item), vector in zip(ready, vectors):
-            rows[i].update(status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width,
-                           height=item.height)
+            rows[i].update(
+                status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width, height=item.height
+            )
         ready.clear()
 
     loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings), zip(uris, known_sha), DECODE_AHEAD)
@@ -202,7 +207,7 @@ def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], 
     todo.sort(key=lambda pair: len(pair[1]))
     embedder = model.embedder if todo else None
     for start in range(0, len(todo), model.batch_size):
-        batch = todo[start:start + model.batch_size]
+        batch = todo[start : start + model.batch_size]
         assert embedder is not None and not isinstance(embedder, Embedder)  # titles go to a text model
         for (i, _), vector in zip(batch, embedder.embed([title for _, title in batch])):
             rows[i]["embedding"] = vector

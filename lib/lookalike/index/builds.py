@@ -3,6 +3,7 @@
 The index stage writes builds; the similar and recommend stages read the latest one through this module:
 which build is current, its summary, whether it was made from the current embeddings, and one shard of it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -43,28 +44,33 @@ def build_summary(output_root: str, run_id: str) -> dict:
     return files.read_json(f"{indexes_root(output_root)}/{run_id}/{BUILD_SUMMARY}")
 
 
-def check_fresh(counts: Mapping[str, int], models: Iterable[str], summary: Mapping[str, Any], build: str,
-                then: str) -> None:
+def check_fresh(
+    counts: Mapping[str, int], models: Iterable[str], summary: Mapping[str, Any], build: str, then: str
+) -> None:
     """Refuse a build made for other embeddings: another model, or a shard whose item count differs from
     `counts` (items per shard in `embeddings` now). `then` names the command to re-run afterwards."""
     fix = f"re-run `lookalike index` (after `lookalike embed`), then `{then}`"
     models = sorted(set(models))
     if models != [summary["model"]]:
-        raise StaleIndexError(f"embeddings hold model(s) {models}, index build {build} was made for "
-                              f"{summary['model']!r}; {fix}")
+        raise StaleIndexError(
+            f"embeddings hold model(s) {models}, index build {build} was made for {summary['model']!r}; {fix}"
+        )
     built = {entry["shard"]: entry["ntotal"] for entry in summary["shards"]}
     for shard in sorted(set(counts) | set(built)):
         have, indexed = counts.get(shard, 0), built.get(shard, 0)
         if have != indexed:
-            raise StaleIndexError(f"shard {shard!r} has {have} items in embeddings but {indexed} in index build "
-                                  f"{build}: embeddings changed since the index was built; {fix}")
+            raise StaleIndexError(
+                f"shard {shard!r} has {have} items in embeddings but {indexed} in index build "
+                f"{build}: embeddings changed since the index was built; {fix}"
+            )
 
 
 def load_shard(output_root: str, run_id: str, shard: str, *, model: str, dim: int) -> shard_index.LoadedShard:
     """One shard of a build, checked against the model and dimension of the embeddings it will search."""
     try:
-        return shard_index.load(f"{indexes_root(output_root)}/{run_id}/{shards.folder_name(shard)}",
-                                expected_dim=dim, expected_model=model)
+        return shard_index.load(
+            f"{indexes_root(output_root)}/{run_id}/{shards.folder_name(shard)}", expected_dim=dim, expected_model=model
+        )
     except ValueError as err:
         raise IndexBuildError(f"{err}; re-run `lookalike index` after `lookalike embed`") from err
 

@@ -7,6 +7,7 @@ FAISS rule of thumb made explicit, with the reason beside it, so that a surprisi
 back to one line here. Keeping this free of FAISS lets tests and the driver reason about a plan (and its
 memory) before any executor spends time training.
 """
+
 from __future__ import annotations
 
 import math
@@ -152,9 +153,21 @@ def choose_params(
         raise ValueError("rotation='pca' needs reduce_dim (PCA at full dimension only adds cost)")
 
     if n < max(flat_below, MIN_IVFPQ_N):
-        return IndexParams(kind="flat", factory="Flat", n=n, dim=dim, out_dim=dim, nlist=0, m=0, nbits=0,
-                           train_size=0, rotation="none", target_recall=target_recall, rerank_k=0,
-                           estimated_bytes=4 * n * dim)
+        return IndexParams(
+            kind="flat",
+            factory="Flat",
+            n=n,
+            dim=dim,
+            out_dim=dim,
+            nlist=0,
+            m=0,
+            nbits=0,
+            train_size=0,
+            rotation="none",
+            target_recall=target_recall,
+            rerank_k=0,
+            estimated_bytes=4 * n * dim,
+        )
 
     out_dim = reduce_dim if reduce_dim is not None else dim
     nlist = _choose_nlist(n)
@@ -212,12 +225,12 @@ def _choose_rotation_and_m(
     Flat, with a random rotation if its dim x dim matrix still fits (it does not for small shards of
     wide vectors: 6.5 MB at 1280-d), else without. If nothing fits (very small dims, where the 8-byte ids
     alone exceed the budget), the most compact `m`."""
-    ms = [m for m in range(out_dim, 0, -1)
-          if out_dim % m == 0 and MIN_SUB_DIM <= out_dim // m <= MAX_SUB_DIM]
+    ms = [m for m in range(out_dim, 0, -1) if out_dim % m == 0 and MIN_SUB_DIM <= out_dim // m <= MAX_SUB_DIM]
     if not ms:
         raise ValueError(
             f"dimension {out_dim} has no divisor giving {MIN_SUB_DIM}-{MAX_SUB_DIM} dims per PQ "
-            f"sub-quantizer; set reduce_dim to a multiple of {MAX_SUB_DIM}")
+            f"sub-quantizer; set reduce_dim to a multiple of {MAX_SUB_DIM}"
+        )
     budget = MAX_BYTES_RATIO * 4 * n * dim
     rotations: tuple[Rotation, ...] = (rotation,) if rotation is not None else ("rr", "none")
     for candidate in rotations:

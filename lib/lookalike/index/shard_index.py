@@ -36,6 +36,7 @@ gives the index size before building, the manifest's `bytes` after):
   training sample 0.82 GB) needs about 8 GB to build and 5.6 GB to search. Executor memory must cover
   the largest shard times the tasks an executor runs at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -114,14 +115,18 @@ class LoadedShard:
         positions = pc.index_in(self.item_ids, value_set=_as_string_array(item_ids))
         missing = positions.null_count
         if missing:
-            raise ValueError(f"{self.folder}: {missing} of the shard's {len(self.item_ids)} item ids have "
-                             f"no vector in the {len(item_ids)} given")
+            raise ValueError(
+                f"{self.folder}: {missing} of the shard's {len(self.item_ids)} item ids have "
+                f"no vector in the {len(item_ids)} given"
+            )
         aligned = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[positions.to_numpy()])
         digest = vectors_sha256(aligned)
         if digest != self.manifest["vectors_sha256"]:
-            raise ValueError(f"{self.folder}: the given vectors differ from those the index was built from "
-                             f"(sha256 {digest[:12]}... != {self.manifest['vectors_sha256'][:12]}...); "
-                             "re-ranking needs the same embeddings, rebuild the index")
+            raise ValueError(
+                f"{self.folder}: the given vectors differ from those the index was built from "
+                f"(sha256 {digest[:12]}... != {self.manifest['vectors_sha256'][:12]}...); "
+                "re-ranking needs the same embeddings, rebuild the index"
+            )
         return aligned
 
     def search(self, vectors: np.ndarray | None, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +161,7 @@ def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queri
         index.train(vectors[np.sort(rng.choice(n, params.train_size, replace=False))])
     trained = time.perf_counter()
     for start in range(0, n, ADD_BATCH):
-        index.add(vectors[start:start + ADD_BATCH])
+        index.add(vectors[start : start + ADD_BATCH])
     added = time.perf_counter()
 
     query_rows = np.sort(rng.choice(n, min(eval_queries, n), replace=False))
@@ -177,10 +182,20 @@ def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queri
     digest = vectors_sha256(vectors)
 
     return BuiltIndex(
-        index=index, params=params, nprobe=nprobe, rerank_k=rerank_k, recall_at_10=recall,
-        target_reached=recall >= params.target_recall, eval_queries=len(query_rows), tuning=tuning,
-        build_seconds=time.perf_counter() - started, train_seconds=trained - training,
-        add_seconds=added - trained, tune_seconds=tuned - added, vectors_sha256=digest)
+        index=index,
+        params=params,
+        nprobe=nprobe,
+        rerank_k=rerank_k,
+        recall_at_10=recall,
+        target_reached=recall >= params.target_recall,
+        eval_queries=len(query_rows),
+        tuning=tuning,
+        build_seconds=time.perf_counter() - started,
+        train_seconds=trained - training,
+        add_seconds=added - trained,
+        tune_seconds=tuned - added,
+        vectors_sha256=digest,
+    )
 
 
 def search(
@@ -207,14 +222,19 @@ def search(
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise ValueError(f"queries must have shape (q, {index.d}), got {queries.shape}")
     ivf_params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe > 0 else None  # type: ignore[call-arg]
-    search_params = (faiss.SearchParametersPreTransform(index_params=ivf_params)  # type: ignore[call-arg]
-                     if ivf_params is not None and isinstance(index, faiss.IndexPreTransform) else ivf_params)
+    search_params = (
+        faiss.SearchParametersPreTransform(index_params=ivf_params)  # type: ignore[call-arg]
+        if ivf_params is not None and isinstance(index, faiss.IndexPreTransform)
+        else ivf_params
+    )
     if rerank_k == 0:
         scores, ids = index.search(queries, k, params=search_params)
         return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
     if vectors is None or vectors.shape != (index.ntotal, index.d):
-        raise ValueError(f"re-ranking needs the shard's vectors with shape ({index.ntotal}, {index.d}), got "
-                         f"{None if vectors is None else vectors.shape}")
+        raise ValueError(
+            f"re-ranking needs the shard's vectors with shape ({index.ntotal}, {index.d}), got "
+            f"{None if vectors is None else vectors.shape}"
+        )
     candidates = max(rerank_k, k)
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
@@ -294,8 +314,10 @@ def save(
         "target_recall": params.target_recall,
         "target_reached": built.target_reached,
         "eval_queries": built.eval_queries,
-        "tuning": [{"nprobe": nprobe, "rerank_k": rerank_k, "recall_at_10": recall}
-                   for nprobe, rerank_k, recall in built.tuning],
+        "tuning": [
+            {"nprobe": nprobe, "rerank_k": rerank_k, "recall_at_10": recall}
+            for nprobe, rerank_k, recall in built.tuning
+        ],
         "model": model,
         "build_seconds": built.build_seconds,
         "train_seconds": built.train_seconds,
@@ -333,8 +355,10 @@ def load(folder: str | os.PathLike[str], *, expected_dim: int, expected_model: s
     if index.d != manifest["dim"]:
         raise ValueError(f"{folder}: {INDEX_FILE} has dimension {index.d}, manifest says {manifest['dim']}")
     if not index.ntotal == len(item_ids) == manifest["ntotal"]:
-        raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(item_ids)} ids, "
-                         f"manifest ntotal {manifest['ntotal']}")
+        raise ValueError(
+            f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(item_ids)} ids, "
+            f"manifest ntotal {manifest['ntotal']}"
+        )
     return LoadedShard(folder=str(folder), index=index, item_ids=item_ids, manifest=manifest)
 
 

@@ -11,6 +11,7 @@ Incremental: each shard's summary row records `members` (`members_digest`: its i
 index settings). A shard whose members are unchanged since the latest build is not rebuilt: its files are
 copied into the new build, so every build folder stays complete on its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,20 @@ from lookalike.storage.uri import filesystem
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("folder", pa.string()), ("ntotal", pa.int64()),
-                            ("kind", pa.string()), ("factory", pa.string()), ("nprobe", pa.int32()),
-                            ("recall_at_10", pa.float64()), ("target_reached", pa.bool_()), ("bytes", pa.int64()),
-                            ("build_seconds", pa.float64())])
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("folder", pa.string()),
+        ("ntotal", pa.int64()),
+        ("kind", pa.string()),
+        ("factory", pa.string()),
+        ("nprobe", pa.int32()),
+        ("recall_at_10", pa.float64()),
+        ("target_reached", pa.bool_()),
+        ("bytes", pa.int64()),
+        ("build_seconds", pa.float64()),
+    ]
+)
 SHARD_FILES = (shard_index.INDEX_FILE, shard_index.IDS_FILE, shard_index.MANIFEST_FILE)  # manifest last
 
 
@@ -50,19 +61,22 @@ def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callab
     target_recall = cfg["index.target_recall"]
 
     def build_shard(shard: str) -> Iterator[pa.RecordBatch]:
-        staged = distributor.read_staged(f"{staging}/shard_dir={shards.folder_name(shard)}",
-                                         ["item_id", "embedding", "model"])
+        staged = distributor.read_staged(
+            f"{staging}/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding", "model"]
+        )
         pdf = staged.to_pandas().sort_values("item_id", ignore_index=True)  # FAISS ids stable for the same members
         models_seen = pdf["model"].unique()
         if len(models_seen) != 1:
             raise ValueError(f"shard {shard!r} mixes models {list(models_seen)}; re-run embed")
         vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32, copy=False)
-        params = index_params.choose_params(len(vectors), vectors.shape[1], flat_below=flat_below,
-                                            reduce_dim=reduce_dim, target_recall=target_recall)
+        params = index_params.choose_params(
+            len(vectors), vectors.shape[1], flat_below=flat_below, reduce_dim=reduce_dim, target_recall=target_recall
+        )
         built = shard_index.build(vectors, params, seed=0)
         folder = f"{build_dir}/{shards.folder_name(shard)}"
-        manifest = shard_index.save(built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0],
-                                    extra={"shard": shard, "run_id": run_id})
+        manifest = shard_index.save(
+            built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0], extra={"shard": shard, "run_id": run_id}
+        )
         row = {"shard": shard, "folder": folder, **{name: manifest[name] for name in SUMMARY_SCHEMA.names[2:]}}
         yield pa.RecordBatch.from_pylist([row], schema=SUMMARY_SCHEMA)
 
@@ -106,16 +120,26 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     embeddings = tables.read(spark, emb_path).select("item_id", "shard", "embedding", "model", "run_id")
     model_dims = embeddings.select("model", F.size("embedding").alias("dim")).distinct().collect()
     if len(model_dims) != 1:
-        raise IndexBuildError(f"embeddings hold {len(model_dims)} model/dimension pairs "
-                              f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)")
+        raise IndexBuildError(
+            f"embeddings hold {len(model_dims)} model/dimension pairs "
+            f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)"
+        )
     model, dim = model_dims[0]["model"], model_dims[0]["dim"]
     settings = f"{cfg['index.flat_below']}/{cfg['index.reduce_dim']}/{cfg['index.target_recall']}"
     members = members_digest(embeddings, settings)
     reused = _reusable(root, model, dim, members)
     build_dir = f"{indexes_root(root)}/{run_id}"
     to_build = sorted(set(members) - set(reused))
-    log.info("index %s: %d shards of model %s (dim %d) -> %s: %d to build, %d unchanged and reused", run_id,
-             len(members), model, dim, build_dir, len(to_build), len(reused))
+    log.info(
+        "index %s: %d shards of model %s (dim %d) -> %s: %d to build, %d unchanged and reused",
+        run_id,
+        len(members),
+        model,
+        dim,
+        build_dir,
+        len(to_build),
+        len(reused),
+    )
     rows = []
     for shard, row in sorted(reused.items()):
         folder = f"{build_dir}/{shards.folder_name(shard)}"
@@ -124,27 +148,46 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     if to_build:
         staging = files.staging_dir(root, run_id, "index")
         try:
-            distributor.stage(shards.with_folder(spark, embeddings.filter(F.col("shard").isin(to_build)), to_build),
-                              staging, ["shard_dir"])
-            built: pd.DataFrame = distributor.run_tasks(spark, to_build, build_task(staging, build_dir, run_id, cfg),
-                                          SUMMARY_SCHEMA).toPandas()
+            distributor.stage(
+                shards.with_folder(spark, embeddings.filter(F.col("shard").isin(to_build)), to_build),
+                staging,
+                ["shard_dir"],
+            )
+            built: pd.DataFrame = distributor.run_tasks(
+                spark, to_build, build_task(staging, build_dir, run_id, cfg), SUMMARY_SCHEMA
+            ).toPandas()
         finally:
             files.remove_dir(staging)
         rows += built.assign(members=built["shard"].map(members)).to_dict("records")
     summary = pd.DataFrame(rows).sort_values("shard", ignore_index=True)
     for row in summary.itertuples():
-        log.info("index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s", run_id, row.shard, row.ntotal,
-                 row.factory, row.nprobe, row.recall_at_10, "" if row.target_reached else " (below target)",
-                 " (reused)" if row.shard in reused else "")
-    files.write_text(f"{build_dir}/{BUILD_SUMMARY}", json.dumps(
-        {"run_id": run_id, "model": model, "dim": dim, "shards": summary.to_dict("records")}, indent=2))
+        log.info(
+            "index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s",
+            run_id,
+            row.shard,
+            row.ntotal,
+            row.factory,
+            row.nprobe,
+            row.recall_at_10,
+            "" if row.target_reached else " (below target)",
+            " (reused)" if row.shard in reused else "",
+        )
+    files.write_text(
+        f"{build_dir}/{BUILD_SUMMARY}",
+        json.dumps({"run_id": run_id, "model": model, "dim": dim, "shards": summary.to_dict("records")}, indent=2),
+    )
     published.publish(indexes_root(root), run_id)
     removed = published.prune(indexes_root(root), cfg["index.keep_builds"], run_id, BUILD_SUMMARY)
     if removed:
         log.info("index %s: removed old or incomplete builds %s", run_id, removed)
     total = int(summary["ntotal"].sum())
-    metrics = {"shards": float(len(summary)), "shards_built": float(len(to_build)),
-               "shards_reused": float(len(reused)), "min_recall_at_10": float(summary["recall_at_10"].min()),
-               "mean_recall_at_10": float((summary["recall_at_10"] * summary["ntotal"]).sum() / max(total, 1)),
-               "index_bytes": float(summary["bytes"].sum()), "seconds": round(time.time() - started, 3)}
+    metrics = {
+        "shards": float(len(summary)),
+        "shards_built": float(len(to_build)),
+        "shards_reused": float(len(reused)),
+        "min_recall_at_10": float(summary["recall_at_10"].min()),
+        "mean_recall_at_10": float((summary["recall_at_10"] * summary["ntotal"]).sum() / max(total, 1)),
+        "index_bytes": float(summary["bytes"].sum()),
+        "seconds": round(time.time() - started, 3),
+    }
     return StageResult("index", rows_in=total, rows_out=len(summary), metrics=metrics)

@@ -1,6 +1,7 @@
 """The recommend stage's per-user math on plain arrays: a user's interests as profile rows, each candidate's
 best interest and its `because` members, and one user's ranked list (steps 2, 4 and 5 of
 `lookalike.recommend.stage`)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,9 @@ similar items, which rarely spans more than a category or two; searching every s
 multiply the work by the number of shards."""
 
 
-def profile_rows(user_id: str, items: list[str], weights: np.ndarray, shard_of: list[str], vectors: np.ndarray,
-                 max_interests: int) -> list[dict[str, Any]]:
+def profile_rows(
+    user_id: str, items: list[str], weights: np.ndarray, shard_of: list[str], vectors: np.ndarray, max_interests: int
+) -> list[dict[str, Any]]:
     """A user's interests as PROFILE_SCHEMA rows (see `taste.interests`)."""
     centroids, labels, shares = taste.interests(vectors, weights, max_interests)
     rows = []
@@ -27,16 +29,29 @@ def profile_rows(user_id: str, items: list[str], weights: np.ndarray, shard_of: 
         for m in members:
             by_shard[shard_of[m]] = by_shard.get(shard_of[m], 0.0) + float(weights[m])
         targets = sorted(by_shard, key=lambda s: (-by_shard[s], s))[:TARGETS_PER_INTEREST]
-        rows.append({"user_id": user_id, "interest": k, "share": float(shares[k]), "vector": centroids[k],
-                     "targets": targets, "members": [items[m] for m in members],
-                     "member_weights": weights[members].astype(np.float32),
-                     "member_vectors": np.asarray(vectors[members], dtype=np.float32).ravel()})
+        rows.append(
+            {
+                "user_id": user_id,
+                "interest": k,
+                "share": float(shares[k]),
+                "vector": centroids[k],
+                "targets": targets,
+                "members": [items[m] for m in members],
+                "member_weights": weights[members].astype(np.float32),
+                "member_vectors": np.asarray(vectors[members], dtype=np.float32).ravel(),
+            }
+        )
     return rows
 
 
-def score_user(interests: np.ndarray, members: list[list[str]], member_weights: list[np.ndarray],
-               member_vectors: list[np.ndarray], candidates: np.ndarray, because: int
-               ) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[np.ndarray]]:
+def score_user(
+    interests: np.ndarray,
+    members: list[list[str]],
+    member_weights: list[np.ndarray],
+    member_vectors: list[np.ndarray],
+    candidates: np.ndarray,
+    because: int,
+) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[np.ndarray]]:
     """Each candidate vector's best interest, its cosine to it, and the members of that interest with the
     largest weight * cosine to the candidate (names and contributions, largest first)."""
     sims = candidates @ interests.T
@@ -67,7 +82,12 @@ def rank_user(frame: pd.DataFrame, shares: np.ndarray, n: int, covisit_weight: f
                 parts[name] = parts.get(name, 0.0) + covisit_weight * float(value) / top
         names = sorted(parts)
         reasons.append(taste.top_contributors(names, np.array([parts[x] for x in names]), because))
-    return pd.DataFrame({"user_id": frame["user_id"].iat[0] if len(frame) else None,
-                         "rank": np.arange(1, len(keep) + 1, dtype=np.int32),
-                         "item_id": frame["item_id"].to_numpy()[keep], "score": score[keep],
-                         "because": reasons})
+    return pd.DataFrame(
+        {
+            "user_id": frame["user_id"].iat[0] if len(frame) else None,
+            "rank": np.arange(1, len(keep) + 1, dtype=np.int32),
+            "item_id": frame["item_id"].to_numpy()[keep],
+            "score": score[keep],
+            "because": reasons,
+        }
+    )

@@ -25,6 +25,7 @@ inputs are unchanged since the last one (the events and catalog files, the `embe
 the settings, recorded in `<output.root>/state/recommendations.json` with the table version it wrote) does
 nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,15 +56,26 @@ from lookalike.storage import files, tables
 log = logging.getLogger(__name__)
 
 RECOMMENDATIONS, EMBEDDINGS = "recommendations", "embeddings"
-PROFILE_SCHEMA = ("user_id string, interest int, share double, vector array<float>, targets array<string>, "
-                  "members array<string>, member_weights array<float>, member_vectors array<float>")
+PROFILE_SCHEMA = (
+    "user_id string, interest int, share double, vector array<float>, targets array<string>, "
+    "members array<string>, member_weights array<float>, member_vectors array<float>"
+)
 PROFILE_COLUMNS = ["user_id", "interest", "vector", "targets", "members", "member_weights", "member_vectors"]
-CANDIDATE_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("interest", pa.int32()),
-                              ("visual", pa.float32()), ("visual_because", pa.list_(pa.string())),
-                              ("visual_contrib", pa.list_(pa.float32()))])
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("interest", pa.int32()),
+        ("visual", pa.float32()),
+        ("visual_because", pa.list_(pa.string())),
+        ("visual_contrib", pa.list_(pa.float32())),
+    ]
+)
 RESULT_SCHEMA = "user_id string, rank int, item_id string, score float, because array<string>"
 MAX_POPULAR = 10_000
 """Most popular items broadcast for the fill: a user who excluded more than this many of them may end short."""
+
+
 class RecommendError(LookalikeError):
     """The recommend stage cannot run: no events configured, or no usable input."""
 
@@ -86,14 +98,21 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
-        return cls(n=cfg["recommend.n"], event_weights=dict(cfg["recommend.event_weights"]),
-                   half_life_days=cfg["recommend.half_life_days"], max_interests=cfg["recommend.max_interests"],
-                   covisit_weight=cfg["recommend.covisit_weight"],
-                   exclude_events=tuple(cfg["recommend.exclude_events"]), in_stock_only=cfg["recommend.in_stock_only"],
-                   history_limit=cfg["recommend.history_limit"], covisit_history=cfg["recommend.covisit_history"],
-                   candidates=cfg["recommend.candidates"],
-                   covisit_neighbours=cfg["recommend.covisit_neighbours"], because=cfg["recommend.because"],
-                   chunk_size=cfg["recommend.chunk_size"])
+        return cls(
+            n=cfg["recommend.n"],
+            event_weights=dict(cfg["recommend.event_weights"]),
+            half_life_days=cfg["recommend.half_life_days"],
+            max_interests=cfg["recommend.max_interests"],
+            covisit_weight=cfg["recommend.covisit_weight"],
+            exclude_events=tuple(cfg["recommend.exclude_events"]),
+            in_stock_only=cfg["recommend.in_stock_only"],
+            history_limit=cfg["recommend.history_limit"],
+            covisit_history=cfg["recommend.covisit_history"],
+            candidates=cfg["recommend.candidates"],
+            covisit_neighbours=cfg["recommend.covisit_neighbours"],
+            because=cfg["recommend.because"],
+            chunk_size=cfg["recommend.chunk_size"],
+        )
 
 
 @dataclass(frozen=True)
@@ -114,21 +133,23 @@ class Unit:
 
 # ----------------------------------------------------------------------------------------- executors
 
+
 def _load_target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndarray]:
     """A shard's index and its staged vectors in FAISS id order, for `distributor.worker_cached`."""
-    table = distributor.read_staged(f"{job.staging}/items/shard_dir={shards.folder_name(shard)}",
-                                    ["item_id", "embedding"])
+    table = distributor.read_staged(
+        f"{job.staging}/items/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding"]
+    )
     loaded = builds.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
     return loaded, loaded.align(table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim))
 
 
 def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     """Candidates of one chunk's users in one shard (module docstring, step 4)."""
-    (loaded, vectors), _ = distributor.worker_cached(job.cache_key(unit.shard),
-                                                     lambda: _load_target(job, unit.shard))
+    (loaded, vectors), _ = distributor.worker_cached(job.cache_key(unit.shard), lambda: _load_target(job, unit.shard))
     profiles = distributor.read_staged(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS).to_pandas()
     requests = distributor.read_staged_if_any(
-        f"{job.staging}/requests/shard_dir={shards.folder_name(unit.shard)}/chunk={unit.chunk}", ["user_id", "item_id"])
+        f"{job.staging}/requests/shard_dir={shards.folder_name(unit.shard)}/chunk={unit.chunk}", ["user_id", "item_id"]
+    )
     found: dict[str, set[int]] = {}
     asks = profiles[profiles["targets"].map(lambda t: unit.shard in list(t))]
     if len(asks):
@@ -146,18 +167,20 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
         rows = rows.sort_values("interest")
         positions = np.array(sorted(found[user]), dtype=np.int64)
         best, visual, names, contribs = score_user(
-            np.stack(rows["vector"].to_numpy()).astype(np.float32), [list(m) for m in rows["members"]],
+            np.stack(rows["vector"].to_numpy()).astype(np.float32),
+            [list(m) for m in rows["members"]],
             [np.asarray(w, dtype=np.float32) for w in rows["member_weights"]],
             [np.asarray(v, dtype=np.float32).reshape(-1, job.dim) for v in rows["member_vectors"]],
-            vectors[positions], job.because)
+            vectors[positions],
+            job.because,
+        )
         columns["user_id"] += [user] * len(positions)
         columns["item_id"] += loaded.item_ids.take(pa.array(positions)).to_pylist()
         columns["interest"] += best.tolist()
         columns["visual"] += visual.tolist()
         columns["visual_because"] += names
         columns["visual_contrib"] += [c.tolist() for c in contribs]
-    return pa.record_batch([pa.array(columns[f.name], type=f.type) for f in CANDIDATE_SCHEMA],
-                           schema=CANDIDATE_SCHEMA)
+    return pa.record_batch([pa.array(columns[f.name], type=f.type) for f in CANDIDATE_SCHEMA], schema=CANDIDATE_SCHEMA)
 
 
 def score_task(job: Job) -> Callable[[Unit], Iterator[pa.RecordBatch]]:
@@ -172,10 +195,14 @@ def score_task(job: Job) -> Callable[[Unit], Iterator[pa.RecordBatch]]:
 def profiles_task(max_interests: int, dim: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
     def profiles(frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.sort_values("item_id")
-        rows = profile_rows(frame["user_id"].iat[0], frame["item_id"].tolist(),
-                            frame["weight"].to_numpy(dtype=np.float64), frame["shard"].tolist(),
-                            np.stack(frame["embedding"].to_numpy()).astype(np.float32).reshape(-1, dim),
-                            max_interests)
+        rows = profile_rows(
+            frame["user_id"].iat[0],
+            frame["item_id"].tolist(),
+            frame["weight"].to_numpy(dtype=np.float64),
+            frame["shard"].tolist(),
+            np.stack(frame["embedding"].to_numpy()).astype(np.float32).reshape(-1, dim),
+            max_interests,
+        )
         return pd.DataFrame(rows)
 
     return profiles
@@ -192,12 +219,14 @@ def rank_task(settings: Settings) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
+
 def _popular(weighted: DataFrame, items: DataFrame, limit: int) -> DataFrame:
     """The `limit` most popular recommendable items, with a score in (0, 1] relative to the best."""
     ranked = history.popularity(weighted).join(items, "item_id").orderBy(F.desc("popularity"), "item_id").limit(limit)
     top = ranked.agg(F.max("popularity").alias("top"))  # one row, joined to every item: no global window
     return ranked.crossJoin(F.broadcast(top)).select(
-        "item_id", "popularity", (F.col("popularity") / F.col("top")).cast("float").alias("pop_score"))
+        "item_id", "popularity", (F.col("popularity") / F.col("top")).cast("float").alias("pop_score")
+    )
 
 
 def _fill(users: DataFrame, ranked: DataFrame, popular: DataFrame, excluded: DataFrame, n: int) -> DataFrame:
@@ -206,12 +235,20 @@ def _fill(users: DataFrame, ranked: DataFrame, popular: DataFrame, excluded: Dat
     short = users.join(have, "user_id", "left").fillna(0, ["have"]).filter(F.col("have") < n)
     offered = ranked.select("user_id", "item_id")
     order = Window.partitionBy("user_id").orderBy(F.desc("popularity"), "item_id")
-    return (short.crossJoin(F.broadcast(popular))
-            .join(excluded, ["user_id", "item_id"], "left_anti").join(offered, ["user_id", "item_id"], "left_anti")
-            .withColumn("rank", (F.col("have") + F.row_number().over(order)).cast("int"))
-            .filter(F.col("rank") <= n)
-            .select("user_id", "rank", "item_id", F.col("pop_score").alias("score"),
-                    F.array().cast("array<string>").alias("because")))
+    return (
+        short.crossJoin(F.broadcast(popular))
+        .join(excluded, ["user_id", "item_id"], "left_anti")
+        .join(offered, ["user_id", "item_id"], "left_anti")
+        .withColumn("rank", (F.col("have") + F.row_number().over(order)).cast("int"))
+        .filter(F.col("rank") <= n)
+        .select(
+            "user_id",
+            "rank",
+            "item_id",
+            F.col("pop_score").alias("score"),
+            F.array().cast("array<string>").alias("because"),
+        )
+    )
 
 
 def _only_row(aggregate: DataFrame) -> Row:
@@ -223,10 +260,16 @@ def _only_row(aggregate: DataFrame) -> Row:
 
 def inputs_fingerprint(cfg: Config, settings: Settings) -> dict[str, Any]:
     """What the table's content depends on, as JSON-ready values (module docstring)."""
-    return json.loads(json.dumps({
-        "settings": asdict(settings), "events": files.listing_digest(cfg["events.path"]),
-        "catalog": files.listing_digest(cfg["catalog.path"]) if settings.in_stock_only else None,
-        "embeddings": tables.version(tables.table_path(cfg["output.root"], EMBEDDINGS))}))
+    return json.loads(
+        json.dumps(
+            {
+                "settings": asdict(settings),
+                "events": files.listing_digest(cfg["events.path"]),
+                "catalog": files.listing_digest(cfg["catalog.path"]) if settings.in_stock_only else None,
+                "embeddings": tables.version(tables.table_path(cfg["output.root"], EMBEDDINGS)),
+            }
+        )
+    )
 
 
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
@@ -238,12 +281,19 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     state_path, table_path = files.state_path(root, RECOMMENDATIONS), tables.table_path(root, RECOMMENDATIONS)
     inputs = inputs_fingerprint(cfg, settings)
     previous = files.read_json(state_path)
-    if previous is not None and previous["inputs"] == inputs and previous["table_version"] == tables.version(
-            table_path):
-        log.info("recommend %s: events, catalog, embeddings and settings unchanged since run %s, nothing to do",
-                 run_id, previous["run_id"])
-        return StageResult("recommend", rows_in=0, rows_out=0, metrics={"unchanged": 1.0,
-                                                                         "seconds": round(time.time() - started, 3)})
+    if (
+        previous is not None
+        and previous["inputs"] == inputs
+        and previous["table_version"] == tables.version(table_path)
+    ):
+        log.info(
+            "recommend %s: events, catalog, embeddings and settings unchanged since run %s, nothing to do",
+            run_id,
+            previous["run_id"],
+        )
+        return StageResult(
+            "recommend", rows_in=0, rows_out=0, metrics={"unchanged": 1.0, "seconds": round(time.time() - started, 3)}
+        )
     build = builds.latest_build(root)
     summary = builds.build_summary(root, build)
     dim = summary["dim"]
@@ -251,19 +301,33 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     per_shard = embeddings.groupBy("shard").agg(F.count("*").alias("n"), F.collect_set("model").alias("models"))
     stats = per_shard.collect()
     shard_names = sorted(r["shard"] for r in stats)
-    builds.check_fresh({r["shard"]: r["n"] for r in stats}, [m for r in stats for m in r["models"]], summary, build,
-                      "lookalike recommend")
+    builds.check_fresh(
+        {r["shard"]: r["n"] for r in stats},
+        [m for r in stats for m in r["models"]],
+        summary,
+        build,
+        "lookalike recommend",
+    )
     items = embeddings.select("item_id", "shard")
     if settings.in_stock_only:
         stock = catalog.read_catalog(spark, cfg).filter(F.col("in_stock")).select("item_id")
         items = items.join(stock, "item_id")
 
     events = history.read_events(spark, events_path)
-    unknown = sorted(r["event_type"] for r in events.select("event_type").distinct()
-                     .filter(~F.col("event_type").isin(list(settings.event_weights))).limit(20).collect())
+    unknown = sorted(
+        r["event_type"]
+        for r in events.select("event_type")
+        .distinct()
+        .filter(~F.col("event_type").isin(list(settings.event_weights)))
+        .limit(20)
+        .collect()
+    )
     if unknown:
-        log.warning("recommend %s: events of type(s) %s have no weight in recommend.event_weights and are "
-                    "ignored", run_id, unknown)
+        log.warning(
+            "recommend %s: events of type(s) %s have no weight in recommend.event_weights and are ignored",
+            run_id,
+            unknown,
+        )
     weighted = history.weighted(events, settings.event_weights, settings.half_life_days).cache()
     pairs = history.user_items(weighted, settings.exclude_events).cache()
     excluded = pairs.filter("excluded").select("user_id", "item_id")
@@ -273,37 +337,64 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     usable = limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
     profiles = usable.groupBy("user_id").applyInPandas(profiles_task(settings.max_interests, dim), PROFILE_SCHEMA)
     covisits = history.covisitation(long_history, settings.covisit_neighbours)
-    requests = (history.covisit_candidates(limited, covisits, settings.candidates, settings.because)
-                .join(vectors.select("item_id", "shard"), "item_id"))
+    requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
+        vectors.select("item_id", "shard"), "item_id"
+    )
 
     staging = files.staging_dir(root, run_id, "recommend")
     users = events.select("user_id").distinct().cache()
     n_users = users.count()
-    n_chunks = max(1, math.ceil(n_users / settings.chunk_size),
-                   min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)))
+    n_chunks = max(
+        1,
+        math.ceil(n_users / settings.chunk_size),
+        min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)),
+    )
     chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
     try:
         staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
-        staged_requests = distributor.stage(shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
-                                         f"{staging}/requests", ["shard_dir", "chunk"])
-        asked = (staged.select(F.explode("targets").alias("shard"), "chunk")
-                 .unionByName(staged_requests.select("shard", "chunk")).distinct().collect())
+        staged_requests = distributor.stage(
+            shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
+            f"{staging}/requests",
+            ["shard_dir", "chunk"],
+        )
+        asked = (
+            staged.select(F.explode("targets").alias("shard"), "chunk")
+            .unionByName(staged_requests.select("shard", "chunk"))
+            .distinct()
+            .collect()
+        )
         units = sorted(Unit(r["shard"], r["chunk"]) for r in asked)
         needed = sorted({u.shard for u in units})
         distributor.stage(shards.with_folder(spark, vectors, needed), f"{staging}/items", ["shard_dir"])
-        job = Job(output_root=root, build=build, model=summary["model"], dim=dim, staging=staging,
-                  candidates=settings.candidates, because=settings.because)
-        log.info("recommend %s: %d users in %d chunks, %d (shard, chunk) scoring tasks", run_id, n_users,
-                 n_chunks, len(units))
+        job = Job(
+            output_root=root,
+            build=build,
+            model=summary["model"],
+            dim=dim,
+            staging=staging,
+            candidates=settings.candidates,
+            because=settings.because,
+        )
+        log.info(
+            "recommend %s: %d users in %d chunks, %d (shard, chunk) scoring tasks",
+            run_id,
+            n_users,
+            n_chunks,
+            len(units),
+        )
         distributor.run_tasks(spark, units, score_task(job), CANDIDATE_SCHEMA).write.parquet(f"{staging}/candidates")
         candidates = spark.read.parquet(f"{staging}/candidates")
         shares = staged.groupBy("user_id").agg(
-            F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"])
-            .alias("shares"))
-        scored = (candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
-                  .join(excluded, ["user_id", "item_id"], "left_anti")
-                  .join(items.select("item_id"), "item_id")
-                  .join(shares, "user_id"))
+            F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"]).alias(
+                "shares"
+            )
+        )
+        scored = (
+            candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
+            .join(excluded, ["user_id", "item_id"], "left_anti")
+            .join(items.select("item_id"), "item_id")
+            .join(shares, "user_id")
+        )
         ranked = scored.groupBy("user_id").applyInPandas(rank_task(settings), RESULT_SCHEMA)
         ranked.write.parquet(f"{staging}/ranked")
         ranked = spark.read.parquet(f"{staging}/ranked")
@@ -312,21 +403,25 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         popular = _popular(weighted, items.select("item_id"), 2 * settings.n + min(most_excluded, MAX_POPULAR))
         table = ranked.unionByName(_fill(users, ranked, popular, excluded, settings.n))
         result = tables.write(table.withColumn("run_id", F.lit(run_id)), table_path, mode="overwrite")
-        files.write_text(state_path, json.dumps({"run_id": run_id, "inputs": inputs,
-                                                   "table_version": result.version}, indent=2))
+        files.write_text(
+            state_path, json.dumps({"run_id": run_id, "inputs": inputs, "table_version": result.version}, indent=2)
+        )
         written = tables.read(spark, table_path)
-        personal, distinct_items = _only_row(written.agg(
-            F.countDistinct(F.when(F.size("because") > 0, F.col("user_id"))),
-            F.countDistinct("item_id")))
+        personal, distinct_items = _only_row(
+            written.agg(F.countDistinct(F.when(F.size("because") > 0, F.col("user_id"))), F.countDistinct("item_id"))
+        )
     finally:
         files.remove_dir(staging)
         for frame in (weighted, pairs, limited, users):
             frame.unpersist()
     n_items = sum(r["n"] for r in stats)
-    metrics = {"users": float(n_users), "users_personalised": float(personal),
-               "users_popularity_only": float(n_users - personal),
-               "catalog_coverage": round(distinct_items / n_items, 4) if n_items else 0.0,
-               "scoring_tasks": float(len(units)), "seconds": round(time.time() - started, 3)}
+    metrics = {
+        "users": float(n_users),
+        "users_personalised": float(personal),
+        "users_popularity_only": float(n_users - personal),
+        "catalog_coverage": round(distinct_items / n_items, 4) if n_items else 0.0,
+        "scoring_tasks": float(len(units)),
+        "seconds": round(time.time() - started, 3),
+    }
     log.info("recommend %s: %d rows for %d users; %s", run_id, result.rows_added, n_users, metrics)
     return StageResult("recommend", rows_in=n_users, rows_out=result.rows_added, metrics=metrics)
-

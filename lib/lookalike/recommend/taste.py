@@ -5,6 +5,7 @@ scored by blending visual similarity with co-visitation (`blend`), explained by 
 contributed most (`top_contributors`), and merged so that every interest gets its share of the list
 (`fair_merge`). Each step is a function of its inputs alone, so the tests check them on hand-made numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,9 @@ def silhouette(distances: np.ndarray, labels: np.ndarray, weights: np.ndarray) -
     return float((scores * weights).sum() / weights.sum())
 
 
-def interests(vectors: np.ndarray, weights: np.ndarray, max_interests: int) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray]:
+def interests(
+    vectors: np.ndarray, weights: np.ndarray, max_interests: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A history's interest vectors: (centroids (k, d) L2-normalised, each item's interest label, each
     interest's share of the weight), heaviest interest first.
 
@@ -114,7 +116,7 @@ def quotas(shares: Sequence[float] | np.ndarray, n: int) -> list[int]:
     exact = [s * n for s in shares]
     slots = [math.floor(e) for e in exact]
     by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - slots[i]), i))
-    for i in by_remainder[:n - sum(slots)]:
+    for i in by_remainder[: n - sum(slots)]:
         slots[i] += 1
     for i in range(min(len(shares), n)):
         if slots[i] == 0:

@@ -1,4 +1,5 @@
 """The report's data: the fixed sampling settings, and the shapes that gathering fills and rendering reads."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -16,8 +17,12 @@ OK_STATUSES = frozenset({"ok", "success", "succeeded", "done", "completed", "com
 BAD_STATUSES = frozenset({"failed", "failure", "error", "errored", "aborted", "killed"})
 WARN_STATUSES = frozenset({"interrupted", "running", "skipped"})  # `interrupted`: killed, found by the next run
 WRITERS = {  # table -> the command that writes it, for "does not exist yet" notes
-    "embeddings": "embed", "quarantine": "embed", "similar_items": "similar", "duplicates": "similar",
-    "recommendations": "recommend", "runs": "nightly",
+    "embeddings": "embed",
+    "quarantine": "embed",
+    "similar_items": "similar",
+    "duplicates": "similar",
+    "recommendations": "recommend",
+    "runs": "nightly",
 }
 
 

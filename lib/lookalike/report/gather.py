@@ -1,6 +1,7 @@
 """Gathering the report: each section asks Spark for a handful of keys (a seeded hash order plus `limit`,
 spread over categories where that helps), then fetches only the rows of those keys, then the catalog facts
 and thumbnails of exactly the items shown. A table that is missing or unreadable becomes a note."""
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,6 @@ from lookalike.storage import tables
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Sources:
     """The report's view of the output: its tables (opened on demand) and the validated catalog."""
@@ -65,8 +65,9 @@ class Sources:
     def table(self, name: str) -> DataFrame | Absent:
         path = self.path(name)
         if not tables.exists(path):
-            return Absent(f"The {name} table does not exist yet ({path}); "
-                          f"`lookalike {WRITERS.get(name, 'nightly')}` writes it.")
+            return Absent(
+                f"The {name} table does not exist yet ({path}); `lookalike {WRITERS.get(name, 'nightly')}` writes it."
+            )
         return tables.read(self.spark, path)
 
 
@@ -110,8 +111,12 @@ def sample_neighbours(src: Sources, n: int) -> dict[str, list[Neighbour]] | Abse
     if not picked:
         return Absent("The similar_items table is empty.")
     lists: dict[str, list[Neighbour]] = {item: [] for item in picked}
-    rows = (similar.filter(F.col("item_id").isin(picked))
-            .select("item_id", "rank", "similar_item_id", "score").orderBy("item_id", "rank").collect())
+    rows = (
+        similar.filter(F.col("item_id").isin(picked))
+        .select("item_id", "rank", "similar_item_id", "score")
+        .orderBy("item_id", "rank")
+        .collect()
+    )
     for row in rows:
         lists[row["item_id"]].append(Neighbour(int(row["rank"]), row["similar_item_id"], float(row["score"])))
     return lists
@@ -136,8 +141,9 @@ def sample_users(src: Sources, n: int) -> UserSample | Absent:
         return Absent("There are no users to show: the recommendations table and the events are empty.")
     histories, counts = ({}, {}) if isinstance(events, Absent) else _histories(events, users)
     lists = {} if isinstance(recs, Absent) else _recommendations(recs, users)
-    views = tuple(UserView(u, counts.get(u, 0), tuple(histories.get(u, ())), tuple(lists.get(u, ())))
-                  for u in sorted(users))
+    views = tuple(
+        UserView(u, counts.get(u, 0), tuple(histories.get(u, ())), tuple(lists.get(u, ()))) for u in sorted(users)
+    )
     return UserSample(views, tuple(notes), with_recommendations=not isinstance(recs, Absent))
 
 
@@ -154,29 +160,37 @@ def _events(src: Sources) -> DataFrame | Absent:
 def _histories(events: DataFrame, users: list[str]) -> tuple[dict[str, list[HistoryEntry]], dict[str, int]]:
     """Per user: the most recent distinct items, each named by its strongest event (purchase > cart > view)."""
     mine = events.filter(F.col("user_id").isin(users))
-    strength = F.coalesce(*[F.when(F.col("event_type") == name, F.lit(v)) for name, v in EVENT_STRENGTH.items()],
-                          F.lit(0))
-    per_item = (mine.groupBy("user_id", "item_id")
-                .agg(F.max("ts").alias("last_ts"), F.count(F.lit(1)).alias("events"),
-                     F.max(F.struct(strength.alias("s"), F.col("event_type").alias("t"))).alias("top")))
+    strength = F.coalesce(
+        *[F.when(F.col("event_type") == name, F.lit(v)) for name, v in EVENT_STRENGTH.items()], F.lit(0)
+    )
+    per_item = mine.groupBy("user_id", "item_id").agg(
+        F.max("ts").alias("last_ts"),
+        F.count(F.lit(1)).alias("events"),
+        F.max(F.struct(strength.alias("s"), F.col("event_type").alias("t"))).alias("top"),
+    )
     recent = F.row_number().over(Window.partitionBy("user_id").orderBy(F.desc("last_ts"), "item_id"))
-    rows = (per_item.withColumn("_n", recent).filter(F.col("_n") <= HISTORY_ITEMS)
-            .orderBy("user_id", "_n").collect())
+    rows = per_item.withColumn("_n", recent).filter(F.col("_n") <= HISTORY_ITEMS).orderBy("user_id", "_n").collect()
     histories: dict[str, list[HistoryEntry]] = {}
     for row in rows:
         histories.setdefault(row["user_id"], []).append(
-            HistoryEntry(row["item_id"], row["top"]["t"] or "", int(row["events"]), row["last_ts"]))
+            HistoryEntry(row["item_id"], row["top"]["t"] or "", int(row["events"]), row["last_ts"])
+        )
     counts = {row["user_id"]: int(row["count"]) for row in mine.groupBy("user_id").count().collect()}
     return histories, counts
 
 
 def _recommendations(recs: DataFrame, users: list[str]) -> dict[str, list[Recommendation]]:
-    rows = (recs.filter(F.col("user_id").isin(users)).select("user_id", "rank", "item_id", "score", "because")
-            .orderBy("user_id", "rank").collect())
+    rows = (
+        recs.filter(F.col("user_id").isin(users))
+        .select("user_id", "rank", "item_id", "score", "because")
+        .orderBy("user_id", "rank")
+        .collect()
+    )
     lists: dict[str, list[Recommendation]] = {}
     for row in rows:
         lists.setdefault(row["user_id"], []).append(
-            Recommendation(int(row["rank"]), row["item_id"], float(row["score"]), tuple(row["because"] or ())))
+            Recommendation(int(row["rank"]), row["item_id"], float(row["score"]), tuple(row["because"] or ()))
+        )
     return lists
 
 
@@ -190,13 +204,18 @@ def sample_duplicates(src: Sources, n_groups: int) -> DuplicateSample | Absent:
         rows, n = dups.count(), sizes.count()
         top = sizes.orderBy(F.desc("size"), "duplicate_of").limit(n_groups)
         place = F.row_number().over(Window.partitionBy("duplicate_of").orderBy("item_id"))
-        members = (dups.join(top.select("duplicate_of"), "duplicate_of", "left_semi")
-                   .withColumn("_m", place).filter(F.col("_m") <= GROUP_MEMBERS))
+        members = (
+            dups.join(top.select("duplicate_of"), "duplicate_of", "left_semi")
+            .withColumn("_m", place)
+            .filter(F.col("_m") <= GROUP_MEMBERS)
+        )
         listed: dict[str, list[str]] = {}
         for row in members.orderBy("duplicate_of", "_m").collect():
             listed.setdefault(row["duplicate_of"], []).append(row["item_id"])
-        groups = tuple(DuplicateGroup(r["duplicate_of"], int(r["size"]), tuple(listed.get(r["duplicate_of"], ())))
-                       for r in top.orderBy(F.desc("size"), "duplicate_of").collect())
+        groups = tuple(
+            DuplicateGroup(r["duplicate_of"], int(r["size"]), tuple(listed.get(r["duplicate_of"], ())))
+            for r in top.orderBy(F.desc("size"), "duplicate_of").collect()
+        )
     finally:
         sizes.unpersist()
     return DuplicateSample(rows, n, groups)
@@ -206,13 +225,21 @@ def sample_quarantine(src: Sources, per_kind: int) -> QuarantineSample | Absent:
     quarantine = src.table("quarantine")
     if isinstance(quarantine, Absent):
         return quarantine
-    counts = tuple((r["error_kind"] or "(none)", int(r["count"]))
-                   for r in quarantine.groupBy("error_kind").count().orderBy(F.desc("count"), "error_kind").collect())
+    counts = tuple(
+        (r["error_kind"] or "(none)", int(r["count"]))
+        for r in quarantine.groupBy("error_kind").count().orderBy(F.desc("count"), "error_kind").collect()
+    )
     place = F.row_number().over(Window.partitionBy("error_kind").orderBy("item_id"))
-    examples = tuple(r.asDict() for r in (
-        quarantine.withColumn("_n", place).filter(F.col("_n") <= per_kind)
-        .select("item_id", "image_uri", "error_kind", "error_message", "run_id", "seen_at")
-        .orderBy("error_kind", "item_id").collect()))
+    examples = tuple(
+        r.asDict()
+        for r in (
+            quarantine.withColumn("_n", place)
+            .filter(F.col("_n") <= per_kind)
+            .select("item_id", "image_uri", "error_kind", "error_message", "run_id", "seen_at")
+            .orderBy("error_kind", "item_id")
+            .collect()
+        )
+    )
     return QuarantineSample(counts, examples)
 
 
@@ -221,21 +248,45 @@ def recent_runs(src: Sources, n: int) -> list[StageRun] | Absent:
     runs = src.table("runs")
     if isinstance(runs, Absent):
         return runs
-    last = (runs.groupBy("run_id").agg(F.min("started_at").alias("_run_start"))
-            .orderBy(F.desc_nulls_last("_run_start"), F.desc("run_id")).limit(n))
-    rows = (runs.join(last, "run_id").orderBy(F.desc_nulls_last("_run_start"), F.desc("run_id"),
-                                              "started_at", "stage").collect())
-    return [StageRun(r["run_id"], r["stage"], r["status"] or "", r["started_at"], r["finished_at"],
-                     r["rows_in"], r["rows_out"], dict(sorted((r["metrics"] or {}).items())))
-            for r in rows]
+    last = (
+        runs.groupBy("run_id")
+        .agg(F.min("started_at").alias("_run_start"))
+        .orderBy(F.desc_nulls_last("_run_start"), F.desc("run_id"))
+        .limit(n)
+    )
+    rows = (
+        runs.join(last, "run_id")
+        .orderBy(F.desc_nulls_last("_run_start"), F.desc("run_id"), "started_at", "stage")
+        .collect()
+    )
+    return [
+        StageRun(
+            r["run_id"],
+            r["stage"],
+            r["status"] or "",
+            r["started_at"],
+            r["finished_at"],
+            r["rows_in"],
+            r["rows_out"],
+            dict(sorted((r["metrics"] or {}).items())),
+        )
+        for r in rows
+    ]
 
 
 def overview(src: Sources, data: ReportData) -> list[Card]:
     """Headline numbers: how much of the catalog made it through each step, and how the last run went.
     Sections that already counted something (quarantine, duplicates, runs) lend their numbers."""
-    return [_catalog_card(src), _embeddings_card(src), _quarantine_card(data.quarantine), _index_card(src),
-            _rank_one_card(src, "similar_items", "Items with neighbours"), _duplicates_card(data.duplicates),
-            _rank_one_card(src, "recommendations", "Users with recommendations"), _last_run_card(data.runs)]
+    return [
+        _catalog_card(src),
+        _embeddings_card(src),
+        _quarantine_card(data.quarantine),
+        _index_card(src),
+        _rank_one_card(src, "similar_items", "Items with neighbours"),
+        _duplicates_card(data.duplicates),
+        _rank_one_card(src, "recommendations", "Users with recommendations"),
+        _last_run_card(data.runs),
+    ]
 
 
 def _catalog_card(src: Sources) -> Card:
@@ -256,8 +307,9 @@ def _quarantine_card(quarantine: QuarantineSample | Absent) -> Card:
     if isinstance(quarantine, Absent):
         return Card("Quarantined images", "–", "not built yet")
     kinds = len(quarantine.counts)
-    return Card("Quarantined images", fmt_int(sum(n for _, n in quarantine.counts)),
-                f"{kinds} kind{'' if kinds == 1 else 's'}")
+    return Card(
+        "Quarantined images", fmt_int(sum(n for _, n in quarantine.counts)), f"{kinds} kind{'' if kinds == 1 else 's'}"
+    )
 
 
 def _duplicates_card(duplicates: DuplicateSample | Absent) -> Card:
@@ -300,8 +352,9 @@ def item_facts(src: Sources, ids: Iterable[str]) -> dict[str, ItemFacts]:
     wanted = sorted(set(ids))
     if src.catalog is None or not wanted:
         return {}
-    rows = (src.catalog.filter(F.col("item_id").isin(wanted))
-            .select("item_id", "category", "title", "image_uri").collect())
+    rows = (
+        src.catalog.filter(F.col("item_id").isin(wanted)).select("item_id", "category", "title", "image_uri").collect()
+    )
     return {r["item_id"]: ItemFacts(r["item_id"], r["category"], r["title"], r["image_uri"]) for r in rows}
 
 

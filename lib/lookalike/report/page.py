@@ -15,6 +15,7 @@ Why a missing table is a note and not an error: stages ship at different times (
 `runs` may not exist yet), and a report that crashes on the first gap shows nothing about what does exist.
 Every string that comes from the data is HTML-escaped, because catalog titles are typed by people.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,13 @@ from lookalike.report.render import render
 
 
 def absent_sections(data: ReportData) -> tuple[str, ...]:
-    parts = {"similar": data.items, "users": data.users, "duplicates": data.duplicates,
-             "quarantine": data.quarantine, "runs": data.runs}
+    parts = {
+        "similar": data.items,
+        "users": data.users,
+        "duplicates": data.duplicates,
+        "quarantine": data.quarantine,
+        "runs": data.runs,
+    }
     return tuple(name for name, part in parts.items() if isinstance(part, Absent))
 
 

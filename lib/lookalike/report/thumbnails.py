@@ -1,4 +1,5 @@
 """Thumbnails of the items a report shows: decoded like the embed stage reads them, embedded as `data:` URIs."""
+
 from __future__ import annotations
 
 import base64
@@ -34,8 +35,7 @@ def encode_data_uri(picture: Image.Image) -> str:
     if red.tobytes() == green.tobytes() == blue.tobytes():
         picture = red
     best: tuple[int, str, bytes] | None = None
-    for fmt, mime, options in (("PNG", "image/png", {"optimize": True}),
-                               ("JPEG", "image/jpeg", {"quality": 82})):
+    for fmt, mime, options in (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 82})):
         buffer = io.BytesIO()
         picture.save(buffer, fmt, **options)
         data = buffer.getvalue()

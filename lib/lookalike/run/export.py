@@ -6,6 +6,7 @@ and only then `<output.root>/export/<table>/LATEST` is replaced with the run id.
 `LATEST` therefore only sees complete snapshots; a run killed mid-export leaves a folder without `_SUCCESS`
 that the next export removes. The newest `export.keep` complete snapshots are kept.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,6 +45,12 @@ def publish(spark: SparkSession, output_root: str, run_id: str, keep: int) -> di
         published.publish(folder, run_id)
         written[table] = spark.read.parquet(target).count()
         removed = published.prune(folder, keep, run_id, SUCCESS, PREFIX)
-        log.info("export %s: %s -> %s (%d rows)%s", run_id, table, target, written[table],
-                 f"; removed snapshots {removed}" if removed else "")
+        log.info(
+            "export %s: %s -> %s (%d rows)%s",
+            run_id,
+            table,
+            target,
+            written[table],
+            f"; removed snapshots {removed}" if removed else "",
+        )
     return written

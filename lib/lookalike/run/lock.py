@@ -10,6 +10,7 @@ On a local or POSIX file system the lock is created with O_EXCL, so two runs rac
 Object stores have no exclusive create: there the lock is written and read back, which narrows the race to
 the time between two requests; schedule one nightly per output root there, as usual.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -82,8 +83,7 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lock-{run_id}")
 
     def _content(self) -> str:
-        holder = Holder(self.run_id, self.command, socket.gethostname(), os.getpid(), self._started,
-                        _now().isoformat())
+        holder = Holder(self.run_id, self.command, socket.gethostname(), os.getpid(), self._started, _now().isoformat())
         return json.dumps(asdict(holder))
 
     def _create(self) -> bool:
@@ -126,9 +126,16 @@ class RunLock:
                     f"output root is in use by run {holder.run_id} ({holder.command}, pid {holder.pid} on "
                     f"{holder.host}, started {holder.started_at}, last heartbeat {holder.age_seconds(now):.0f} s "
                     f"ago); wait for it to finish. If it died on another host, its lock expires "
-                    f"{self.stale_seconds:.0f} s after its last heartbeat (lock.stale_seconds), or delete {self.path}")
-            log.warning("run %s: taking over the lock of dead run %s (pid %d on %s, last heartbeat %.0f s ago)",
-                        self.run_id, holder.run_id, holder.pid, holder.host, holder.age_seconds(now))
+                    f"{self.stale_seconds:.0f} s after its last heartbeat (lock.stale_seconds), or delete {self.path}"
+                )
+            log.warning(
+                "run %s: taking over the lock of dead run %s (pid %d on %s, last heartbeat %.0f s ago)",
+                self.run_id,
+                holder.run_id,
+                holder.pid,
+                holder.host,
+                holder.age_seconds(now),
+            )
             self.previous = holder
             fs, local = filesystem(self.path)
             fs.delete_file(local)
@@ -154,6 +161,7 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

@@ -5,6 +5,7 @@ re-queried, unchanged inputs not re-recommended) and commits atomically, so a ru
 finished by the next: what was committed is reused, what was not is redone, and no table holds half a
 write. Exports are published only after every stage succeeded. The caller holds the run lock (`lock.py`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,10 +35,26 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
             raise
     export_started = runs.now()
     written = export.publish(spark, root, run_id, cfg["export.keep"])
-    runs.record(root, run_id, "export", runs.SUCCEEDED, export_started, runs.now(), sum(written.values()),
-                sum(written.values()), {f"{table}_rows": float(n) for table, n in written.items()})
+    runs.record(
+        root,
+        run_id,
+        "export",
+        runs.SUCCEEDED,
+        export_started,
+        runs.now(),
+        sum(written.values()),
+        sum(written.values()),
+        {f"{table}_rows": float(n) for table, n in written.items()},
+    )
     seconds = time.time() - clock
-    runs.record(root, run_id, "nightly", runs.SUCCEEDED, started, runs.now(),
-                metrics={"seconds": round(seconds, 3), "stages": float(len(results))})
+    runs.record(
+        root,
+        run_id,
+        "nightly",
+        runs.SUCCEEDED,
+        started,
+        runs.now(),
+        metrics={"seconds": round(seconds, 3), "stages": float(len(results))},
+    )
     log.info("nightly %s: done in %.0f s: %s", run_id, seconds, ", ".join(r.stage for r in results))
     return results

@@ -3,6 +3,7 @@
 A stage is a function `run(cfg, spark, run_id) -> StageResult`, named here as "module:function" so that
 `lookalike --help` and config checks never import torch or faiss.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,7 +56,16 @@ def run_logged(name: str, cfg: Config, spark: SparkSession, run_id: str) -> Stag
     except BaseException:
         runs.record(cfg["output.root"], run_id, name, runs.FAILED, started, runs.now())
         raise
-    runs.record(cfg["output.root"], run_id, name, runs.SUCCEEDED, started, runs.now(), result.rows_in,
-                result.rows_out, result.metrics)
+    runs.record(
+        cfg["output.root"],
+        run_id,
+        name,
+        runs.SUCCEEDED,
+        started,
+        runs.now(),
+        result.rows_in,
+        result.rows_out,
+        result.metrics,
+    )
     log.info("run %s: %s done: %s", run_id, name, result)
     return result

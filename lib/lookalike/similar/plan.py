@@ -1,5 +1,6 @@
 """Planning the similar stage as pure functions: which shards to recompute ("Incremental" in
 `lookalike.similar.stage`), and how the searches are cut into units and Spark tasks ("Work layout")."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
-        return cls(k=cfg["similar.k"], scope=cfg["similar.scope"], min_score=cfg["similar.min_score"],
-                   in_stock_only=cfg["similar.in_stock_only"], exclude_duplicates=cfg["similar.exclude_duplicates"])
+        return cls(
+            k=cfg["similar.k"],
+            scope=cfg["similar.scope"],
+            min_score=cfg["similar.min_score"],
+            in_stock_only=cfg["similar.in_stock_only"],
+            exclude_duplicates=cfg["similar.exclude_duplicates"],
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -38,12 +44,18 @@ class Unit:
     size: int
 
 
-def changed_shards(previous: Mapping[str, Any] | None, fingerprints: Mapping[str, str], settings: Settings,
-                   table_version: int | None) -> set[str]:
+def changed_shards(
+    previous: Mapping[str, Any] | None, fingerprints: Mapping[str, str], settings: Settings, table_version: int | None
+) -> set[str]:
     """The shards whose `similar_items` rows must be recomputed (module docstring, "Incremental")."""
     everything = set(fingerprints)
-    if (previous is None or previous.get("version") != STATE_VERSION or previous["settings"] != asdict(settings)
-            or table_version is None or previous["table_version"] != table_version):
+    if (
+        previous is None
+        or previous.get("version") != STATE_VERSION
+        or previous["settings"] != asdict(settings)
+        or table_version is None
+        or previous["table_version"] != table_version
+    ):
         return everything
     changed = {shard for shard, fp in fingerprints.items() if previous["shards"].get(shard) != fp}
     if settings.scope == "all" and (changed or set(previous["shards"]) != everything):
@@ -53,9 +65,12 @@ def changed_shards(previous: Mapping[str, Any] | None, fingerprints: Mapping[str
 
 def plan_units(chunk_sizes: Mapping[str, Mapping[int, int]], targets: list[str], scope: str) -> list[Unit]:
     """Every (target, query chunk) pair to search, sorted by target so that a worker reuses a loaded shard."""
-    return sorted(Unit(target, source, chunk, size)
-                  for source, chunks in chunk_sizes.items() for chunk, size in chunks.items()
-                  for target in (targets if scope == "all" else [source]))
+    return sorted(
+        Unit(target, source, chunk, size)
+        for source, chunks in chunk_sizes.items()
+        for chunk, size in chunks.items()
+        for target in (targets if scope == "all" else [source])
+    )
 
 
 def task_size(chunk_size: int, queries: int, targets_per_query: int, parallelism: int) -> int:

@@ -3,6 +3,7 @@ of one target shard (the "Search" part of `lookalike.similar.stage`'s docstring)
 
 The target is anything with the `Target` shape; the stage passes one shard's FAISS index and vectors.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import pyarrow as pa
 
 from lookalike.index.params import RECALL_K
 
-RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()),
-                           ("score", pa.float32())])
+RESULT_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("rank", pa.int32()), ("similar_item_id", pa.string()), ("score", pa.float32())]
+)
 WIDEN = 4
 """A row still short of k after filtering is asked again with this many times the candidates."""
 MAX_WIDENINGS = 2
@@ -67,8 +69,15 @@ def planned_fetch(k: int, excluded: np.ndarray, eligible_share: float) -> np.nda
     return np.ceil((k + excluded) / eligible_share).astype(np.int64)
 
 
-def select(ids: np.ndarray, scores: np.ndarray, query_keys: np.ndarray, keys: np.ndarray, eligible: np.ndarray,
-           k: int, min_score: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    query_keys: np.ndarray,
+    keys: np.ndarray,
+    eligible: np.ndarray,
+    k: int,
+    min_score: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first k candidates of each row (rows best first, at least k columns) that may be neighbours of
     the row's query: a real id, another exclusion key, eligible, not under `min_score`. Returns (ids,
     scores) padded with -1 and -inf, and how many each row kept."""
@@ -78,9 +87,11 @@ def select(ids: np.ndarray, scores: np.ndarray, query_keys: np.ndarray, keys: np
         usable &= scores >= min_score
     order = np.argsort(~usable, axis=1, kind="stable")[:, :k]
     kept = np.take_along_axis(usable, order, axis=1)
-    return (np.where(kept, np.take_along_axis(ids, order, axis=1), -1),
-            np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32),
-            kept.sum(axis=1))
+    return (
+        np.where(kept, np.take_along_axis(ids, order, axis=1), -1),
+        np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32),
+        kept.sum(axis=1),
+    )
 
 
 def settled(kept: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int, min_score: float | None) -> np.ndarray:
@@ -92,8 +103,15 @@ def settled(kept: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int, min_s
     return done
 
 
-def exhaustive(vectors: np.ndarray, queries: np.ndarray, query_keys: np.ndarray, keys: np.ndarray,
-               eligible: np.ndarray, k: int, min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+def exhaustive(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    query_keys: np.ndarray,
+    keys: np.ndarray,
+    eligible: np.ndarray,
+    k: int,
+    min_score: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every item of the shard scored: complete by construction, for the rows the index could not fill."""
     n = len(vectors)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -116,8 +134,9 @@ def exhaustive(vectors: np.ndarray, queries: np.ndarray, query_keys: np.ndarray,
     return ids, scores
 
 
-def neighbours(target: Target, queries: np.ndarray, query_keys: np.ndarray, k: int,
-               min_score: float | None) -> tuple[np.ndarray, np.ndarray, int]:
+def neighbours(
+    target: Target, queries: np.ndarray, query_keys: np.ndarray, k: int, min_score: float | None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The k best neighbours in `target` of each query, best first, as FAISS ids and cosines (-1/-inf
     padding where fewer exist), and how many distinct queries needed exhaustive scoring."""
     _, first, inverse = np.unique(query_keys, return_index=True, return_inverse=True)
@@ -136,15 +155,17 @@ def neighbours(target: Target, queries: np.ndarray, query_keys: np.ndarray, k: i
         for size in np.unique(fetch[pending]):
             rows = pending[fetch[pending] == size]
             found_scores, found = target.search(reps[rows], int(size))
-            ids[rows], scores[rows], kept = select(found, found_scores, rep_keys[rows], target.keys,
-                                                   target.eligible, k, min_score)
+            ids[rows], scores[rows], kept = select(
+                found, found_scores, rep_keys[rows], target.keys, target.eligible, k, min_score
+            )
             short.append(rows[~settled(kept, found, found_scores, k, min_score)])
         pending = np.concatenate(short)
         fetch[pending] *= WIDEN
     rows = np.concatenate([*to_score, pending])
     if rows.size:
-        ids[rows], scores[rows] = exhaustive(target.vectors, reps[rows], rep_keys[rows], target.keys,
-                                             target.eligible, k, min_score)
+        ids[rows], scores[rows] = exhaustive(
+            target.vectors, reps[rows], rep_keys[rows], target.keys, target.eligible, k, min_score
+        )
     return ids[inverse], scores[inverse], int(rows.size)
 
 
@@ -153,6 +174,12 @@ def result_rows(query_ids: pa.Array, target_ids: pa.Array, ids: np.ndarray, scor
     Scores are clipped to [-1, 1]: a cosine, even where float32 rounding puts a twin at 1.0000001."""
     found = ids >= 0
     rows, columns = np.nonzero(found)
-    return pa.record_batch([query_ids.take(rows), pa.array(columns + 1, type=pa.int32()),
-                            target_ids.take(ids[found]), pa.array(np.clip(scores[found], -1.0, 1.0))],
-                           schema=RESULT_SCHEMA)
+    return pa.record_batch(
+        [
+            query_ids.take(rows),
+            pa.array(columns + 1, type=pa.int32()),
+            target_ids.take(ids[found]),
+            pa.array(np.clip(scores[found], -1.0, 1.0)),
+        ],
+        schema=RESULT_SCHEMA,
+    )

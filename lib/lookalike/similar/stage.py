@@ -39,6 +39,7 @@ Freshness. The index must have been built from the current embeddings: a shard w
 from its index's is refused on the driver, one whose vectors differ is refused by `align` in the task. Both
 raise `StaleIndexError`, which asks for `lookalike index` to be re-run.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,11 +105,18 @@ class TargetShard:
     def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """`fetch` re-ranked candidates per query, with the candidate budget the index was tuned for."""
         manifest = self.loaded.manifest
-        return shard_index.search(self.loaded.index, self.vectors, queries, fetch, manifest["nprobe"],
-                                  rerank_budget(manifest["rerank_k"], fetch))
+        return shard_index.search(
+            self.loaded.index,
+            self.vectors,
+            queries,
+            fetch,
+            manifest["nprobe"],
+            rerank_budget(manifest["rerank_k"], fetch),
+        )
 
 
 # ----------------------------------------------------------------------------------------- executors
+
 
 def _load_target(job: Job, shard: str) -> TargetShard:
     """The shard's index and its staged rows in FAISS id order; vectors that differ from the build's fail
@@ -126,8 +134,12 @@ def _load_target(job: Job, shard: str) -> TargetShard:
 def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
     """Item ids, vectors, exclusion keys and eligibility of a staged folder: a shard, or one query chunk."""
     table = distributor.read_staged(f"{job.staging}/{relative}", ["item_id", "embedding", "dup_key", "eligible"])
-    return (table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim),
-            table["dup_key"].to_numpy(), table["eligible"].to_numpy())
+    return (
+        table["item_id"].combine_chunks(),
+        shard_index.matrix(table["embedding"], job.dim),
+        table["dup_key"].to_numpy(),
+        table["eligible"].to_numpy(),
+    )
 
 
 def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.RecordBatch:
@@ -135,7 +147,8 @@ def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.Record
     unit's target then replaces it in memory instead of joining it."""
     target, loaded = distributor.worker_cached(job.cache_key(unit.target), lambda: _load_target(job, unit.target))
     query_ids, queries, query_keys, _ = _read_staged(
-        job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}")
+        job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}"
+    )
     ids, scores, scored = neighbours(target, queries, query_keys, job.k, job.min_score)
     counters["shard_loads"].add(int(loaded))
     counters["exhaustive"].add(scored)
@@ -154,13 +167,18 @@ def search_task(job: Job, counters: Mapping[str, Any]):
 
 # ---------------------------------------------------------------------------------------------- driver
 
+
 def _items(spark: SparkSession, cfg: Config, settings: Settings) -> DataFrame:
     """`embeddings` with each item's exclusion key and whether it may be a neighbour."""
     items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS)).select(
-        "item_id", "shard", "embedding", "model", "image_sha256", "run_id")
+        "item_id", "shard", "embedding", "model", "image_sha256", "run_id"
+    )
     by_item = F.xxhash64(F.lit("item"), F.col("item_id"))
-    key = (F.when(F.col("image_sha256").isNotNull(), F.xxhash64(F.lit("image"), F.col("image_sha256")))
-           .otherwise(by_item) if settings.exclude_duplicates else by_item)
+    key = (
+        F.when(F.col("image_sha256").isNotNull(), F.xxhash64(F.lit("image"), F.col("image_sha256"))).otherwise(by_item)
+        if settings.exclude_duplicates
+        else by_item
+    )
     eligible = F.lit(True)
     if settings.in_stock_only:  # an item no longer in the catalog is not offered either
         stock = catalog.read_catalog(spark, cfg).select("item_id", "in_stock")
@@ -172,29 +190,45 @@ def _shard_stats(items: DataFrame) -> dict[str, tuple[int, str, list[str]]]:
     """Per shard: item count, an order-free digest of what decides its rows, and its models. Reads no
     vectors: a re-embedded item has a new embed `run_id`."""
     digest = F.sum(F.xxhash64("item_id", "run_id", "dup_key", "eligible").cast("decimal(38,0)"))
-    rows = items.groupBy("shard").agg(F.count("*").alias("n"), digest.alias("digest"),
-                                      F.collect_set("model").alias("models")).collect()
+    rows = (
+        items.groupBy("shard")
+        .agg(F.count("*").alias("n"), digest.alias("digest"), F.collect_set("model").alias("models"))
+        .collect()
+    )
     return {r["shard"]: (r["n"], str(r["digest"]), list(r["models"])) for r in rows}
 
 
 def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mapping[str, Any], build: str) -> None:
     """Refuse a build that was made for other embeddings (its vectors are checked later, in the tasks)."""
-    builds.check_fresh({shard: n for shard, (n, _, _) in stats.items()},
-                      [m for _, _, models in stats.values() for m in models], summary, build, "lookalike similar")
+    builds.check_fresh(
+        {shard: n for shard, (n, _, _) in stats.items()},
+        [m for _, _, models in stats.values() for m in models],
+        summary,
+        build,
+        "lookalike similar",
+    )
 
 
 def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id: str) -> int:
     """Update `duplicates`: new or changed pairs get this run id, members that left a group leave."""
     canonical = F.min("item_id").over(Window.partitionBy("image_sha256"))
-    found = (items.filter(F.col("image_sha256").isNotNull()).select("item_id", canonical.alias("duplicate_of"))
-             .filter(F.col("item_id") != F.col("duplicate_of")).cache())
+    found = (
+        items.filter(F.col("image_sha256").isNotNull())
+        .select("item_id", canonical.alias("duplicate_of"))
+        .filter(F.col("item_id") != F.col("duplicate_of"))
+        .cache()
+    )
     path = tables.table_path(root, DUPLICATES)
     fresh = found.withColumn("run_id", F.lit(run_id))
     if tables.exists(path):
         current = tables.read(spark, path)
         gone = current.select("item_id").join(found.select("item_id"), "item_id", "left_anti")
-        tables.replace_by_key(fresh.join(current, ["item_id", "duplicate_of"], "left_anti").select(*fresh.columns),
-                              path, "item_id", delete_keys=gone)
+        tables.replace_by_key(
+            fresh.join(current, ["item_id", "duplicate_of"], "left_anti").select(*fresh.columns),
+            path,
+            "item_id",
+            delete_keys=gone,
+        )
     else:
         tables.write(fresh, path, mode="overwrite")
     count = found.count()
@@ -202,8 +236,9 @@ def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id:
     return count
 
 
-def _stage(spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chunk_size: int,
-           staging: str) -> dict[str, dict[int, int]]:
+def _stage(
+    spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chunk_size: int, staging: str
+) -> dict[str, dict[int, int]]:
     """Write the vectors of `counts`' shards partitioned by shard folder and query chunk; returns the
     queries per (shard, chunk) that were written.
 
@@ -211,10 +246,16 @@ def _stage(spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chu
     """
     plan = spark.createDataFrame(
         [(shard, shards.folder_name(shard), max(1, math.ceil(n / chunk_size))) for shard, n in counts.items()],
-        "shard string, shard_dir string, chunks int")
-    staged = (items.join(F.broadcast(plan), "shard")
-              .select("item_id", "embedding", "dup_key", "eligible", "shard_dir",
-                      F.pmod("dup_key", F.col("chunks")).cast("int").alias("chunk")))
+        "shard string, shard_dir string, chunks int",
+    )
+    staged = items.join(F.broadcast(plan), "shard").select(
+        "item_id",
+        "embedding",
+        "dup_key",
+        "eligible",
+        "shard_dir",
+        F.pmod("dup_key", F.col("chunks")).cast("int").alias("chunk"),
+    )
     staged.repartition("shard_dir", "chunk").write.partitionBy("shard_dir", "chunk").parquet(staging)
     by_folder = {shards.folder_name(shard): shard for shard in counts}
     sizes: dict[str, dict[int, int]] = {}
@@ -228,16 +269,22 @@ def _stale_error(err: Exception) -> StaleIndexError | None:
     match = re.search(re.escape(TASK_ERROR) + r" ([^\n]*)", str(err))
     if match is None:
         return None
-    return StaleIndexError(f"{match.group(1)}; re-run `lookalike index` (after `lookalike embed`), "
-                           "then `lookalike similar`")
+    return StaleIndexError(
+        f"{match.group(1)}; re-run `lookalike index` (after `lookalike embed`), then `lookalike similar`"
+    )
 
 
 def _fingerprints(root: str, build: str, stats: Mapping[str, tuple[int, str, list[str]]]) -> dict[str, str]:
     """Each shard's fingerprint, with the `vectors_sha256` from its manifest in the build."""
     folder = f"{builds.indexes_root(root)}/{build}"
-    return {shard: fingerprint(files.read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")
-                               ["vectors_sha256"], n, digest)
-            for shard, (n, digest, _) in stats.items()}
+    return {
+        shard: fingerprint(
+            files.read_json(f"{folder}/{shards.folder_name(shard)}/{shard_index.MANIFEST_FILE}")["vectors_sha256"],
+            n,
+            digest,
+        )
+        for shard, (n, digest, _) in stats.items()
+    }
 
 
 def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, run_id: str, out: str) -> dict:
@@ -247,8 +294,11 @@ def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, 
     found = distributor.run_tasks(spark, tasks, search_task(job, counters), RESULT_SCHEMA)
     if scope == "all":
         best_first = Window.partitionBy("item_id").orderBy(F.desc("score"), "similar_item_id")
-        found = (found.withColumn("rank", F.row_number().over(best_first)).filter(F.col("rank") <= job.k)
-                 .select(*RESULT_SCHEMA.names))
+        found = (
+            found.withColumn("rank", F.row_number().over(best_first))
+            .filter(F.col("rank") <= job.k)
+            .select(*RESULT_SCHEMA.names)
+        )
     try:
         found.withColumn("run_id", F.lit(run_id)).write.parquet(out)
     except Exception as err:
@@ -259,8 +309,9 @@ def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, 
     return {name: counter.value for name, counter in counters.items()}
 
 
-def _commit(spark: SparkSession, items: DataFrame, results: DataFrame, path: str, changed: set[str],
-            every_shard: bool) -> None:
+def _commit(
+    spark: SparkSession, items: DataFrame, results: DataFrame, path: str, changed: set[str], every_shard: bool
+) -> None:
     """Overwrite the table when every shard was computed; else replace the changed shards' items by key
     and delete every other item that is not in an unchanged shard (it left `embeddings`)."""
     if every_shard:
@@ -284,8 +335,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     fingerprints = _fingerprints(root, build, stats)
     state_path, path = files.state_path(root, SIMILAR_ITEMS), tables.table_path(root, SIMILAR_ITEMS)
     changed = changed_shards(files.read_json(state_path), fingerprints, settings, tables.version(path))
-    metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed)),
-               "duplicates": float(_commit_duplicates(spark, items, root, run_id))}
+    metrics = {
+        "shards": float(len(stats)),
+        "shards_recomputed": float(len(changed)),
+        "duplicates": float(_commit_duplicates(spark, items, root, run_id)),
+    }
     if not changed:
         log.info("similar %s: all %d shards unchanged since the last run, nothing to do", run_id, len(stats))
         metrics["seconds"] = round(time.time() - started, 3)
@@ -293,16 +347,35 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
 
     staging = files.staging_dir(root, run_id, "similar")
     targets = sorted(changed) if settings.scope == "shard" else sorted(stats)
-    job = Job(output_root=root, build=build, model=summary["model"], dim=summary["dim"],
-              staging=f"{staging}/items", k=settings.k, min_score=settings.min_score)
+    job = Job(
+        output_root=root,
+        build=build,
+        model=summary["model"],
+        dim=summary["dim"],
+        staging=f"{staging}/items",
+        k=settings.k,
+        min_score=settings.min_score,
+    )
     n_queries = sum(stats[shard][0] for shard in changed)
-    size = task_size(cfg["similar.chunk_size"], n_queries, len(targets) if settings.scope == "all" else 1,
-                     spark.sparkContext.defaultParallelism)
+    size = task_size(
+        cfg["similar.chunk_size"],
+        n_queries,
+        len(targets) if settings.scope == "all" else 1,
+        spark.sparkContext.defaultParallelism,
+    )
     try:
         sizes = _stage(spark, items, {shard: stats[shard][0] for shard in targets}, size, job.staging)
         tasks = pack(plan_units({shard: sizes[shard] for shard in changed}, targets, settings.scope), size)
-        log.info("similar %s: %d of %d shards to compute (scope %s, build %s): %d queries in %d tasks",
-                 run_id, len(changed), len(stats), settings.scope, build, n_queries, len(tasks))
+        log.info(
+            "similar %s: %d of %d shards to compute (scope %s, build %s): %d queries in %d tasks",
+            run_id,
+            len(changed),
+            len(stats),
+            settings.scope,
+            build,
+            n_queries,
+            len(tasks),
+        )
         counters = _search(spark, job, tasks, settings.scope, run_id, f"{staging}/results")
         results = spark.read.parquet(f"{staging}/results")
         _commit(spark, items, results, path, changed, every_shard=changed == set(stats))
@@ -310,11 +383,29 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     finally:
         files.remove_dir(staging)
     # Published whole: a reader sees the old state or the new one.
-    files.write_text(state_path, json.dumps({"version": STATE_VERSION, "run_id": run_id, "build": build,
-                                               "settings": asdict(settings), "table_version": tables.version(path),
-                                               "shards": fingerprints}, indent=2, sort_keys=True))
-    metrics.update({"queries": float(n_queries), "tasks": float(len(tasks)),
-                    "shard_loads": float(counters["shard_loads"]), "exhaustive_queries": float(counters["exhaustive"]),
-                    "seconds": round(time.time() - started, 3)})
+    files.write_text(
+        state_path,
+        json.dumps(
+            {
+                "version": STATE_VERSION,
+                "run_id": run_id,
+                "build": build,
+                "settings": asdict(settings),
+                "table_version": tables.version(path),
+                "shards": fingerprints,
+            },
+            indent=2,
+            sort_keys=True,
+        ),
+    )
+    metrics.update(
+        {
+            "queries": float(n_queries),
+            "tasks": float(len(tasks)),
+            "shard_loads": float(counters["shard_loads"]),
+            "exhaustive_queries": float(counters["exhaustive"]),
+            "seconds": round(time.time() - started, 3),
+        }
+    )
     log.info("similar %s: %d rows for %d items; %s", run_id, rows_out, n_items, metrics)
     return StageResult("similar", rows_in=n_items, rows_out=rows_out, metrics=metrics)

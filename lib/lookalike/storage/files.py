@@ -6,6 +6,7 @@ the old or the new content, never a mix. Every stage stages intermediate Parquet
 `<output.root>/staging/<run_id>/<stage>`; a crashed run leaves its folder behind and the next run of the
 same stage removes it (`clear_stale_staging`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,9 +67,13 @@ def listing_digest(path: str) -> str:
     inputs (events, catalog) whose change decides whether a stage must run again."""
     fs, local = filesystem(path)
     info = fs.get_file_info(local)
-    infos = ([info] if info.type == pafs.FileType.File else
-             fs.get_file_info(pafs.FileSelector(local, recursive=True)) if info.type == pafs.FileType.Directory
-             else [])
+    infos = (
+        [info]
+        if info.type == pafs.FileType.File
+        else fs.get_file_info(pafs.FileSelector(local, recursive=True))
+        if info.type == pafs.FileType.Directory
+        else []
+    )
     lines = sorted(f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos if i.type == pafs.FileType.File)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 

@@ -5,6 +5,7 @@ A version is written in full into its own folder, a marker file inside it says i
 `LATEST` is replaced with its name, so a reader that follows `LATEST` never sees a partial version. Pruning
 keeps the newest complete versions and removes incomplete ones (a crashed write's), never the current one.
 """
+
 from __future__ import annotations
 
 import pyarrow.fs as pafs
@@ -36,7 +37,7 @@ def versions(folder: str, marker: str, prefix: str = "") -> list[tuple[str, bool
     for info in fs.get_file_info(pafs.FileSelector(root)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix):
             done = fs.get_file_info(f"{info.path}/{marker}").type == pafs.FileType.File
-            found.append((info.base_name[len(prefix):], done))
+            found.append((info.base_name[len(prefix) :], done))
     return sorted(found)
 
 

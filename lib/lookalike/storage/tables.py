@@ -10,6 +10,7 @@ old versions and of failed writes live in the same folders.
 Three write modes cover the pipeline: append, overwrite, and replace-rows-by-key (copy-on-write of only the
 files that hold a replaced or deleted key, committed as remove + add actions in one transaction).
 """
+
 from __future__ import annotations
 
 import json
@@ -94,14 +95,15 @@ def _check_schema(path: str, table: DeltaTable, new: pa.Schema) -> None:
         missing = [n for n in old.names if n not in new.names]
         extra = [n for n in new.names if n not in old.names]
         detail = (f"missing column(s) {missing}" if missing else "") + (
-            f"{'; ' if missing else ''}unexpected column(s) {extra}" if extra else "") or \
-            f"column order {new.names} != {old.names}"
+            f"{'; ' if missing else ''}unexpected column(s) {extra}" if extra else ""
+        ) or f"column order {new.names} != {old.names}"
         raise TableError(f"schema drift writing {path}: {detail}")
     for field in old:
         other = new.field(field.name)
         if not other.type.equals(field.type):
-            raise TableError(f"schema drift writing {path}: column {field.name!r} is {other.type}, "
-                             f"table has {field.type}")
+            raise TableError(
+                f"schema drift writing {path}: column {field.name!r} is {other.type}, table has {field.type}"
+            )
 
 
 def parquet_writer(df: DataFrame) -> DataFrameWriter:
@@ -113,8 +115,7 @@ def parquet_writer(df: DataFrame) -> DataFrameWriter:
     """
     writer = df.write.option("compression", "snappy")
     for field in df.schema.fields:
-        if isinstance(field.dataType, ArrayType) and isinstance(field.dataType.elementType,
-                                                                (FloatType, DoubleType)):
+        if isinstance(field.dataType, ArrayType) and isinstance(field.dataType.elementType, (FloatType, DoubleType)):
             writer = writer.option(f"parquet.enable.dictionary#{field.name}.list.element", "false")
     return writer
 
@@ -135,10 +136,16 @@ def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
         with fs.open_input_file(info.path) as handle:
             num_records = pq.ParquetFile(handle).metadata.num_rows
         rows += num_records
-        actions.append(AddAction(
-            path=f"{rel_dir}/{info.base_name}", size=info.size, partition_values={},
-            modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
-            stats=json.dumps({"numRecords": num_records})))
+        actions.append(
+            AddAction(
+                path=f"{rel_dir}/{info.base_name}",
+                size=info.size,
+                partition_values={},
+                modification_time=int(info.mtime.timestamp() * 1000),
+                data_change=True,
+                stats=json.dumps({"numRecords": num_records}),
+            )
+        )
     return rel_dir, actions, rows
 
 
@@ -182,25 +189,39 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
     touched_files: list[str] = []
     if current_files:
         current = spark.read.schema(spark_schema(path)).parquet(*table.file_uris())
-        hits = (current.select(key, F.input_file_name().alias("_file"))
-                .join(touched, key, "left_semi")
-                .select("_file").distinct().collect())
+        hits = (
+            current.select(key, F.input_file_name().alias("_file"))
+            .join(touched, key, "left_semi")
+            .select("_file")
+            .distinct()
+            .collect()
+        )
         touched_files = sorted({current_files[_normalise(r["_file"])] for r in hits})
     if not touched_files and df.isEmpty():
         return CommitResult(table.version(), 0, 0, 0)
     survivors = None
     if touched_files:
         root = path.rstrip("/")
-        survivors = (spark.read.schema(df.schema).parquet(*[f"{root}/{rel}" for rel in touched_files])
-                     .join(touched, key, "left_anti"))
+        survivors = (
+            spark.read.schema(df.schema)
+            .parquet(*[f"{root}/{rel}" for rel in touched_files])
+            .join(touched, key, "left_anti")
+        )
     new_rows = df if survivors is None else survivors.unionByName(df)
     _, adds, rows = _write_files(new_rows, path)
     now_ms = int(time.time() * 1000)
     removes = [RemoveAction(rel, True, now_ms) for rel in touched_files]
     table.create_write_transaction([*removes, *adds], mode="append", schema=schema)
     table.update_incremental()
-    log.info("replaced by %s in %s: rewrote %d file(s) into %d (%d rows), v%d",
-             key, path, len(touched_files), len(adds), rows, table.version())
+    log.info(
+        "replaced by %s in %s: rewrote %d file(s) into %d (%d rows), v%d",
+        key,
+        path,
+        len(touched_files),
+        len(adds),
+        rows,
+        table.version(),
+    )
     return CommitResult(table.version(), len(adds), len(touched_files), rows)
 
 
@@ -214,7 +235,7 @@ def _normalise(uri: str) -> str:
     """One spelling for a local file: Spark says file:///a, delta-rs says /a."""
     for prefix in ("file://", "file:"):
         if uri.startswith(prefix):
-            return uri[len(prefix):]
+            return uri[len(prefix) :]
     return uri
 
 

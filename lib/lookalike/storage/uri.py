@@ -6,6 +6,7 @@ everywhere or nowhere. Remote file systems are cached per scheme + host (+ query
 file system can cost a round trip to find the bucket's region, and an executor reads thousands of objects
 per bucket.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Cached in this module (not in the job script) because Spark keeps a reused Python worker's imported modules
 alive across tasks (`spark.python.worker.reuse`). `load_count` counts real loads, for tests and metrics.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,12 @@ def _input_size(spec: ModelSpec, image_size: int | None) -> int | None:
     return (image_size or spec.image_size) if spec.modality == "image" else None
 
 
-def load_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None,
-                  device: str | torch.device = "cpu", image_size: int | None = None) -> Any:
+def load_embedder(
+    name: str = DEFAULT_MODEL,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+) -> Any:
     """Load a model now (uncached; workers should call `get_embedder`). Logs one INFO line per load.
 
     Returns a `vision.Embedder` for image models and a `text.TextEmbedder` for text models.
@@ -63,8 +68,12 @@ def load_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | N
     return embedder
 
 
-def get_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None,
-                 device: str | torch.device = "cpu", image_size: int | None = None) -> Any:
+def get_embedder(
+    name: str = DEFAULT_MODEL,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+) -> Any:
     """The process-wide embedder (`Embedder` or `TextEmbedder`) for these arguments, loaded on first use.
 
     Cached in this module (not in the job script) because Spark keeps a reused Python worker's imported
@@ -72,8 +81,12 @@ def get_embedder(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | No
     """
     import torch
 
-    key = (name, None if weights is None else os.path.abspath(os.fspath(weights)), str(torch.device(device)),
-           _input_size(get_spec(name), image_size))
+    key = (
+        name,
+        None if weights is None else os.path.abspath(os.fspath(weights)),
+        str(torch.device(device)),
+        _input_size(get_spec(name), image_size),
+    )
     with _cache_lock:
         if key not in _cache:
             _cache[key] = load_embedder(name, weights, device, image_size)

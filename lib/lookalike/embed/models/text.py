@@ -18,6 +18,7 @@ float32); tests/test_text_embed.py pins reference values. Loading, caching, vers
 `lookalike.embed.models.cache` like every other model; this module imports torch at the top and is
 imported only there.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,16 @@ class BertShape:
         wrong = {key: config.get(key) for key, value in expected.items() if config.get(key, value) != value}
         if wrong:
             raise ModelError(f"{path}: unsupported text model configuration {wrong}; expected {expected}")
-        return cls(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
-                   config["num_attention_heads"], config["intermediate_size"], config["max_position_embeddings"],
-                   config["type_vocab_size"], config["layer_norm_eps"])
+        return cls(
+            config["vocab_size"],
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            config["intermediate_size"],
+            config["max_position_embeddings"],
+            config["type_vocab_size"],
+            config["layer_norm_eps"],
+        )
 
 
 class _Embeddings(nn.Module):
@@ -98,10 +106,14 @@ class _Layer(nn.Module):
     def __init__(self, shape: BertShape):
         super().__init__()
         self.heads = shape.heads
-        self.attention = nn.ModuleDict({
-            "self": nn.ModuleDict({name: nn.Linear(shape.hidden, shape.hidden) for name in ("query", "key", "value")}),
-            "output": _DenseNorm(shape.hidden, shape.hidden, shape.eps),
-        })
+        self.attention = nn.ModuleDict(
+            {
+                "self": nn.ModuleDict(
+                    {name: nn.Linear(shape.hidden, shape.hidden) for name in ("query", "key", "value")}
+                ),
+                "output": _DenseNorm(shape.hidden, shape.hidden, shape.eps),
+            }
+        )
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(shape.hidden, shape.intermediate)})
         self.output = _DenseNorm(shape.intermediate, shape.hidden, shape.eps)
 
@@ -112,8 +124,9 @@ class _Layer(nn.Module):
         def split_heads(name: str) -> torch.Tensor:
             return projections[name](x).view(n, length, self.heads, -1).transpose(1, 2)
 
-        context = F.scaled_dot_product_attention(split_heads("query"), split_heads("key"), split_heads("value"),
-                                                 attn_mask=attend)
+        context = F.scaled_dot_product_attention(
+            split_heads("query"), split_heads("key"), split_heads("value"), attn_mask=attend
+        )
         x = self.attention["output"](context.transpose(1, 2).reshape(n, length, width), x)
         return self.output(F.gelu(self.intermediate["dense"](x)), x)
 
@@ -143,8 +156,7 @@ def build_model(spec: ModelSpec, weights_path: str) -> BertEncoder:
     left out; every other tensor must fit (strict loading).
     """
     model = BertEncoder(BertShape.from_config(os.path.join(text_model_dir(spec.name), "config.json")))
-    state = {key: value for key, value in read_state_dict(weights_path).items()
-             if not key.startswith(_UNUSED_PREFIXES)}
+    state = {key: value for key, value in read_state_dict(weights_path).items() if not key.startswith(_UNUSED_PREFIXES)}
     load_weights(model, state, spec.name, weights_path)
     return model.eval().requires_grad_(False)
 
@@ -185,8 +197,7 @@ class TextEmbedder:
     non-blocking copies of the token ids; pooling and normalisation run in float32.
     """
 
-    def __init__(self, spec: ModelSpec, module: nn.Module, tokenizer_path: str, device: torch.device,
-                 version: str):
+    def __init__(self, spec: ModelSpec, module: nn.Module, tokenizer_path: str, device: torch.device, version: str):
         if spec.max_tokens is None:
             raise ModelError(f"{spec.name} is not a text model")
         self.spec = spec

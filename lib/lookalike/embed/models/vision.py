@@ -3,6 +3,7 @@
 Preprocessing is split from inference (`pixels` per image in a thread pool, `batch` to stack, or
 `preprocess` for both) so that CPU work on the next images overlaps inference.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,11 +66,11 @@ def stack_pixels(arrays: Sequence[np.ndarray], image_size: int, pin_memory: bool
     return batch.permute(0, 3, 1, 2)
 
 
-def preprocess(images: Sequence[Image.Image], image_size: int, crop_fraction: float,
-               pin_memory: bool = False) -> torch.Tensor:
+def preprocess(
+    images: Sequence[Image.Image], image_size: int, crop_fraction: float, pin_memory: bool = False
+) -> torch.Tensor:
     """A batch of images as one uint8 (N, 3, S, S) tensor: `to_pixels` per image, then `stack_pixels`."""
-    return stack_pixels([to_pixels(image, image_size, crop_fraction) for image in images], image_size,
-                        pin_memory)
+    return stack_pixels([to_pixels(image, image_size, crop_fraction) for image in images], image_size, pin_memory)
 
 
 def _replace_last_linear(model: torch.nn.Module) -> None:
@@ -112,8 +113,7 @@ class Embedder:
     EfficientNet-Lite0 at 112 and 224 px. On CUDA, pinned uint8 batches are copied asynchronously.
     """
 
-    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, image_size: int,
-                 version: str):
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, image_size: int, version: str):
         import torch
 
         if spec.crop_fraction is None or spec.mean is None or spec.std is None:

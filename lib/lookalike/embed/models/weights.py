@@ -1,4 +1,5 @@
 """Loading a weights file into a model: safetensors or a torch state_dict, strictly checked, never executed."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,8 +28,10 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
     except Exception as err:  # torch raises several unrelated types for corrupt or non-torch files
         raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {err}".splitlines()[0]) from err
     if not isinstance(state, Mapping):
-        raise ModelError(f"weights file {path} holds a {type(state).__name__}, expected a state_dict "
-                         "(torch.save(model.state_dict(), path))")
+        raise ModelError(
+            f"weights file {path} holds a {type(state).__name__}, expected a state_dict "
+            "(torch.save(model.state_dict(), path))"
+        )
     return state
 
 
@@ -39,6 +42,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, Any], name: str, pa
     except RuntimeError as err:  # shape mismatches raise even when strict=False
         raise ModelError(f"weights file {path} does not fit {name}: {' '.join(str(err).split())[:400]}") from err
     if result.missing_keys or result.unexpected_keys:
-        raise ModelError(f"weights file {path} does not fit {name}: {len(result.missing_keys)} missing keys "
-                         f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
-                         f"{result.unexpected_keys[:3]}")
+        raise ModelError(
+            f"weights file {path} does not fit {name}: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
+            f"{result.unexpected_keys[:3]}"
+        )
