@@ -28,7 +28,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.demo_output import BROKEN, FAILED_RUN_ID, K, RUN_ID, DemoOutput, demo_output, full_output
+from tests.demo_output import BROKEN, FAILED_RUN_ID, RUN_ID, DemoOutput, K, demo_output, full_output
 
 __all__ = ["demo_output", "full_output"]  # session fixtures shared with test_report.py
 
