@@ -468,16 +468,16 @@ def compare_ranked(name: str, local: pd.DataFrame, cluster: pd.DataFrame) -> Non
 def compare_builds(local_root: Path, cluster_root: Path) -> None:
     """The latest index builds: the same shards, each with the same item ids in the same FAISS order."""
     roots = [str(local_root), str(cluster_root)]
-    builds = [builds.build_summary(root, builds.latest_build(root)) for root in roots]
-    assert builds[0]["model"] == builds[1]["model"]
-    shard_sets = [{s["shard"]: s["ntotal"] for s in b["shards"]} for b in builds]
+    summaries = [builds.build_summary(root, builds.latest_build(root)) for root in roots]
+    assert summaries[0]["model"] == summaries[1]["model"]
+    shard_sets = [{s["shard"]: s["ntotal"] for s in b["shards"]} for b in summaries]
     assert shard_sets[0] == shard_sets[1]
     for shard in shard_sets[0]:
         ids = [
             pq.read_table(f"{builds.indexes_root(root)}/{b['run_id']}/{shards.folder_name(shard)}/ids.parquet")
             .column("item_id")
             .to_pylist()
-            for root, b in zip(roots, builds)
+            for root, b in zip(roots, summaries)
         ]
         assert ids[0] == ids[1], f"index shard {shard}: item ids differ"
 
