@@ -519,6 +519,7 @@ def test_worker_python_prefers_spark_conf_then_pyspark_python(tmp_path: Path, mo
     assert session_settings(shipped)["spark.executorEnv.PYSPARK_PYTHON"] == "./environment/bin/python"
 
 
+@pytest.mark.spark
 def test_nightly_on_standalone_cluster_matches_local_mode(
     spark: SparkSession, cluster: Cluster, demo: Path, tmp_path: Path
 ) -> None:

@@ -25,6 +25,8 @@ from lookalike.demo_data import build_demo_data
 from lookalike.run import export, lock
 from lookalike.storage import files, tables
 
+pytestmark = pytest.mark.spark  # every test runs `lookalike nightly` in a subprocess
+
 N_ITEMS = 160
 TABLE_KEYS = {
     "embeddings": ["item_id"],
