@@ -16,7 +16,7 @@ CONF ?= conf/local.yaml
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
