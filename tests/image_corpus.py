@@ -59,7 +59,7 @@ def make_corpus(folder: Path) -> list[CorpusCase]:
     cases.append(CorpusCase("missing", folder / "missing.jpg", "missing"))
     directory = folder / "directory.jpg"
     directory.mkdir(exist_ok=True)
-    cases.append(CorpusCase("directory", directory, "unreadable"))
+    cases.append(CorpusCase("directory", directory, "not_a_file"))
     if os.geteuid() != 0:
         (folder / "no_permission.jpg").unlink(missing_ok=True)  # a previous run's copy cannot be rewritten
         locked = _write(folder, "no_permission", "no_permission.jpg", _jpeg, "unreadable", None)

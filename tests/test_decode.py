@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from lookalike.embed.decode import ERROR_KINDS, DecodedImage, ImageError, decode_image
@@ -50,11 +54,23 @@ def encode(img: Image.Image, fmt: str, **options: object) -> bytes:
 
 
 def test_error_kinds_are_the_quarantine_contract() -> None:
-    assert ERROR_KINDS == ("missing", "unreadable", "not_an_image", "too_large", "decode_error")
+    assert ERROR_KINDS == (
+        "bad_uri",
+        "forbidden",
+        "missing",
+        "not_a_file",
+        "unreadable",
+        "not_an_image",
+        "too_large",
+        "decode_error",
+    )
 
 
-def test_corpus_covers_every_error_kind(corpus: dict[str, CorpusCase]) -> None:
-    assert {case.expected_kind for case in corpus.values()} == {None, *ERROR_KINDS}
+def test_corpus_covers_every_error_kind_a_file_can_cause(corpus: dict[str, CorpusCase]) -> None:
+    # bad_uri and forbidden come from the URI and the access policy, not the file: tests/test_reader.py.
+    # The unreadable case is a file without read permission, which root reads anyway (tests/image_corpus.py).
+    not_from_files = {"bad_uri", "forbidden"} | ({"unreadable"} if os.geteuid() == 0 else set())
+    assert {case.expected_kind for case in corpus.values()} == {None, *ERROR_KINDS} - not_from_files
 
 
 def test_good_cases_decode_to_rgb_at_original_size(corpus: dict[str, CorpusCase]) -> None:
@@ -175,20 +191,18 @@ def test_pillow_hard_limit_still_reads_as_too_large(corpus: dict[str, CorpusCase
 # cannot see them (Pillow allocates pixel buffers with C malloc). DecompressionBombWarning is made an
 # error before lookalike.embed.decode is imported: had the warning escaped, the result would not be too_large.
 _BOMB_PROBE = textwrap.dedent("""
-    import json, resource, sys, time, warnings
+    import json, resource, sys, warnings
     from PIL import Image
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     from lookalike.embed.decode import ImageError, decode_image
     data = open(sys.argv[1], "rb").read()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     try:
         decode_image(data, max_pixels=int(sys.argv[2]))
         kind = None
     except ImageError as err:
         kind = err.kind
-    print(json.dumps({"kind": kind, "seconds": time.perf_counter() - start,
-                      "grown_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
+    print(json.dumps({"kind": kind, "grown_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
 """)
 
 
@@ -205,7 +219,6 @@ def test_bombs_are_rejected_from_the_header_without_decoding(corpus: dict[str, C
     )
     probe = json.loads(run.stdout)
     assert probe["kind"] == "too_large"
-    assert probe["seconds"] < 0.5
     assert probe["grown_kib"] < 20_000  # decoding even the smaller bomb would take 140,000 KiB
 
 
@@ -229,3 +242,52 @@ def test_image_error_survives_pickling_and_keeps_one_line() -> None:
 
 def test_long_messages_are_capped() -> None:
     assert len(ImageError("unreadable", "x" * 10_000).message) == 500
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=2048),
+        st.builds(
+            lambda magic, rest: magic + rest,
+            st.sampled_from(
+                [
+                    b"\xff\xd8\xff",
+                    b"\x89PNG\r\n\x1a\n",
+                    b"GIF89a",
+                    b"RIFF\x00\x00\x00\x00WEBP",
+                    b"II*\x00",
+                    b"BM",
+                    b"\x00\x00\x00\x1cftypavif",
+                ]
+            ),
+            st.binary(max_size=2048),
+        ),
+    )
+)
+def test_any_bytes_decode_or_raise_an_image_error(data: bytes) -> None:
+    try:
+        decoded = decode_image(data, max_pixels=CORPUS_MAX_PIXELS, target_size=32)
+    except ImageError as err:
+        assert err.kind in ERROR_KINDS and "\n" not in err.message
+        if err.kind == "not_an_image":  # the type is named, the bytes never are
+            assert re.search(r"(\d+ bytes of [\w ()]+|empty file \(0 bytes\))$", err.message), err.message
+    else:
+        assert decoded.image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (b"root:x:0:0:root:/root:/bin/bash\n", "text"),
+        (b"<!DOCTYPE html><html>token</html>", "HTML"),
+        (b'{"secret": 1}', "JSON or text"),
+        (b"%PDF-1.7 secret", "PDF"),
+        (bytes([0x80, 0x81, 0xFE]) * 20, "binary data"),
+    ],
+)
+def test_non_images_are_named_by_type_not_content(data: bytes, named: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=CORPUS_MAX_PIXELS)
+    assert caught.value.kind == "not_an_image" and caught.value.message.endswith(f"bytes of {named}")
+    assert not any(word in caught.value.message for word in ("root:x", "token", "secret"))

@@ -55,6 +55,17 @@ SCHEMA: dict[str, Key] = {
         "Format of `catalog.path`: parquet, csv, json or delta.",
         choices=("parquet", "csv", "json", "delta"),
     ),
+    "catalog.image_roots": Key(
+        list,
+        None,
+        "Prefixes (local folders or URI prefixes such as `s3a://bucket/images/`) that catalog images must lie "
+        "under; anything else is quarantined as `forbidden`. Local ones are compared after resolving `..` and "
+        "symlinks. Unset: any path or URI, except that a path under the catalog's own folder (every relative "
+        "`image_uri`) must stay inside it.",
+        nullable=True,
+        is_path=True,
+        item_type=str,
+    ),
     "events.path": Key(
         str,
         None,
@@ -156,12 +167,22 @@ SCHEMA: dict[str, Key] = {
     "embed.max_bytes": Key(
         int, 64 * 1024 * 1024, "Image files larger than this (64 MiB) are quarantined as `too_large`.", minimum=1
     ),
+    "embed.max_removed_fraction": Key(
+        float,
+        0.2,
+        "The run stops, committing nothing, when it would remove more than this share of `embeddings` (items "
+        "gone from the catalog, or whose images no longer embed): a truncated feed must not empty the tables. "
+        "Checked before any inference and again before the commit. For a real catalog clean-up, run once with "
+        "`--set embed.max_removed_fraction=1`.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
     "embed.max_bad_fraction": Key(
         float,
         0.2,
-        "The run stops, committing nothing, when more than this share "
-        "of the images it tried fails (a broken mount must not empty "
-        "the table).",
+        "The run stops, committing nothing, when more than this share of the catalog's images fails in this "
+        "run (a broken mount must not empty the table). Counted against every image: tried, unchanged, and "
+        "still failing with the same bytes (those are not decoded again and do not count as failures).",
         minimum=0.0,
         maximum=1.0,
     ),
@@ -459,7 +480,11 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
             raise ConfigError(f"{key}: required but not set")
         value = _check_type(key, spec, value)
         if spec.is_path and value is not None:
-            value = _resolve_path(value, base_dir)
+            value = (
+                [_resolve_path(v, base_dir) for v in value]
+                if isinstance(value, list)
+                else _resolve_path(value, base_dir)
+            )
         checked[key] = value
     for key in SCHEMA if need_paths is None else need_paths:
         spec, value = SCHEMA[key], checked.get(key)

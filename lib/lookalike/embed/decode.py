@@ -22,8 +22,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 ERROR_KINDS: tuple[str, ...] = (
+    "bad_uri",  # not a usable path or URI at all: a NUL byte, a malformed URL (reader)
+    "forbidden",  # outside the catalog's image access policy (reader, `ImagePolicy`)
     "missing",  # the path or object does not exist (reader)
-    "unreadable",  # it exists but cannot be read: permissions, a directory, a filesystem error (reader)
+    "not_a_file",  # a folder, FIFO, socket or device, not a regular file (reader)
+    "unreadable",  # it exists but cannot be read: permissions, a filesystem error (reader)
     "not_an_image",  # the bytes are not a supported image: empty, an HTML error page, text, an archive
     "too_large",  # over the byte limit (reader) or the pixel limit, judged from the header (decode)
     "decode_error",  # a recognised image that fails to decode: truncated, corrupt, an unsupported variant
@@ -137,13 +140,48 @@ def _open(data: bytes) -> ImageFile.ImageFile:
         if claimed is None:
             raise ImageError(
                 "not_an_image",
-                f"not a supported image ({', '.join(SUPPORTED_FORMATS)}); {len(data)} bytes starting {data[:24]!r}",
+                f"not a supported image ({', '.join(SUPPORTED_FORMATS)}): {len(data)} bytes of {content_type(data)}",
             ) from None
         raise ImageError(
             "decode_error", f"starts like {claimed} but its header is unreadable ({len(data)} bytes)"
         ) from None
     except Exception as err:  # noqa: BLE001 - a plugin accepted the magic number, then choked on the header
         raise ImageError("decode_error", f"unreadable header: {type(err).__name__}: {err}") from None
+
+
+# What a file that is no image usually is, by its first bytes. The quarantine message names the type only:
+# the bytes themselves may be anything the job can read (a catalog row pointing at /etc/passwd).
+_SIGNATURES = (
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "ZIP archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"BZh", "bzip2 data"),
+    (b"\xfd7zXZ", "xz data"),
+    (b"7z\xbc\xaf", "7-Zip archive"),
+    (b"\x7fELF", "ELF executable"),
+    (b"\x00\x00\x00\x00", "zero bytes"),
+)
+
+
+def content_type(data: bytes) -> str:
+    """A name for what non-image bytes look like (HTML, SVG, JSON, text, PDF, ...), never the bytes."""
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "HTML"
+    if b"<svg" in head:
+        return "SVG (vector images are not supported)"
+    if head.startswith(b"<?xml") or head.startswith(b"<"):
+        return "XML or markup"
+    if head.startswith((b"{", b"[")):
+        return "JSON or text"
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data"
+    return "text"
 
 
 def _claimed_format(data: bytes) -> str | None:

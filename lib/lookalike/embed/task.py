@@ -29,7 +29,7 @@ from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.models.cache import get_embedder, load_count
 from lookalike.embed.models.device import default_batch_size, resolve_device
 from lookalike.embed.models.vision import Embedder, to_pixels
-from lookalike.embed.reader import read_bytes
+from lookalike.embed.reader import ImagePolicy, read_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
+STILL_FAILED = "still_failed"  # the bytes that failed last time, unchanged: not decoded again, quarantine row kept
+# Kinds that are a property of the bytes alone: the same bytes fail the same way, so they are skipped until they
+# change. Every other kind (missing, unreadable, forbidden, too_large, ...) depends on storage or config and is
+# tried again every night; those checks cost a stat or a header read.
+SKIPPED_WHILE_UNCHANGED = ("not_an_image", "decode_error")
 # Decoding runs at most this many images ahead of inference: a GPU batch, 16 CPU batches, 38 MB of 224 px
 # pixels. A fixed number, because the batch size is only known once the device is (`TaskModel`).
 DECODE_AHEAD = 256
@@ -66,6 +71,7 @@ class EmbedSettings:
     max_bytes: int
     decode_threads: int
     input: str = "image"  # `embed.input`: "image" (rows carry image URIs) or "title" (rows carry titles)
+    policy: ImagePolicy = ImagePolicy()  # where images may come from (`catalog.image_roots`, the catalog folder)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class _Loaded:
     height: int | None = None
     error: ImageError | None = None
     unchanged: bool = False
+    still_failed: bool = False
 
 
 class TaskModel:
@@ -113,20 +120,24 @@ class TaskModel:
         return embedder
 
 
-def _load(uri: str | None, known_sha: str | None, settings: EmbedSettings) -> _Loaded:
+def _load(uri: str | None, known_sha: str | None, known_bad: str | None, settings: EmbedSettings) -> _Loaded:
+    """Read, hash and (unless the bytes are known, good or bad) decode and preprocess one image."""
+    sha = None
     try:
         if uri is None or not uri.strip():
             raise ImageError("missing", "catalog row has no image_uri")
-        data = read_bytes(uri, settings.max_bytes)
+        data = read_bytes(uri, settings.max_bytes, settings.policy)
         sha = hashlib.sha256(data).hexdigest()
         if sha == known_sha:
             return _Loaded(sha256=sha, unchanged=True)
+        if sha == known_bad:
+            return _Loaded(sha256=sha, still_failed=True)
         decoded = decode_image(data, settings.max_pixels, target_size=settings.decode_size)
         assert settings.image_size is not None and settings.crop_fraction is not None  # an image model's settings
         pixels = to_pixels(decoded.image, settings.image_size, settings.crop_fraction)
         return _Loaded(sha256=sha, pixels=pixels, width=decoded.width, height=decoded.height)
     except ImageError as err:
-        return _Loaded(error=err)
+        return _Loaded(sha256=sha, error=err)
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
@@ -142,9 +153,16 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]
 
 
 def embed_rows(
-    uris: Sequence[str | None], known_sha: Sequence[str | None], model: TaskModel, pool: ThreadPoolExecutor
+    uris: Sequence[str | None],
+    known_sha: Sequence[str | None],
+    known_bad: Sequence[str | None],
+    model: TaskModel,
+    pool: ThreadPoolExecutor,
 ) -> pd.DataFrame:
     """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
+
+    `known_sha` is the sha256 of the bytes embedded last time, `known_bad` that of the bytes that failed last
+    time with a kind in SKIPPED_WHILE_UNCHANGED: either one unchanged means no decoding.
 
     The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
     failed rows lie between them.
@@ -163,12 +181,18 @@ def embed_rows(
             )
         ready.clear()
 
-    loaded = _prefetch(pool, lambda pair: _load(pair[0], pair[1], settings), zip(uris, known_sha), DECODE_AHEAD)
+    loaded = _prefetch(
+        pool, lambda row: _load(row[0], row[1], row[2], settings), zip(uris, known_sha, known_bad), DECODE_AHEAD
+    )
     for i, item in enumerate(loaded):
         if item.error is not None:
-            rows[i].update(status=FAILED, error_kind=item.error.kind, error_message=item.error.message)
+            rows[i].update(
+                status=FAILED, image_sha256=item.sha256, error_kind=item.error.kind, error_message=item.error.message
+            )
         elif item.unchanged:
             rows[i].update(status=UNCHANGED, image_sha256=item.sha256)
+        elif item.still_failed:
+            rows[i].update(status=STILL_FAILED, image_sha256=item.sha256)
         else:
             ready.append((i, item))
             if len(ready) == model.batch_size:

@@ -149,13 +149,19 @@ def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
     return rel_dir, actions, rows
 
 
-def write(df: DataFrame, path: str, mode: str = "append") -> CommitResult:
-    """Append to or overwrite a table (creating it on first write) in one atomic commit."""
+def write(df: DataFrame, path: str, mode: str = "append", replace_schema: bool = False) -> CommitResult:
+    """Append to or overwrite a table (creating it on first write) in one atomic commit.
+
+    `replace_schema` (overwrite only) lets the new rows bring new columns: the stage that owns the table uses
+    it once when its contract grew, instead of refusing the table as drifted.
+    """
     if mode not in ("append", "overwrite"):
         raise ValueError(f"mode must be append or overwrite, got {mode!r}")
+    if replace_schema and mode != "overwrite":
+        raise ValueError("replace_schema needs mode='overwrite'")
     schema = arrow_schema(df.schema)
     table = DeltaTable(path) if exists(path) else None
-    if table is not None:
+    if table is not None and not replace_schema:
         _check_schema(path, table, schema)
     _, actions, rows = _write_files(df, path)
     if table is None:
