@@ -35,5 +35,5 @@ setup(
         "tokenizers>=0.23,<0.24",
         "safetensors>=0.8,<0.9",
     ],
-    entry_points={"console_scripts": ["lookalike=lookalike.cli:main"]},
+    entry_points={"console_scripts": ["lookalike=lookalike.cli:entry"]},
 )

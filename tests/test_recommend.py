@@ -218,9 +218,16 @@ def test_missing_events_path_and_bad_events_are_clear_errors(
     write_events(world_events().drop(columns="event_type"), bad)
     with pytest.raises(history.EventsError, match="missing column.*event_type"):
         recommend.run(config(world[0], **{"events.path": str(bad)}), spark, "r3")
-    world_events().to_parquet(bad)  # pandas' default: nanosecond timestamps, which Spark cannot read
-    with pytest.raises(history.EventsError, match="nanoseconds"):
-        recommend.run(config(world[0], **{"events.path": str(bad)}), spark, "r4")
+
+
+def test_events_written_by_pandas_defaults_give_the_same_recommendations(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], default_rows: pd.DataFrame, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.parquet"
+    world_events().to_parquet(events)  # nanosecond timestamps, which Spark cannot read as timestamps
+    rows = run_stage(spark, world, **{"events.path": str(events)})
+    assert rows.drop(columns="because").equals(default_rows.drop(columns="because"))
+    assert [list(b) for b in rows["because"]] == [list(b) for b in default_rows["because"]]
 
 
 def test_events_on_no_embedded_item_give_an_empty_table_not_a_crash(

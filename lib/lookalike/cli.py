@@ -2,17 +2,24 @@
 
 Every stage command takes `--conf FILE` and repeatable `--set dotted.key=value`, validates the config before
 Spark starts, and turns a LookalikeError into one line on stderr and a non-zero exit. `jobs/<stage>.py` calls
-`main` with the stage's name, so spark-submit and the CLI run the same code.
+`run_job` with the stage's name, so spark-submit and the CLI run the same code.
+
+`main` returns the exit status (tests call it in-process); the console script, `python -m lookalike.cli` and
+`run_job` go through `entry`, which ends the process with that status and nothing else (`leave`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from lookalike import config as config_mod
 from lookalike.errors import LookalikeError
@@ -22,6 +29,7 @@ log = logging.getLogger("lookalike")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
 
 STAGE_HELP = {
     "embed": "catalog -> embeddings, quarantine",
@@ -138,10 +146,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def run_job(command: str) -> None:
+def entry(argv: Sequence[str] | None = None) -> NoReturn:
+    """The `lookalike` console script and `python -m lookalike.cli`: `main`, then `leave` with its status.
+
+    What escapes `main` gets the status Python itself would give it: argparse's own (0 after --help, 2 for a
+    usage error), EXIT_INTERRUPTED for Ctrl-C, EXIT_ERROR and the traceback for a bug."""
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        code = _exit_status(done.code)
+    except KeyboardInterrupt:
+        print("lookalike: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        code = EXIT_ERROR
+    leave(code)
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives: None is 0, an int itself, anything else printed and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_ERROR
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with `code`, whatever interpreter shutdown would do.
+
+    At shutdown Python runs atexit hooks and the finalizers of native libraries, and one of them can abort a
+    run that succeeded: delta-rs with pyarrow sometimes dies there with "terminate called without an active
+    exception", exit 134 (delta-io/delta-rs#2184), and a scheduler would mark a good night failed. So the
+    process leaves with `os._exit`, which runs none of them, after doing here what matters of what shutdown
+    would have done: the SparkSession this process uses is stopped (its event log complete; under
+    spark-submit, whose JVM waits for this process and exits with its status, the application ends cleanly
+    before it), log handlers and the standard streams are flushed. Every stage's work is committed before
+    `main` returns, so nothing else is lost; lookalike's own threads (lock heartbeat, progress) are daemons.
+    """
+    _stop_spark()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed stream or a reader that went away: nothing can be written there any more.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _stop_spark() -> None:
+    """Stop the session if this process has one: a failure is logged and leaves the exit status alone, since
+    the command's outcome was already decided (the JVM's shutdown hook stops what is left)."""
+    if "pyspark.sql" not in sys.modules:
+        return  # pyspark was never imported: no session can exist
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is None:
+        return
+    try:
+        session.stop()
+    except Exception as err:  # the JVM may already be gone; the status must still be the command's
+        log.warning("stopping Spark failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def run_job(command: str) -> NoReturn:
     """Entry for `jobs/<stage>.py` under spark-submit: the same code path as `lookalike <stage>`."""
-    sys.exit(main([command, *sys.argv[1:]]))
+    entry([command, *sys.argv[1:]])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

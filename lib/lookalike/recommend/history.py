@@ -16,46 +16,134 @@ sqrt(users of i * users of j), the usual cosine damping that stops best-sellers 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.dataset as ds
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from lookalike.errors import LookalikeError
+from lookalike.storage.uri import filesystem
 
 EVENT_COLUMNS = {"user_id": "string", "item_id": "string", "event_type": "string", "ts": "timestamp"}
 SECONDS_PER_DAY = 86_400.0
+TIMESTAMP_TYPES = ("timestamp", "timestamp_ntz", "date")
+INTEGER_TYPES = ("tinyint", "smallint", "int", "bigint")
+# An integer ts counts seconds, milliseconds, microseconds or nanoseconds since 1970; which one is told by its
+# size. Dates from 1973-03-03 (10^8 s) to 2286-11-20 (10^10 s) give four ranges a factor of 10 apart, so a
+# column whose smallest and largest values fall in one range has one reading; anything else is refused.
+EPOCH_UNITS = {"seconds": 1, "milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
+EPOCH_SECONDS = (10**8, 10**10)
+# Spark refuses INT64 TIMESTAMP(NANOS) Parquet (pandas' default) unless this reads it as its integer value.
+NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
+NANOS = "timestamp(nanoseconds)"
 
 
 class EventsError(LookalikeError):
-    """The events table cannot be used: missing or mistyped columns."""
+    """The events table cannot be used: missing or mistyped columns, or a ts that is no point in time."""
 
 
 def read_events(spark: SparkSession, path: str) -> DataFrame:
-    """The events Parquet at `path`, checked (`validate`)."""
+    """The events Parquet at `path`, checked (`validate`).
+
+    Nanosecond timestamps are what pandas writes by default, and Spark cannot read them as timestamps. Their
+    schema is then inferred with `spark.sql.legacy.parquet.nanosAsLong` in a separate session (so no other
+    read of this session changes), the files are read with that schema, and `validate` turns the integer
+    nanoseconds into timestamps.
+    """
+    nanos = _ts_in_nanoseconds(path)
     try:
-        events = spark.read.parquet(path)
+        if nanos:
+            inferring = spark.newSession()
+            inferring.conf.set(NANOS_AS_LONG, "true")
+            events = spark.read.schema(inferring.read.parquet(path).schema).parquet(path)
+        else:
+            events = spark.read.parquet(path)
     except AnalysisException as err:
-        if "TIMESTAMP(NANOS" in str(err):
-            raise EventsError(
-                f"events {path}: ts is stored in nanoseconds, which Spark cannot read; write it in "
-                "microseconds (pandas: to_parquet(..., coerce_timestamps='us', "
-                "allow_truncated_timestamps=True))"
-            ) from err
         raise EventsError(f"events {path}: cannot be read as Parquet: {str(err).splitlines()[0]}") from err
-    return validate(events, path)
+    return validate(events, path, epoch_unit="nanoseconds" if nanos else None)
 
 
-def validate(events: DataFrame, source: str) -> DataFrame:
-    """The contract's four columns, typed; nulls in any of them make the event unusable and it is dropped."""
+def _ts_in_nanoseconds(path: str) -> bool:
+    """Whether ts is stored as INT64 nanosecond timestamps, from the Parquet footers (no data is read).
+
+    When the first file's is, every file's must be: read as integers, microseconds in another file would
+    silently become dates in 1970.
+    """
+    fs, local = filesystem(path)
+    try:
+        fragments = list(ds.dataset(local, filesystem=fs, format="parquet").get_fragments())
+        if not fragments or _ts_storage(fragments[0]) != NANOS:
+            return False
+        for fragment in fragments[1:]:
+            storage = _ts_storage(fragment)
+            if storage != NANOS:
+                raise EventsError(
+                    f"events {path}: ts is a {NANOS} in {fragments[0].path} but {storage} in {fragment.path}; "
+                    "write it the same way in every file"
+                )
+    except (OSError, pa.ArrowException) as err:
+        raise EventsError(f"events {path}: cannot be read as Parquet: {str(err).splitlines()[0]}") from err
+    return True
+
+
+def _ts_storage(fragment: ds.ParquetFileFragment) -> str:
+    """How one file stores ts: `timestamp(<unit>)` for a Parquet timestamp, else its physical type (INT96,
+    Spark's legacy timestamps, which pyarrow also calls nanoseconds, is not one), or `no ts column`."""
+    schema = fragment.metadata.schema
+    for column in (schema.column(i) for i in range(len(schema))):
+        if column.path == "ts":
+            logical = json.loads(column.logical_type.to_json())
+            if column.physical_type == "INT64" and logical.get("Type") == "Timestamp":
+                return f"timestamp({logical['timeUnit']})"
+            return str(column.physical_type)
+    return "no ts column"
+
+
+def validate(events: DataFrame, source: str, epoch_unit: str | None = None) -> DataFrame:
+    """The contract's four columns, typed; nulls in any of them make the event unusable and it is dropped.
+
+    An integer ts is an epoch in `epoch_unit` when the caller knows it (a Parquet nanosecond timestamp), else
+    in the unit its size tells (`EPOCH_UNITS`)."""
     types = dict(events.dtypes)
     missing = [name for name in EVENT_COLUMNS if name not in types]
     if missing:
         raise EventsError(f"events {source}: missing column(s) {', '.join(missing)} (need {', '.join(EVENT_COLUMNS)})")
-    if types["ts"] not in ("timestamp", "timestamp_ntz", "date"):
-        raise EventsError(f"events {source}: column ts is {types['ts']}, expected a timestamp")
+    if types["ts"] in INTEGER_TYPES:
+        events = events.withColumn("ts", _epoch_timestamp(events, source, epoch_unit))
+    elif types["ts"] not in TIMESTAMP_TYPES:
+        raise EventsError(f"events {source}: column ts is {types['ts']}, expected a timestamp or an integer epoch")
     return events.select(*(F.col(name).cast(kind).alias(name) for name, kind in EVENT_COLUMNS.items())).dropna()
+
+
+def _epoch_timestamp(events: DataFrame, source: str, unit: str | None) -> Column:
+    """The integer ts column as a timestamp, its unit given or told by the size of its values (one pass over
+    the column for its smallest and largest value)."""
+    if unit is None:
+        [(low, high)] = events.agg(F.min("ts"), F.max("ts")).collect()
+        if low is None or high is None:
+            return F.lit(None).cast("timestamp")  # every ts is null: every event is dropped
+        earliest, latest = EPOCH_SECONDS
+        fitting = [name for name, per_s in EPOCH_UNITS.items() if earliest * per_s <= low and high < latest * per_s]
+        if not fitting:
+            raise EventsError(
+                f"events {source}: integer ts from {low} to {high} is not seconds, milliseconds, microseconds or "
+                "nanoseconds since 1970 (10^8 to 10^10, 10^11 to 10^13, 10^14 to 10^16 or 10^17 to 10^19: dates "
+                "from 1973 to 2286); write ts as a timestamp"
+            )
+        [unit] = fitting
+    ts = F.col("ts").cast("bigint")
+    if unit == "seconds":
+        return F.timestamp_seconds(ts)
+    if unit == "milliseconds":
+        return F.timestamp_millis(ts)
+    if unit == "microseconds":
+        return F.timestamp_micros(ts)
+    # Exact floor division: a double would lose the microseconds of today's nanosecond counts.
+    return F.timestamp_micros(F.expr("(CAST(ts AS BIGINT) - pmod(CAST(ts AS BIGINT), 1000)) div 1000"))
 
 
 def weighted(events: DataFrame, weights: Mapping[str, float], half_life_days: float | None) -> DataFrame:
