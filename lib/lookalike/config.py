@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lookalike.errors import LookalikeError
+from lookalike.storage import uri
 
 
 class ConfigError(LookalikeError, ValueError):
@@ -373,10 +374,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
     # A function of its own so that the checks after it still see `value` as Any, not as `object`.
     return isinstance(value, types)
@@ -432,13 +429,37 @@ def _type_name(spec: Key) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def _resolve_path(value: str, base_dir: Path) -> str:
-    if not _is_local(value):
+def _resolve_path(key: str, value: str, base_dir: Path) -> str:
+    """A local path or `file:` URI (escapes decoded: `file:///a%20b` is `/a b`) as an absolute path; other
+    URIs as they are."""
+    if not uri.is_local(value):
         return value
-    path = Path(value.removeprefix("file://")).expanduser()
+    try:
+        local = uri.file_uri_path(value) if value.startswith("file:") else value
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    path = Path(local).expanduser()
     if not path.is_absolute():
         path = base_dir / path
     return str(path.resolve())
+
+
+# The paths Spark reads (the catalog, the events, and everything under output.root), and whether delta-rs opens
+# tables there too.
+_DATA_PATHS = {"catalog.path": False, "events.path": False, "output.root": True}
+
+
+def _check_path_characters(checked: Mapping[str, Any]) -> None:
+    """Refuse a local data path that holds a character Spark or delta-rs cannot take (`[`, `%41`, ...)
+    with one line naming the key and the character, instead of a traceback from deep inside a stage."""
+    for key, holds_tables in _DATA_PATHS.items():
+        value = checked[key]
+        if value is None:
+            continue
+        delta = holds_tables or (key == "catalog.path" and checked["catalog.format"] == "delta")
+        problem = (uri.delta_problem(value) if delta else None) or uri.spark_pattern_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
 
 
 def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str] | None = None) -> Config:
@@ -459,11 +480,12 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
             raise ConfigError(f"{key}: required but not set")
         value = _check_type(key, spec, value)
         if spec.is_path and value is not None:
-            value = _resolve_path(value, base_dir)
+            value = _resolve_path(key, value, base_dir)
         checked[key] = value
+    _check_path_characters(checked)
     for key in SCHEMA if need_paths is None else need_paths:
         spec, value = SCHEMA[key], checked.get(key)
-        if spec.must_exist and value is not None and _is_local(value) and not os.path.exists(value):
+        if spec.must_exist and value is not None and uri.is_local(value) and not os.path.exists(value):
             raise ConfigError(f"{key}: path does not exist: {value}")
     _check_model(checked["model.name"], checked["embed.input"], checked["model.weights"])
     return Config(checked)
