@@ -97,6 +97,22 @@ SCHEMA: dict[str, Key] = {
         "docs/cluster.md).",
     ),
     "export.keep": Key(int, 3, "Complete Parquet snapshots kept per exported table under `export/`.", minimum=1),
+    "tables.keep_versions": Key(
+        int,
+        10,
+        "Newest versions of each Delta table whose files are kept, so time travel to them works; after each "
+        "commit, files only older versions (or crashed writes) need are deleted once "
+        "`tables.vacuum_min_age_hours` old.",
+        minimum=1,
+    ),
+    "tables.vacuum_min_age_hours": Key(
+        int,
+        1,
+        "Safety margin of the clean-up after each commit: a file removed from a table, or written by a "
+        "write that never committed, is deleted only when it has been so for this long (a reader of an older "
+        "version or a write in progress may still need it).",
+        minimum=0,
+    ),
     "lock.stale_seconds": Key(
         float,
         600.0,

@@ -3,7 +3,8 @@
 Every stage is incremental on its own (unchanged images are not embedded, unchanged shards not rebuilt or
 re-queried, unchanged inputs not re-recommended) and commits atomically, so a run killed anywhere is
 finished by the next: what was committed is reused, what was not is redone, and no table holds half a
-write. Exports are published only after every stage succeeded. The caller holds the run lock (`lock.py`).
+write. Exports are published only after every stage succeeded. Every table commit applies the config's
+retention (`tables.keep_versions`). The caller holds the run lock (`lock.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pyspark.sql import SparkSession
 from lookalike.config import Config
 from lookalike.results import StageResult
 from lookalike.run import export, runs, stages
+from lookalike.storage import tables
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
     started, clock = runs.now(), time.time()
     root = cfg["output.root"]
+    tables.set_retention(tables.Retention(cfg["tables.keep_versions"], cfg["tables.vacuum_min_age_hours"]))
     results: list[StageResult] = []
     for name in stages.STAGES:
         if name == "recommend" and cfg["events.path"] is None:

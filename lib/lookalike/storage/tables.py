@@ -9,6 +9,10 @@ old versions and of failed writes live in the same folders.
 
 Three write modes cover the pipeline: append, overwrite, and replace-rows-by-key (copy-on-write of only the
 files that hold a replaced or deleted key, committed as remove + add actions in one transaction).
+
+Every commit ends with `vacuum`: files that no kept version references (old versions' files beyond
+`tables.keep_versions`, what crashed writes left) are deleted once they are older than a safety margin, so a
+table's folder stays proportional to the versions kept.
 """
 
 from __future__ import annotations
@@ -57,6 +61,25 @@ class CommitResult:
 def table_path(output_root: str, name: str) -> str:
     """Where table `name` lives under `output.root` (DESIGN.md: <output.root>/tables/<name>)."""
     return f"{output_root.rstrip('/')}/tables/{name}"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of a table's history its folder keeps (config `tables.keep_versions`,
+    `tables.vacuum_min_age_hours`; these defaults are the config's)."""
+
+    keep_versions: int = 10
+    min_age_hours: int = 1
+
+
+_retention = Retention()
+
+
+def set_retention(retention: Retention) -> None:
+    """The retention every later commit of this process applies: a command sets its config's once, before
+    its first write (storage reads no config)."""
+    global _retention
+    _retention = retention
 
 
 def _location(path: str) -> str:
@@ -171,11 +194,13 @@ def write(df: DataFrame, path: str, mode: str = "append") -> CommitResult:
     _, actions, rows = _write_files(df, path)
     if table is None:
         create_table_with_add_actions(_location(path), Schema.from_arrow(schema), actions, mode="error")
+        vacuum(path)  # what a crashed first write left behind
         return CommitResult(0, len(actions), 0, rows)
     removed = len(_current_files(table)) if mode == "overwrite" else 0
     table.create_write_transaction(list[AddAction | RemoveAction](actions), mode=mode, schema=schema)
     table.update_incremental()
     log.info("committed %s to %s: %d rows in %d files (v%d)", mode, path, rows, len(actions), table.version())
+    vacuum(path)
     return CommitResult(table.version(), len(actions), removed, rows)
 
 
@@ -233,6 +258,7 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
         rows,
         table.version(),
     )
+    vacuum(path)
     return CommitResult(table.version(), len(adds), len(touched_files), rows)
 
 
@@ -276,7 +302,53 @@ def read_arrow(path: str, columns: list[str] | None = None) -> pa.Table:
 def append_rows(path: str, rows: pa.Table) -> None:
     """Append a few driver-side rows (the `runs` log) in one commit; creates the table on first use."""
     write_deltalake(_location(path), rows, mode="append")
+    vacuum(path)
 
 
 def version(path: str) -> int | None:
     return _open(path).version() if exists(path) else None
+
+
+def vacuum(path: str, retention: Retention | None = None) -> list[str]:
+    """Delete the table's files that no kept version needs; returns them, relative to the table folder.
+
+    Kept: every file one of the newest `keep_versions` versions references (time travel to those works),
+    every file removed from the table less than `min_age_hours` ago (a reader of an older version may still
+    be reading it), and every file no commit mentions that is younger than that (a write in progress).
+    Deleted: the rest, including what crashed writes left in `data/<write id>/`, and the folders that leaves
+    empty. The log itself is delta-rs's: a checkpoint every 100 commits drops entries older than
+    `delta.logRetentionDuration` (30 days).
+
+    delta-rs plans the deletion (full vacuum, dry run) and the files are deleted here: delta-rs's own vacuum
+    commits two versions (VACUUM START, END), which would make the table version every stage records in its
+    state stale after each write, and the next run would recompute from scratch.
+    """
+    retention = retention or _retention
+    table = _open(path)
+    kept = [int(commit["version"]) for commit in table.history(retention.keep_versions)]
+    planned = table.vacuum(
+        retention_hours=retention.min_age_hours,
+        dry_run=True,
+        enforce_retention_duration=False,
+        full=True,
+        keep_versions=kept,
+    )
+    fs, root = filesystem(_location(path))
+    emptied: set[str] = set()
+    for rel in sorted(planned):
+        name = unquote(rel)
+        try:
+            fs.delete_file(f"{root}/{name}")
+        except FileNotFoundError:
+            continue  # another vacuum of the same table got there first
+        emptied.add(posixpath.dirname(name))
+    for folder in sorted(emptied, key=lambda f: -f.count("/")):
+        while folder and folder != DATA_DIR:  # the folders a write made, deepest first; never data/ itself
+            here = f"{root}/{folder}"
+            if fs.get_file_info(here).type != pafs.FileType.Directory or fs.get_file_info(pafs.FileSelector(here)):
+                break
+            fs.delete_dir(here)
+            folder = posixpath.dirname(folder)
+    if planned:
+        log.info("vacuumed %s: %d file(s) no kept version needs", path, len(planned))
+    return sorted(planned)
