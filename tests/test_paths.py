@@ -1,12 +1,14 @@
 """Paths a user chooses (output.root, catalog.path, events.path) with spaces, %, #, non-ASCII letters and
-other punctuation: real tables, small files and index shards written and read back under such
+other punctuation: real tables, exports, small files and index shards written and read back under such
 folders, and the characters Spark or delta-rs cannot take refused by the config check in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -14,6 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from lookalike.config import ConfigError
 from lookalike.index import shard_index
 from lookalike.index.params import choose_params
+from lookalike.run import export
 from lookalike.storage import files, tables
 from lookalike.storage.tables import TableError
 from tests.conftest import make_config
@@ -45,6 +48,21 @@ def test_tables_round_trip(spark: SparkSession, tmp_path: Path, name: str) -> No
     tables.write(frame(spark, [9], "v3"), uri, mode="append")
     assert tables.version(path) == tables.version(uri) == 3
     assert len(tables.read(spark, uri).collect()) == len(expected) + 1
+
+
+@pytest.mark.parametrize("name", ROOTS[:4])
+def test_export_under_such_a_root(spark: SparkSession, tmp_path: Path, name: str) -> None:
+    root = str(tmp_path / name / "out")
+    similar = spark.createDataFrame(
+        pd.DataFrame({"item_id": ["a", "b", "c"], "rank": 1, "similar_item_id": "x", "score": 0.5, "run_id": "r"})
+    )
+    tables.write(similar, tables.table_path(root, "similar_items"), mode="overwrite")
+    done = export.publish(spark, root, "20260101T000000Z-aaaaaa", keep=2, stages_ran=["similar"])
+    assert done.written == ("similar_items",)
+    manifest = json.loads(Path(export.manifest_path(root)).read_text())
+    snapshot = Path(root) / "export" / manifest["tables"]["similar_items"]["path"]
+    assert (snapshot / export.SUCCESS).exists()
+    assert len(pd.read_parquet(snapshot)) == manifest["tables"]["similar_items"]["rows"] == 3
 
 
 @pytest.mark.parametrize("name", ROOTS)
