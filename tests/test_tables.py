@@ -1,4 +1,5 @@
-"""The Delta table layer: atomic commits, failed and killed writes, replace by key, concurrent readers."""
+"""The Delta table layer: atomic commits, failed and killed writes, replace by key, concurrent readers,
+and the retention that keeps a table's folder proportional to the versions kept."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,9 +19,12 @@ from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from lookalike.config import SCHEMA
 from lookalike.storage import tables
-from lookalike.storage.tables import TableError
+from lookalike.storage.tables import Retention, TableError
 from tests.conftest import REPO
+
+TWO_HOURS_AGO = time.time() - 2 * 3600
 
 
 def frame(spark: SparkSession, ids: range, value: str = "v1", partitions: int = 2) -> DataFrame:
@@ -30,6 +35,29 @@ def frame(spark: SparkSession, ids: range, value: str = "v1", partitions: int = 
 
 def rows(spark: SparkSession, path: str) -> dict[str, str]:
     return {r["item_id"]: r["value"] for r in tables.read(spark, path).collect()}
+
+
+@pytest.fixture
+def retention() -> Iterator[None]:
+    """Keep 3 versions with no safety margin for one test, then the defaults again."""
+    tables.set_retention(Retention(keep_versions=3, min_age_hours=0))
+    yield
+    tables.set_retention(Retention())
+
+
+def data_files(path: str) -> set[str]:
+    """Every file under the table folder but the log, relative to it."""
+    root = Path(path)
+    return {str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and "_delta_log" not in f.parts}
+
+
+def committed_files(path: str, version: int | None = None) -> set[str]:
+    return set(DeltaTable(path, version=version).get_add_actions().column("path").to_pylist())
+
+
+def backdate(files: list[Path]) -> None:
+    for file in files:
+        os.utime(file, (TWO_HOURS_AGO, TWO_HOURS_AGO))
 
 
 def test_create_append_overwrite(spark: SparkSession, tmp_path: Path) -> None:
@@ -143,20 +171,28 @@ def test_killed_write_leaves_previous_version(spark: SparkSession, tmp_path: Pat
         env=env,
         start_new_session=True,
     )
+    committed = committed_files(path)
+
+    def new_files() -> set[str]:
+        return {rel for rel in data_files(path) - committed if rel.endswith(".parquet")}
+
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "WRITING"
         # Kill the driver and its JVM once executors have started writing Parquet files into the table.
         deadline = time.time() + 120
-        while not list((tmp_path / "t" / tables.DATA_DIR).rglob("*.parquet")) and time.time() < deadline:
+        while not new_files() and time.time() < deadline:
             time.sleep(0.2)
-        assert list((tmp_path / "t" / tables.DATA_DIR).rglob("*.parquet")), "writer never started writing"
+        assert new_files(), "writer never started writing"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert tables.version(path) == 0
     assert rows(spark, path) == {f"i{i:04d}": "v1" for i in range(20)}
+    crashed = new_files()
+    backdate([tmp_path / "t" / rel for rel in crashed])  # an hour on, the files are certainly abandoned
     tables.write(frame(spark, range(5), "v3"), path, mode="overwrite")  # and the table still takes writes
     assert rows(spark, path) == {f"i{i:04d}": "v3" for i in range(5)}
+    assert not crashed & data_files(path), "the next commit removed the killed write's files"
 
 
 def test_concurrent_reader_never_sees_a_partial_version(spark: SparkSession, tmp_path: Path) -> None:
@@ -188,3 +224,43 @@ def test_concurrent_reader_never_sees_a_partial_version(spark: SparkSession, tmp
     assert seen, "reader never completed a read"
     # Every read saw a whole version: 100 rows, of one value (after overwrite) or two (after replace-by-key).
     assert all(total == 100 and groups in (1, 2) for groups, total in seen), seen
+
+
+def test_retention_defaults_are_the_configs() -> None:
+    assert Retention() == Retention(
+        SCHEMA["tables.keep_versions"].default, SCHEMA["tables.vacuum_min_age_hours"].default
+    )
+
+
+def test_only_the_kept_versions_files_remain(spark: SparkSession, tmp_path: Path, retention: None) -> None:
+    path = str(tmp_path / "t")
+    for generation in range(15):
+        tables.write(frame(spark, range(4), f"v{generation}", partitions=1), path, mode="overwrite")
+    assert tables.version(path) == 14  # the clean-up commits nothing of its own
+    kept = set().union(*(committed_files(path, v) for v in (12, 13, 14)))
+    assert data_files(path) == kept  # not even _SUCCESS or .crc files of the writes
+    assert len(list((tmp_path / "t" / tables.DATA_DIR).iterdir())) == 3  # emptied write folders are gone
+    for v in (12, 13, 14):  # time travel within the kept versions
+        assert set(DeltaTable(path, version=v).to_pandas()["value"]) == {f"v{v}"}
+    with pytest.raises(Exception, match="(?i)not found|no such file"):
+        DeltaTable(path, version=11).to_pandas()
+    assert set(rows(spark, path).values()) == {"v14"}
+
+
+def test_orphans_of_crashed_writes_are_removed_once_old(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(10)), path)
+    data = tmp_path / "t" / tables.DATA_DIR
+    old, fresh = data / "20260101T000000-000000000000", data / "20260101T000001-111111111111"
+    for crashed in (old, fresh):  # what a writer killed mid-write leaves: task files, no commit
+        (crashed / "_temporary" / "0").mkdir(parents=True)
+        (crashed / "part-00000-a.snappy.parquet").write_bytes(b"half")
+        (crashed / "_temporary" / "0" / "part-00001-b.snappy.parquet").write_bytes(b"half")
+    backdate([f for f in old.rglob("*") if f.is_file()])
+    tables.write(frame(spark, range(10, 12)), path)  # any commit cleans up (default margin: 1 hour)
+    assert not old.exists()
+    assert sorted(f.name for f in fresh.rglob("*") if f.is_file()) == [
+        "part-00000-a.snappy.parquet",
+        "part-00001-b.snappy.parquet",
+    ]
+    assert len(rows(spark, path)) == 12

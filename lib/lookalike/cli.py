@@ -77,10 +77,12 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         runs,
     )
     from lookalike.session import get_spark
-    from lookalike.storage import files
+    from lookalike.storage import files, tables
 
     run_id = stages.new_run_id()
     root = cfg["output.root"]
+    # Every commit of this process keeps the newest tables.keep_versions versions' files (tables.vacuum).
+    tables.set_retention(tables.Retention(cfg["tables.keep_versions"], cfg["tables.vacuum_min_age_hours"]))
     with lock.RunLock(root, run_id, name, cfg["lock.stale_seconds"]) as held:
         spark = get_spark(cfg)
         dead = held.previous

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lookalike.errors import LookalikeError
+from lookalike.storage import uri
 
 
 class ConfigError(LookalikeError, ValueError):
@@ -107,6 +108,22 @@ SCHEMA: dict[str, Key] = {
         "docs/cluster.md).",
     ),
     "export.keep": Key(int, 3, "Complete Parquet snapshots kept per exported table under `export/`.", minimum=1),
+    "tables.keep_versions": Key(
+        int,
+        10,
+        "Newest versions of each Delta table whose files are kept, so time travel to them works; after each "
+        "commit, files only older versions (or crashed writes) need are deleted once "
+        "`tables.vacuum_min_age_hours` old.",
+        minimum=1,
+    ),
+    "tables.vacuum_min_age_hours": Key(
+        int,
+        1,
+        "Safety margin of the clean-up after each commit: a file removed from a table, or written by a "
+        "write that never committed, is deleted only when it has been so for this long (a reader of an older "
+        "version or a write in progress may still need it).",
+        minimum=0,
+    ),
     "lock.stale_seconds": Key(
         float,
         600.0,
@@ -394,10 +411,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
     # A function of its own so that the checks after it still see `value` as Any, not as `object`.
     return isinstance(value, types)
@@ -453,13 +466,37 @@ def _type_name(spec: Key) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def _resolve_path(value: str, base_dir: Path) -> str:
-    if not _is_local(value):
+def _resolve_path(key: str, value: str, base_dir: Path) -> str:
+    """A local path or `file:` URI (escapes decoded: `file:///a%20b` is `/a b`) as an absolute path; other
+    URIs as they are."""
+    if not uri.is_local(value):
         return value
-    path = Path(value.removeprefix("file://")).expanduser()
+    try:
+        local = uri.file_uri_path(value) if value.startswith("file:") else value
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    path = Path(local).expanduser()
     if not path.is_absolute():
         path = base_dir / path
     return str(path.resolve())
+
+
+# The paths Spark reads (the catalog, the events, and everything under output.root), and whether delta-rs opens
+# tables there too.
+_DATA_PATHS = {"catalog.path": False, "events.path": False, "output.root": True}
+
+
+def _check_path_characters(checked: Mapping[str, Any]) -> None:
+    """Refuse a local data path that holds a character Spark or delta-rs cannot take (`[`, `%41`, ...)
+    with one line naming the key and the character, instead of a traceback from deep inside a stage."""
+    for key, holds_tables in _DATA_PATHS.items():
+        value = checked[key]
+        if value is None:
+            continue
+        delta = holds_tables or (key == "catalog.path" and checked["catalog.format"] == "delta")
+        problem = (uri.delta_problem(value) if delta else None) or uri.spark_pattern_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
 
 
 def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str] | None = None) -> Config:
@@ -481,14 +518,15 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
         value = _check_type(key, spec, value)
         if spec.is_path and value is not None:
             value = (
-                [_resolve_path(v, base_dir) for v in value]
+                [_resolve_path(key, v, base_dir) for v in value]
                 if isinstance(value, list)
-                else _resolve_path(value, base_dir)
+                else _resolve_path(key, value, base_dir)
             )
         checked[key] = value
+    _check_path_characters(checked)
     for key in SCHEMA if need_paths is None else need_paths:
         spec, value = SCHEMA[key], checked.get(key)
-        if spec.must_exist and value is not None and _is_local(value) and not os.path.exists(value):
+        if spec.must_exist and value is not None and uri.is_local(value) and not os.path.exists(value):
             raise ConfigError(f"{key}: path does not exist: {value}")
     _check_model(checked["model.name"], checked["embed.input"], checked["model.weights"])
     return Config(checked)

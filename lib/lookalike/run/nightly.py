@@ -3,7 +3,9 @@
 Every stage is incremental on its own (unchanged images are not embedded, unchanged shards not rebuilt or
 re-queried, unchanged inputs not re-recommended) and commits atomically, so a run killed anywhere is
 finished by the next: what was committed is reused, what was not is redone, and no table holds half a
-write. Exports are published only after every stage succeeded. The caller holds the run lock (`lock.py`).
+write. Exports are published only after every stage succeeded, at one point (`export/LATEST`), and only
+for the stages that ran. Every table commit applies the config's retention (`tables.keep_versions`). The
+caller holds the run lock (`lock.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
             runs.record(root, run_id, "nightly", runs.FAILED, started, runs.now())
             raise
     export_started = runs.now()
-    written = export.publish(spark, root, run_id, cfg["export.keep"])
+    done = export.publish(spark, root, run_id, cfg["export.keep"], [r.stage for r in results])
+    rows = sum(done.snapshots[table].rows for table in done.written)
     runs.record(
         root,
         run_id,
@@ -42,9 +45,12 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
         runs.SUCCEEDED,
         export_started,
         runs.now(),
-        sum(written.values()),
-        sum(written.values()),
-        {f"{table}_rows": float(n) for table, n in written.items()},
+        rows,
+        rows,
+        {
+            **{f"{table}_rows": float(done.snapshots[table].rows) for table in done.written},
+            "snapshots_kept": float(len(done.snapshots) - len(done.written)),
+        },
     )
     seconds = time.time() - clock
     runs.record(

@@ -9,16 +9,22 @@ old versions and of failed writes live in the same folders.
 
 Three write modes cover the pipeline: append, overwrite, and replace-rows-by-key (copy-on-write of only the
 files that hold a replaced or deleted key, committed as remove + add actions in one transaction).
+
+Every commit ends with `vacuum`: files that no kept version references (old versions' files beyond
+`tables.keep_versions`, what crashed writes left) are deleted once they are older than a safety margin, so a
+table's folder stays proportional to the versions kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,7 +37,7 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import ArrayType, DataType, DoubleType, FloatType, MapType, StructField, StructType
 
 from lookalike.errors import LookalikeError
-from lookalike.storage.uri import filesystem
+from lookalike.storage.uri import delta_problem, filesystem, native_path, spark_read_path
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +63,42 @@ def table_path(output_root: str, name: str) -> str:
     return f"{output_root.rstrip('/')}/tables/{name}"
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How much of a table's history its folder keeps (config `tables.keep_versions`,
+    `tables.vacuum_min_age_hours`; these defaults are the config's)."""
+
+    keep_versions: int = 10
+    min_age_hours: int = 1
+
+
+_retention = Retention()
+
+
+def set_retention(retention: Retention) -> None:
+    """The retention every later commit of this process applies: a command sets its config's once, before
+    its first write (storage reads no config)."""
+    global _retention
+    _retention = retention
+
+
+def _location(path: str) -> str:
+    """The table's path as delta-rs opens it and Spark writes to it; a path delta-rs cannot hold is refused
+    with one line instead of a Rust panic."""
+    problem = delta_problem(path)
+    if problem is not None:
+        raise TableError(f"table {path}: {problem}")
+    return native_path(path)
+
+
 def exists(path: str) -> bool:
-    return DeltaTable.is_deltatable(path)
+    return DeltaTable.is_deltatable(_location(path))
 
 
 def _open(path: str) -> DeltaTable:
     if not exists(path):
         raise TableError(f"no Delta table at {path} (has the stage that writes it run?)")
-    return DeltaTable(path)
+    return DeltaTable(_location(path))
 
 
 def _nullable(dtype: DataType) -> DataType:
@@ -124,7 +158,7 @@ def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
     """Executors write `df` into a fresh folder of the table; returns the folder and its add actions."""
     write_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     rel_dir = f"{DATA_DIR}/{write_id}"
-    folder = f"{path.rstrip('/')}/{rel_dir}"
+    folder = f"{_location(path).rstrip('/')}/{rel_dir}"
     parquet_writer(df).mode("errorifexists").parquet(folder)
     fs, fs_folder = filesystem(folder)
     infos = fs.get_file_info(pafs.FileSelector(fs_folder, recursive=False))
@@ -160,17 +194,19 @@ def write(df: DataFrame, path: str, mode: str = "append", replace_schema: bool =
     if replace_schema and mode != "overwrite":
         raise ValueError("replace_schema needs mode='overwrite'")
     schema = arrow_schema(df.schema)
-    table = DeltaTable(path) if exists(path) else None
+    table = _open(path) if exists(path) else None
     if table is not None and not replace_schema:
         _check_schema(path, table, schema)
     _, actions, rows = _write_files(df, path)
     if table is None:
-        create_table_with_add_actions(path, Schema.from_arrow(schema), actions, mode="error")
+        create_table_with_add_actions(_location(path), Schema.from_arrow(schema), actions, mode="error")
+        vacuum(path)  # what a crashed first write left behind
         return CommitResult(0, len(actions), 0, rows)
-    removed = len(table.file_uris()) if mode == "overwrite" else 0
+    removed = len(_current_files(table)) if mode == "overwrite" else 0
     table.create_write_transaction(list[AddAction | RemoveAction](actions), mode=mode, schema=schema)
     table.update_incremental()
     log.info("committed %s to %s: %d rows in %d files (v%d)", mode, path, rows, len(actions), table.version())
+    vacuum(path)
     return CommitResult(table.version(), len(actions), removed, rows)
 
 
@@ -183,7 +219,7 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
     """
     if not exists(path):
         return write(df, path, mode="overwrite")
-    table = DeltaTable(path)
+    table = _open(path)
     schema = arrow_schema(df.schema)
     _check_schema(path, table, schema)
     spark = df.sparkSession
@@ -191,10 +227,10 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
     if delete_keys is not None:
         touched = touched.unionByName(delete_keys.select(key))
     touched = touched.distinct()
-    current_files = {_normalise(uri): rel for uri, rel in zip(table.file_uris(), _relative_paths(table))}
+    current_files = set(_current_files(table))
     touched_files: list[str] = []
     if current_files:
-        current = spark.read.schema(spark_schema(path)).parquet(*table.file_uris())
+        current = spark.read.schema(spark_schema(path)).parquet(*_spark_paths(path, sorted(current_files)))
         hits = (
             current.select(key, F.input_file_name().alias("_file"))
             .join(touched, key, "left_semi")
@@ -202,16 +238,16 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
             .distinct()
             .collect()
         )
-        touched_files = sorted({current_files[_normalise(r["_file"])] for r in hits})
+        touched_files = sorted({_relative(path, r["_file"]) for r in hits})
+        unknown = set(touched_files) - current_files
+        if unknown:  # a spelling this module does not understand: refuse rather than remove the wrong files
+            raise RuntimeError(f"{path}: Spark read files the table does not list: {sorted(unknown)[:3]}")
     if not touched_files and df.isEmpty():
         return CommitResult(table.version(), 0, 0, 0)
     survivors = None
     if touched_files:
-        root = path.rstrip("/")
         survivors = (
-            spark.read.schema(df.schema)
-            .parquet(*[f"{root}/{rel}" for rel in touched_files])
-            .join(touched, key, "left_anti")
+            spark.read.schema(df.schema).parquet(*_spark_paths(path, touched_files)).join(touched, key, "left_anti")
         )
     new_rows = df if survivors is None else survivors.unionByName(df)
     _, adds, rows = _write_files(new_rows, path)
@@ -228,31 +264,40 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
         rows,
         table.version(),
     )
+    vacuum(path)
     return CommitResult(table.version(), len(adds), len(touched_files), rows)
 
 
-def _relative_paths(table: DeltaTable) -> list[str]:
-    """Relative paths of the current files, in the same order as `file_uris()`."""
-    root = table.table_uri.removeprefix("file://").rstrip("/")
-    return [_normalise(uri).removeprefix(root).lstrip("/") for uri in table.file_uris()]
+def _current_files(table: DeltaTable) -> list[str]:
+    """The current version's files, relative to the table folder and unescaped, as the log names them.
+
+    Not `file_uris()`: delta-rs percent-encodes those (`out%20dir/...`, `%C3%BC` for ü) and Spark would look
+    for the encoded names literally."""
+    return [str(p) for p in table.get_add_actions(flatten=True).column("path").to_pylist()]
 
 
-def _normalise(uri: str) -> str:
-    """One spelling for a local file: Spark says file:///a, delta-rs says /a."""
-    for prefix in ("file://", "file:"):
-        if uri.startswith(prefix):
-            return uri[len(prefix) :]
-    return uri
+def _spark_paths(path: str, files: list[str]) -> list[str]:
+    """The table's `files` (relative) as Spark reads exactly them, whatever characters the folder holds."""
+    root = _location(path).rstrip("/")
+    return [spark_read_path(f"{root}/{rel}") for rel in files]
+
+
+def _relative(path: str, file_name: str) -> str:
+    """A file of table `path` relative to its folder, from Spark's `input_file_name()`: a URI whose path
+    is percent-encoded (file:///a%20b/t/data/w/part-0.parquet; non-ASCII letters stay as they are)."""
+    root = _location(path)
+    root_path = unquote(urlsplit(root).path) if "://" in root else root
+    return posixpath.relpath(unquote(urlsplit(file_name).path), root_path)
 
 
 def read(spark: SparkSession, path: str) -> DataFrame:
     """The table's current version as a DataFrame, from its committed file list."""
     table = _open(path)
     schema = from_arrow_schema(pa.schema(table.schema().to_arrow()))
-    uris = table.file_uris()
-    if not uris:
+    files = _current_files(table)
+    if not files:
         return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*uris)
+    return spark.read.schema(schema).parquet(*_spark_paths(path, files))
 
 
 def read_arrow(path: str, columns: list[str] | None = None) -> pa.Table:
@@ -262,8 +307,54 @@ def read_arrow(path: str, columns: list[str] | None = None) -> pa.Table:
 
 def append_rows(path: str, rows: pa.Table) -> None:
     """Append a few driver-side rows (the `runs` log) in one commit; creates the table on first use."""
-    write_deltalake(path, rows, mode="append")
+    write_deltalake(_location(path), rows, mode="append")
+    vacuum(path)
 
 
 def version(path: str) -> int | None:
-    return DeltaTable(path).version() if exists(path) else None
+    return _open(path).version() if exists(path) else None
+
+
+def vacuum(path: str, retention: Retention | None = None) -> list[str]:
+    """Delete the table's files that no kept version needs; returns them, relative to the table folder.
+
+    Kept: every file one of the newest `keep_versions` versions references (time travel to those works),
+    every file removed from the table less than `min_age_hours` ago (a reader of an older version may still
+    be reading it), and every file no commit mentions that is younger than that (a write in progress).
+    Deleted: the rest, including what crashed writes left in `data/<write id>/`, and the folders that leaves
+    empty. The log itself is delta-rs's: a checkpoint every 100 commits drops entries older than
+    `delta.logRetentionDuration` (30 days).
+
+    delta-rs plans the deletion (full vacuum, dry run) and the files are deleted here: delta-rs's own vacuum
+    commits two versions (VACUUM START, END), which would make the table version every stage records in its
+    state stale after each write, and the next run would recompute from scratch.
+    """
+    retention = retention or _retention
+    table = _open(path)
+    kept = [int(commit["version"]) for commit in table.history(retention.keep_versions)]
+    planned = table.vacuum(
+        retention_hours=retention.min_age_hours,
+        dry_run=True,
+        enforce_retention_duration=False,
+        full=True,
+        keep_versions=kept,
+    )
+    fs, root = filesystem(_location(path))
+    emptied: set[str] = set()
+    for rel in sorted(planned):
+        name = unquote(rel)
+        try:
+            fs.delete_file(f"{root}/{name}")
+        except FileNotFoundError:
+            continue  # another vacuum of the same table got there first
+        emptied.add(posixpath.dirname(name))
+    for folder in sorted(emptied, key=lambda f: -f.count("/")):
+        while folder and folder != DATA_DIR:  # the folders a write made, deepest first; never data/ itself
+            here = f"{root}/{folder}"
+            if fs.get_file_info(here).type != pafs.FileType.Directory or fs.get_file_info(pafs.FileSelector(here)):
+                break
+            fs.delete_dir(here)
+            folder = posixpath.dirname(folder)
+    if planned:
+        log.info("vacuumed %s: %d file(s) no kept version needs", path, len(planned))
+    return sorted(planned)
