@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lookalike.config import Config
+from lookalike.embed.reader import ImagePolicy
 from lookalike.errors import LookalikeError
 from lookalike.storage import tables
 
@@ -36,6 +37,12 @@ class CatalogError(LookalikeError, ValueError):
 def catalog_folder(catalog_path: str) -> str:
     """The folder a catalog sits in: relative image URIs are relative to it, as they are in a dataset dump."""
     return posixpath.dirname(catalog_path.rstrip("/"))
+
+
+def image_policy(cfg: Config) -> ImagePolicy:
+    """Where this catalog's images may come from: under its own folder for relative URIs, and under
+    `catalog.image_roots` when set (see `lookalike.embed.reader`)."""
+    return ImagePolicy.of(catalog_folder(cfg["catalog.path"]), cfg["catalog.image_roots"])
 
 
 def resolve_uri(uri: Column, base: str) -> Column:

@@ -30,7 +30,6 @@ from lookalike import distributor
 from lookalike.config import Config
 from lookalike.embed import catalog, shards
 from lookalike.embed.models import registry
-from lookalike.embed.reader import ImagePolicy
 from lookalike.embed.task import (
     EMBEDDED,
     FAILED,
@@ -81,7 +80,7 @@ def settings_from(cfg: Config) -> EmbedSettings:
         max_bytes=cfg["embed.max_bytes"],
         decode_threads=cfg["embed.decode_threads"],
         input=cfg["embed.input"],
-        policy=ImagePolicy.of(catalog.catalog_folder(cfg["catalog.path"]), cfg["catalog.image_roots"]),
+        policy=catalog.image_policy(cfg),
     )
 
 
