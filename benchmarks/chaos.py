@@ -11,8 +11,9 @@ What it does, all from one seeded `random.Random` (`--seed`), so the same argume
    bad feed instead (30% of the rows dropped, or 30% of the images missing): `embed.max_removed_fraction` or
    `embed.max_bad_fraction` must refuse it with nothing committed, and the feed is whole again the next night.
    Each other night is killed with SIGKILL (the whole process group: driver, JVM, Python workers) at a moment
-   drawn uniformly from (0, T), T the mean duration of the unkilled nights so far, or not killed (about one in
-   four);
+   drawn uniformly from (0, T), or not killed (about one in four). T is the mean duration of the nights so far
+   that ran to the end, the initial build's until there is one: a kill drawn after the night's end finds it
+   done ("ended before its kill");
 3. runs one clean nightly over the final catalog on the chaos root, and one on a fresh root: the reference;
 4. compares every table of the chaos root with the reference and looks for files nothing refers to.
 
