@@ -2,25 +2,27 @@
 
 One clean run over a small demo catalog is the reference. A second output root then goes through a chain
 of runs each killed mid-stage (embed, index, similar, recommend), and a last run that completes; its tables
-must equal the reference row by row. Between kills, every table must be whole: readable, no duplicate keys.
-Also checked: the lock refuses a second live run, the `runs` log, the exports, and that an unchanged re-run
-does no work.
+must equal the reference row by row. Each kill is placed from what the run shows (a log line, the first
+shard of its index build on disk) and where it landed is read back from what the run left (its `runs` rows,
+its outputs' versions): every one of them must have hit its stage before that stage's commit. Between kills,
+every table must be whole: readable, no duplicate keys. Also checked: the lock refuses a second live run, the
+`runs` log, the exports, and that an unchanged re-run does no work.
+
+The process, trigger, landing and table comparison helpers are the chaos benchmark's (`benchmarks/chaos.py`),
+which kills runs the same way at random.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks import chaos
 from lookalike.demo_data import build_demo_data
 from lookalike.run import export, lock
 from lookalike.storage import files, tables
@@ -28,13 +30,6 @@ from lookalike.storage import files, tables
 pytestmark = pytest.mark.spark  # every test runs `lookalike nightly` in a subprocess
 
 N_ITEMS = 160
-TABLE_KEYS = {
-    "embeddings": ["item_id"],
-    "similar_items": ["item_id", "rank"],
-    "quarantine": ["item_id"],
-    "recommendations": ["user_id", "rank"],
-}
-VOLATILE = {"run_id", "embedded_at", "seen_at"}  # differ between runs by design
 
 
 @pytest.fixture(scope="module")
@@ -58,80 +53,46 @@ recommend: {{n: 5}}
     return conf
 
 
-def start(conf: Path, command: str = "nightly") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lookalike.cli", command, "--conf", str(conf)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def kill_when(proc: subprocess.Popen, pattern: str, delay: float) -> str:
-    """SIGKILL the whole process group (driver, JVM, Python workers) `delay` s after a log line matches."""
-    seen = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            time.sleep(delay)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return "".join(seen)
-    raise AssertionError(f"the run ended before {pattern!r}:\n{''.join(seen)[-4000:]}")
+def finish(nightly: chaos.Nightly, timeout: float = 600) -> str:
+    status = nightly.wait(timeout)
+    assert status == 0, nightly.log[-4000:]
+    return nightly.log
 
 
 def snapshot(root: Path) -> dict[str, pd.DataFrame]:
+    """Every table that exists, without its volatile columns; each must be whole: no duplicate keys."""
     found = {}
-    for name, keys in TABLE_KEYS.items():
-        path = tables.table_path(str(root), name)
-        if tables.exists(path):
-            frame = tables.read_arrow(path).to_pandas()
-            assert not frame.duplicated(keys).any(), f"{name} has duplicate {keys} rows"
-            found[name] = frame.drop(columns=[c for c in frame.columns if c in VOLATILE]).sort_values(
-                keys, ignore_index=True
-            )
+    for name, spec in chaos.TABLES.items():
+        frame = chaos.read_rows(root, name)
+        if frame is not None:
+            assert chaos.duplicate_keys(name, frame) == 0, f"{name} has duplicate {spec.key} rows"
+            found[name] = frame
     return found
 
 
 def same_rows(left: pd.DataFrame, right: pd.DataFrame, name: str) -> None:
-    """Equal row by row: vectors and scores to float32 noise, everything else exactly."""
-    assert list(left.columns) == list(right.columns) and len(left) == len(right), name
-    for column in left.columns:
-        a, b = left[column].tolist(), right[column].tolist()
-        if column in ("embedding", "score"):
-            assert (
-                np.abs(
-                    np.array([np.asarray(x, dtype=np.float64) for x in a])
-                    - np.array([np.asarray(y, dtype=np.float64) for y in b])
-                ).max()
-                < 1e-5
-            ), (name, column)
-        else:
-            plain = [list(x) if isinstance(x, np.ndarray) else x for x in a]
-            assert plain == [list(y) if isinstance(y, np.ndarray) else y for y in b], (name, column)
+    """Equal row by row: vectors and scores to float32 noise, everything else exactly (`chaos.diff`)."""
+    found = chaos.diff(name, left, right)
+    assert found.equal, (name, found)
 
 
 def runs_table(root: Path) -> pd.DataFrame:
     return tables.read_arrow(tables.table_path(str(root), "runs")).to_pandas()
 
 
+def first_shard_built(watch: chaos.Watch) -> bool:
+    """Mid-index: the run's build folder holds a finished shard, so its other shards are still to come."""
+    run_id = watch.nightly.run_id(watch.root)
+    return run_id is not None and any((watch.root / "indexes" / run_id).glob("*/manifest.json"))
+
+
 @pytest.fixture(scope="module")
 def reference(demo: Path) -> tuple[Path, str]:
     """A clean nightly; while it runs, a second one on the same root must refuse."""
     conf = write_conf(demo, "clean")
-    proc = start(conf)
+    nightly = chaos.Nightly(conf)
     while not (demo / "clean" / lock.LOCK_FILE).exists():
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert nightly.running, nightly.log[-4000:]
         time.sleep(0.2)
     second = subprocess.run(
         [sys.executable, "-m", "lookalike.cli", "nightly", "--conf", str(conf)],
@@ -139,7 +100,7 @@ def reference(demo: Path) -> tuple[Path, str]:
         text=True,
         timeout=120,
     )
-    log = finish(proc)
+    log = finish(nightly)
     assert second.returncode == 1
     assert "output root is in use by run" in second.stderr and "nightly" in second.stderr
     return demo / "clean", log
@@ -168,7 +129,7 @@ def test_clean_run_logs_every_stage_and_exports(reference: tuple[Path, str]) -> 
 def test_unchanged_rerun_does_no_work(reference: tuple[Path, str], demo: Path) -> None:
     root, _ = reference
     before = snapshot(root)
-    finish(start(write_conf(demo, "clean")))
+    finish(chaos.Nightly(write_conf(demo, "clean")))
     runs = runs_table(root)
     last = runs[runs["run_id"] == runs["run_id"].max()]
     metrics = {row.stage: dict(row.metrics) for row in last.itertuples()}
@@ -184,19 +145,22 @@ def test_unchanged_rerun_does_no_work(reference: tuple[Path, str], demo: Path) -
 def test_killed_runs_are_finished_by_the_next_run(reference: tuple[Path, str], demo: Path) -> None:
     conf = write_conf(demo, "crashy")
     root = demo / "crashy"
-    points = [
-        ("embed", r"embed \S+: \d+ catalog items", 4.0),
-        ("index", r"index \S+: \d+ shards of model", 1.0),
-        ("similar", r"similar \S+: \d+ of \d+ shards to compute", 1.0),
-        ("recommend", r"recommend \S+: \d+ users in", 1.0),
+    points = [  # (stage, kill trigger, the commit it must come before)
+        ("embed", chaos.on_line(r"embed \S+: \d+ catalog items"), "embeddings"),
+        ("index", first_shard_built, "index"),
+        ("similar", chaos.on_line(r"similar \S+: \d+ of \d+ shards to compute"), "similar_items"),
+        ("recommend", chaos.on_line(r"recommend \S+: \d+ users in"), "recommendations"),
     ]
     killed = []
-    for stage, pattern, delay in points:
-        log = kill_when(start(conf), pattern, delay)
-        killed.append(re.search(r"run (\S+) holds", log).group(1))
+    for stage, trigger, commit in points:
+        done = chaos.night(conf, root, trigger)
+        assert done.killed and done.run_id is not None and done.landing is not None, done.log[-4000:]
+        assert done.landing.phase == stage, f"meant to kill mid-{stage}, landed {done.landing}"
+        assert done.landing.position < chaos.commit_at(commit), f"landed {done.landing}, after {commit}"
+        killed.append(done.run_id)
         snapshot(root)  # every table that exists is whole: readable, no duplicate keys
         assert (root / lock.LOCK_FILE).exists(), f"killed mid-{stage}: the dead run's lock stays"
-    finish(start(conf))
+    finish(chaos.Nightly(conf))
     reference_tables, final = snapshot(reference[0]), snapshot(root)
     assert sorted(final) == sorted(reference_tables)
     for name in reference_tables:
