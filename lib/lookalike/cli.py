@@ -84,9 +84,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     # Every commit of this process keeps the newest tables.keep_versions versions' files (tables.vacuum).
     tables.set_retention(tables.Retention(cfg["tables.keep_versions"], cfg["tables.vacuum_min_age_hours"]))
     with lock.RunLock(root, run_id, name, cfg["lock.stale_seconds"]) as held:
-        spark = get_spark(cfg)
         dead = held.previous
         if dead is not None:
+            # At once, before Spark starts (seconds): killed in between, this run would hold the lock and the
+            # next run would only ever learn of this one, never of the run it took over.
             runs.record(
                 root,
                 dead.run_id,
@@ -95,6 +96,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
                 dt.datetime.fromisoformat(dead.started_at),
                 dt.datetime.fromisoformat(dead.heartbeat),
             )
+        spark = get_spark(cfg)
         cleared = files.clear_stale_staging(root, run_id)
         if cleared:
             log.info("removed the staging folders of unfinished runs %s", cleared)
