@@ -75,6 +75,22 @@ def test_killed_nights_end_where_a_clean_run_would(tmp_path: Path) -> None:
     assert verdict.diffs["quarantine"].rows == len(session.catalog.broken) > 0
 
 
+def test_a_run_killed_right_after_taking_over_still_logs_the_run_it_took_over(tmp_path: Path) -> None:
+    """Found by the benchmark: a run killed while its Spark session started, after it had taken over a dead
+    run's lock, lost the dead run's `interrupted` row; the one after it only learnt of the second."""
+    if not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("needs `apt-get install dataset-fashion-mnist` (make datasets)")
+    session = chaos.Session.prepare(tmp_path, 40, 4, random.Random(SEED))
+    first = session.run(chaos.on_line(r"embed \S+: \d+ catalog items"))
+    second = session.run(chaos.on_line(r"run \S+ holds "))  # the lock is taken over; Spark is starting
+    assert first.killed and second.killed
+    assert session.run().status == 0
+    log = tables.read_arrow(tables.table_path(str(session.root), runs.RUNS)).to_pandas()
+    interrupted = set(log.loc[log["status"] == runs.INTERRUPTED, "run_id"])
+    assert {first.run_id, second.run_id} <= interrupted, log[["run_id", "stage", "status"]]
+    assert chaos.diff_runs(session.root, session.held_lock()).lost == 0
+
+
 # --- the instrument: a zero above only means something if these counts can be non-zero -----------------
 
 

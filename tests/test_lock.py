@@ -333,3 +333,35 @@ def test_object_store_lock_refuses_takes_over_and_notices_an_overwrite(tmp_path:
             interrupted.append(True)
             raise
     assert interrupted and files.read_text(f"{root}/{lock.LOCK_FILE}") == theirs
+
+
+def test_dead_runs_not_yet_logged_are_handed_on_by_a_run_killed_before_logging_them(tmp_path: Path) -> None:
+    """A run that took over a dead lock and died before logging the dead run passes it on in its own lock."""
+    root = str(tmp_path)
+    (tmp_path / lock.LOCK_FILE).write_text(
+        json.dumps(
+            {
+                "run_id": "first",
+                "command": "nightly",
+                "host": socket.gethostname(),
+                "pid": dead_pid(),
+                "started_at": "2026-01-01T00:00:00+00:00",
+                "heartbeat": "2026-01-01T00:00:00+00:00",
+                "token": "t1",
+            }
+        )
+    )
+    second = lock.RunLock(root, "second", "nightly", 600.0)
+    taker = threading.Thread(target=second.acquire)  # not the main thread: no signal handler to leave behind
+    taker.start()
+    taker.join()  # "second" took over "first" and is then "killed" before logging it: its lock file stays
+    assert [h.run_id for h in second.interrupted] == ["first"]
+    on_disk = json.loads((tmp_path / lock.LOCK_FILE).read_text())
+    assert [d["run_id"] for d in on_disk["unlogged"]] == ["first"]
+    second._stop.set()  # the heartbeat of a killed process stops with it
+    on_disk["pid"] = dead_pid()
+    (tmp_path / lock.LOCK_FILE).write_text(json.dumps(on_disk))
+    with lock.RunLock(root, "third", "nightly", 600.0) as third:
+        assert [h.run_id for h in third.interrupted] == ["second", "first"]
+        third.logged()
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["unlogged"] == []

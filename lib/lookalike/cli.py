@@ -84,18 +84,20 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     # Every commit of this process keeps the newest tables.keep_versions versions' files (tables.vacuum).
     tables.set_retention(tables.Retention(cfg["tables.keep_versions"], cfg["tables.vacuum_min_age_hours"]))
     with lock.RunLock(root, run_id, name, cfg["lock.stale_seconds"]) as held:
-        dead = held.previous
-        if dead is not None:
-            # At once, before Spark starts (seconds): killed in between, this run would hold the lock and the
-            # next run would only ever learn of this one, never of the run it took over.
-            runs.record(
-                root,
-                dead.run_id,
-                dead.command,
-                runs.INTERRUPTED,
-                dt.datetime.fromisoformat(dead.started_at),
-                dt.datetime.fromisoformat(dead.heartbeat),
-            )
+        # The dead runs this run took over, and those that a run killed before logging them handed on in its
+        # lock (`RunLock.interrupted`); a run already logged by a run killed just after logging it is skipped.
+        logged = runs.interrupted_run_ids(root)
+        for dead in held.interrupted:
+            if dead.run_id not in logged:
+                runs.record(
+                    root,
+                    dead.run_id,
+                    dead.command,
+                    runs.INTERRUPTED,
+                    dt.datetime.fromisoformat(dead.started_at),
+                    dt.datetime.fromisoformat(dead.heartbeat),
+                )
+        held.logged()
         spark = get_spark(cfg)
         cleared = files.clear_stale_staging(root, run_id)
         if cleared:

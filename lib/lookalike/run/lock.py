@@ -80,6 +80,9 @@ class Holder:
     started_at: str
     heartbeat: str
     token: str = ""  # absent from the locks of older versions
+    # Dead runs this holder took over and had not yet logged as interrupted (plain dicts, as in the file): a
+    # holder killed before it logged them hands them on to the run that takes over from it.
+    unlogged: tuple[dict[str, Any], ...] = ()
 
     def age_seconds(self, now: dt.datetime) -> float:
         return (now - dt.datetime.fromisoformat(self.heartbeat)).total_seconds()
@@ -161,6 +164,7 @@ class RunLock:
         self.run_id, self.command = run_id, command
         self.stale_seconds, self.heartbeat_seconds = stale_seconds, heartbeat_seconds
         self.previous: Holder | None = None
+        self._unlogged: tuple[dict[str, Any], ...] = ()  # written into our lock until `logged()` clears it
         self._token = secrets.token_hex(16)
         self._started = _now().isoformat()
         self._fs, self._local = filesystem(self.path)
@@ -184,8 +188,22 @@ class RunLock:
             self._started,
             _now().isoformat(),
             self._token,
+            self._unlogged,
         )
         return json.dumps(asdict(holder))
+
+    @property
+    def interrupted(self) -> list[Holder]:
+        """Every dead run this lock took over, directly or through dead runs that took over from others and
+        died before logging them: what the `runs` table must record as interrupted."""
+        return [holder for item in self._unlogged if (holder := _parse(json.dumps(item))) is not None]
+
+    def logged(self) -> None:
+        """The runs of `interrupted` are recorded: drop them from our lock file."""
+        if self._unlogged:
+            self._unlogged = ()
+            if self._held and self._lost is None:
+                self._lost = self._renew()
 
     def _read(self) -> _Seen | None:
         info = self._fs.get_file_info(self._local)
@@ -223,6 +241,14 @@ class RunLock:
         )
 
     # -- acquiring
+
+    def _took_over(self, dead: Holder | None) -> None:
+        self.previous = dead
+        if dead is None:
+            self._unlogged = ()
+        else:
+            logged_by_none = {**asdict(dead), "unlogged": ()}
+            self._unlogged = (logged_by_none, *dead.unlogged)
 
     def _dead_holder(self, seen: _Seen, now: dt.datetime) -> Holder | None:
         """The dead holder of `seen` (None when the file was not a readable lock); LockError if it is alive."""
@@ -269,7 +295,9 @@ class RunLock:
                             f"could not take the lock {self.path}: another run took it at the same time"
                         ) from err
                 else:
-                    self.previous = self._dead_holder(seen, _now())
+                    self._took_over(self._dead_holder(seen, _now()))
+                    os.unlink(tmp)
+                    tmp = self._temp()  # now naming the runs to log
                     os.replace(tmp, self._local)  # the dead lock is replaced, never absent
         finally:
             with suppress(FileNotFoundError):
@@ -278,10 +306,9 @@ class RunLock:
     def _acquire_store(self) -> None:
         for _ in range(2):
             seen = self._read()
-            previous = None if seen is None else self._dead_holder(seen, _now())
+            self._took_over(None if seen is None else self._dead_holder(seen, _now()))
             files.write_text(self.path, self._content())
             if self._ours(self._read()):
-                self.previous = previous
                 return
             # another run wrote its lock between our two requests: the next look refuses with its details
         raise LockError(f"could not take the lock {self.path}: another run took it at the same time")

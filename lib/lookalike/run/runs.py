@@ -57,3 +57,14 @@ def record(
         "metrics": [(name, float(value)) for name, value in sorted((metrics or {}).items())],
     }
     tables.append_rows(tables.table_path(output_root, RUNS), pa.Table.from_pylist([row], schema=SCHEMA))
+
+
+def interrupted_run_ids(output_root: str) -> set[str]:
+    """The runs already logged as interrupted (a small read of two columns)."""
+    path = tables.table_path(output_root, RUNS)
+    if not tables.exists(path):
+        return set()
+    frame = tables.read_arrow(path, columns=["run_id", "status"])
+    return {
+        run for run, status in zip(frame["run_id"].to_pylist(), frame["status"].to_pylist()) if status == INTERRUPTED
+    }
