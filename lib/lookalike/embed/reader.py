@@ -58,7 +58,8 @@ def read_bytes(uri: str, max_bytes: int, policy: ImagePolicy = ImagePolicy()) ->
         raise ImageError("bad_uri", f"{uri!r}: a NUL character cannot be in a path or URI")
     if is_local(uri):
         return _read_local(uri, _local_path(uri, policy), max_bytes)
-    return _read_remote(uri, _remote_checked(uri, policy), max_bytes)
+    _check_remote(uri, policy)
+    return _read_remote(uri, max_bytes)
 
 
 def _local_path(uri: str, policy: ImagePolicy) -> str:
@@ -81,14 +82,13 @@ def _local_path(uri: str, policy: ImagePolicy) -> str:
     return real
 
 
-def _remote_checked(uri: str, policy: ImagePolicy) -> str:
+def _check_remote(uri: str, policy: ImagePolicy) -> None:
     try:
         canonical = _canonical(uri)
     except ValueError as err:
         raise ImageError("bad_uri", f"{uri}: {err}") from None
     if policy.roots is not None and not any(_under(canonical, root) for root in policy.roots):
         raise ImageError("forbidden", f"{uri}: not under catalog.image_roots")
-    return uri
 
 
 def _real(path: str) -> str:
@@ -142,9 +142,9 @@ def _file_type(mode: int) -> str:
     return "special file"
 
 
-def _read_remote(uri: str, checked: str, max_bytes: int) -> bytes:
+def _read_remote(uri: str, max_bytes: int) -> bytes:
     try:
-        filesystem, path = remote_filesystem(checked)  # malformed URIs were refused by `_remote_checked`
+        filesystem, path = remote_filesystem(uri)  # malformed URIs were refused by `_check_remote`
     except (OSError, pa.ArrowException) as err:
         raise ImageError("unreadable", f"{uri}: cannot open its filesystem: {err}") from None
     try:
