@@ -190,7 +190,7 @@ def _commit(
         embedded_at.alias("seen_at"),
         "image_sha256",
     )
-    if tables.exists(q_path) and "image_sha256" in tables.spark_schema(q_path).names:
+    if _keeps_failed_sha(q_path):
         still = staged.filter(F.col("status").isin(FAILED, STILL_FAILED)).select("item_id")
         healed = tables.read(staged.sparkSession, q_path).select("item_id").join(still, "item_id", "left_anti")
         tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
@@ -198,6 +198,11 @@ def _commit(
         # First run, or a quarantine written before it kept the failing bytes' sha256: nothing was skipped as
         # still failing, so this run's failures are the whole quarantine, written with the current columns.
         tables.write(failed, q_path, mode="overwrite", replace_schema=True)
+
+
+def _keeps_failed_sha(q_path: str) -> bool:
+    """Whether `quarantine` exists with the `image_sha256` column (tables written before it had none)."""
+    return tables.exists(q_path) and "image_sha256" in tables.spark_schema(q_path).names
 
 
 def _gone(existing: DataFrame, staged: DataFrame) -> DataFrame:
@@ -208,7 +213,7 @@ def _gone(existing: DataFrame, staged: DataFrame) -> DataFrame:
 
 def _known_bad(spark: SparkSession, q_path: str) -> DataFrame | None:
     """(item_id, sha256) of quarantined bytes that fail by their content alone (SKIPPED_WHILE_UNCHANGED)."""
-    if not tables.exists(q_path) or "image_sha256" not in tables.spark_schema(q_path).names:
+    if not _keeps_failed_sha(q_path):
         return None
     return (
         tables.read(spark, q_path)
