@@ -34,6 +34,7 @@ setup(
         # with --no-deps (requirements-nodeps.txt): declared here it would pull sentence-transformers.
         "tokenizers>=0.23,<0.24",
         "safetensors>=0.8,<0.9",
+        "urllib3>=2.6,<3",
     ],
     entry_points={"console_scripts": ["lookalike=lookalike.cli:entry"]},
 )

@@ -63,13 +63,23 @@ def test_error_kinds_are_the_quarantine_contract() -> None:
         "not_an_image",
         "too_large",
         "decode_error",
+        "http_error",
+        "timeout",
+        "connection_error",
+        "truncated",
+        "tls_error",
+        "redirect_error",
     )
+
+
+FETCH_KINDS = ("http_error", "timeout", "connection_error", "truncated", "tls_error", "redirect_error")
 
 
 def test_corpus_covers_every_error_kind_a_file_can_cause(corpus: dict[str, CorpusCase]) -> None:
     # bad_uri and forbidden come from the URI and the access policy, not the file: tests/test_reader.py.
     # The unreadable case is a file without read permission, which root reads anyway (tests/image_corpus.py).
-    not_from_files = {"bad_uri", "forbidden"} | ({"unreadable"} if os.geteuid() == 0 else set())
+    # The http(s) kinds come from servers: tests/test_fetcher.py.
+    not_from_files = {"bad_uri", "forbidden", *FETCH_KINDS} | ({"unreadable"} if os.geteuid() == 0 else set())
     assert {case.expected_kind for case in corpus.values()} == {None, *ERROR_KINDS} - not_from_files
 
 

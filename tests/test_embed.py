@@ -19,7 +19,7 @@ from pyspark.sql import SparkSession
 from lookalike.config import Config
 from lookalike.embed import stage as embed
 from lookalike.embed.models import device
-from lookalike.embed.task import TaskModel, _prefetch, embed_rows
+from lookalike.embed.task import Readers, TaskModel, WorkRow, _prefetch, embed_rows
 from lookalike.storage import tables
 from tests.conftest import make_config
 from tests.image_corpus import make_corpus, photo
@@ -157,7 +157,7 @@ class CountingPool(ThreadPoolExecutor):
 
 def test_decode_ahead_is_bounded() -> None:
     with CountingPool(max_workers=2) as pool:
-        results = _prefetch(pool, lambda i: i, range(100), ahead=4)
+        results = _prefetch(lambda i: pool.submit(lambda: i), range(100), ahead=4)
         assert next(results) == 0
         assert pool.submitted == 5  # the one consumed and four ahead, not the whole Arrow batch
         assert list(results) == list(range(1, 100))
@@ -171,11 +171,11 @@ def test_default_batch_size_follows_the_device() -> None:
 def test_a_task_with_nothing_to_embed_never_asks_for_the_model(tmp_path: Path) -> None:
     photo(32, 32).save(tmp_path / "a.png")
     sha = hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
-    model = TaskModel(embed.settings_from(config(tmp_path, write_catalog(tmp_path, {}))))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        frame = embed_rows(
-            [str(tmp_path / "a.png"), str(tmp_path / "gone.png")], [sha, None], [None, None], model, pool
-        )
+    settings = embed.settings_from(config(tmp_path, write_catalog(tmp_path, {})))
+    model = TaskModel(settings)
+    work = [WorkRow(str(tmp_path / "a.png"), sha, *[None] * 5), WorkRow(str(tmp_path / "gone.png"), *[None] * 6)]
+    with Readers(settings) as readers:
+        frame = embed_rows(work, model, readers)
     assert list(frame["status"]) == ["unchanged", "failed"]
     # Neither the device (torch) nor the batch size nor the model was resolved: an unchanged night is cheap.
     assert not {"device", "batch_size", "embedder"} & set(vars(model)) and model.loads == 0

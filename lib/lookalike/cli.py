@@ -49,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="first N images only (default: all 70,000)")
     demo.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
     for name, text in STAGE_HELP.items():
-        _add_conf_args(commands.add_parser(name, help=text))
+        stage = commands.add_parser(name, help=text)
+        _add_conf_args(stage)
+        if name == "embed":
+            stage.add_argument(
+                "--retry-failed",
+                action="store_true",
+                help="embed only the items in quarantine, now, whatever their next retry time "
+                "(the same as --set embed.retry_failed=true)",
+            )
     report = commands.add_parser("report", help="visual HTML report of the last run")
     _add_conf_args(report)
     report.add_argument("--out", required=True, type=Path, help="HTML file to write")
@@ -71,7 +79,8 @@ def _add_conf_args(parser: argparse.ArgumentParser) -> None:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     """A stage or nightly under the output root's run lock: stale staging of dead runs is cleared, a dead
     run whose lock is taken over is logged as interrupted in `runs`."""
-    cfg = config_mod.load(args.conf, args.overrides)
+    overrides = [*args.overrides, *(["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else [])]
+    cfg = config_mod.load(args.conf, overrides)
     from lookalike.run import (
         lock,  # pyspark only once the config is known to be good
         runs,

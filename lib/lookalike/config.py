@@ -203,6 +203,65 @@ SCHEMA: dict[str, Key] = {
         minimum=0.0,
         maximum=1.0,
     ),
+    "embed.retry_failed": Key(
+        bool,
+        False,
+        "Embed only the catalog items now in `quarantine`, whatever their next retry time; every other item is "
+        "left as it is. Set by `lookalike embed --retry-failed`; not meant for a nightly config.",
+    ),
+    "fetch.max_requests_per_host_per_s": Key(
+        float,
+        10.0,
+        "Requests per second that the whole job sends to one host (scheme, name and port) for http(s) images, "
+        "shared among the tasks that run at once (docs/fetching.md).",
+        minimum=0.001,
+    ),
+    "fetch.max_connections_per_host": Key(
+        int,
+        4,
+        "Connections (requests in flight) that the whole job keeps open to one host, shared among the tasks "
+        "that run at once; each task keeps at least one.",
+        minimum=1,
+    ),
+    "fetch.timeout_s": Key(
+        float,
+        10.0,
+        "Seconds to connect, and to wait for each read, of an http(s) image; the whole answer must arrive "
+        "within 4 times this.",
+        minimum=0.001,
+    ),
+    "fetch.retries": Key(
+        int,
+        3,
+        "Retries within a run of a transient http(s) failure (5xx, 408, 429, timeout, reset, short body), with "
+        "exponential backoff and jitter; 429 and 503 wait for their `Retry-After` instead (up to 60 s).",
+        minimum=0,
+    ),
+    "fetch.concurrency": Key(
+        int, 16, "http(s) requests in flight per task (its reading threads for URLs).", minimum=1, maximum=256
+    ),
+    "fetch.max_redirects": Key(int, 5, "Redirects followed per image; a loop fails at once.", minimum=0),
+    "fetch.user_agent": Key(
+        str,
+        "lookalike/0.1 (image similarity batch job)",
+        "`User-Agent` of every http(s) request: name your crawler and a contact, as hosts ask.",
+    ),
+    "fetch.ca_bundle": Key(
+        str,
+        None,
+        "PEM file of the certificate authorities trusted for https images, instead of the system's (for a "
+        "private CA or a test server). Certificates are always verified.",
+        nullable=True,
+        is_path=True,
+        must_exist=True,
+    ),
+    "fetch.retry_delay_hours": Key(
+        float,
+        20.0,
+        "A failed http(s) image is tried again by the first run this long after it failed, then after twice "
+        "as long per further failed run, up to 30 days; `--retry-failed` tries now.",
+        minimum=0.0,
+    ),
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
     "index.max_shard_size": Key(
         int, 200_000, "Shards with more items are split into hash sub-shards (`value#00`, `value#01`, ...).", minimum=2

@@ -30,6 +30,13 @@ ERROR_KINDS: tuple[str, ...] = (
     "not_an_image",  # the bytes are not a supported image: empty, an HTML error page, text, an archive
     "too_large",  # over the byte limit (reader) or the pixel limit, judged from the header (decode)
     "decode_error",  # a recognised image that fails to decode: truncated, corrupt, an unsupported variant
+    # http(s) URIs (fetcher); the first four are transient, retried within the run and on later nights
+    "http_error",  # an HTTP status other than 200/304, named in the message (5xx and 429 are transient)
+    "timeout",  # no connection, or no bytes, within fetch.timeout_s; or the whole body took too long
+    "connection_error",  # refused, reset, a name that does not resolve
+    "truncated",  # the body ended before its Content-Length
+    "tls_error",  # the certificate is not trusted (see fetch.ca_bundle) or the handshake failed
+    "redirect_error",  # a redirect loop, more than fetch.max_redirects, or a redirect to a non-http URI
 )
 
 # Raster formats a product catalog plausibly holds. An allow-list rather than everything Pillow knows,
@@ -66,21 +73,25 @@ class ImageError(Exception):
 
     The message is squashed to a single line and capped, because it goes verbatim into the quarantine
     table's `error_message` column and into logs, where library errors (pyarrow's especially) arrive
-    multi-line and long.
+    multi-line and long. `transient` marks a failure that may pass by itself (a server error, a timeout):
+    it is retried, and an unchanged item keeps its previous embedding meanwhile. `retry_after_s` is the
+    wait a server asked for (`Retry-After`).
     """
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, transient: bool = False, retry_after_s: float | None = None):
         message = " ".join(str(message).split())
         if len(message) > _MAX_MESSAGE_CHARS:
             message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.transient = transient
+        self.retry_after_s = retry_after_s
 
-    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str, bool, float | None]]:
         # Exceptions pickle through `self.args` (the message alone) by default; Spark ships exceptions
         # between processes, so keep the kind.
-        return type(self), (self.kind, self.message)
+        return type(self), (self.kind, self.message, self.transient, self.retry_after_s)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Catalog `image_uri` -> bytes, for local paths, `file:` URIs and anything `pyarrow.fs` can open, under the
-catalog's image access policy.
+"""Catalog `image_uri` -> bytes, for local paths, `file:` URIs, http(s) URLs (through `fetcher`) and anything
+`pyarrow.fs` can open, under the catalog's image access policy.
 
 Runs on executors once per image, so:
 
@@ -15,7 +15,8 @@ Runs on executors once per image, so:
 The policy (`ImagePolicy`): a local path that names a file under the catalog's folder (every relative
 `image_uri` is resolved there) must really be inside it once `..` and symlinks are resolved, so a catalog row
 cannot climb out of its own folder; with `catalog.image_roots` set, every image must lie under one of those
-prefixes (local ones compared after resolving symlinks), and anything else is `forbidden`.
+prefixes (local ones compared after resolving symlinks), and anything else is `forbidden`. An http(s) image
+passes the policy at every redirect hop, so a redirect cannot lead outside `catalog.image_roots` either.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 import pyarrow as pa
 
 from lookalike.embed.decode import ImageError
+from lookalike.embed.fetcher import Fetched, Fetcher, is_http
 from lookalike.storage.uri import file_uri_path, is_local, remote_filesystem
 
 
@@ -47,19 +49,39 @@ class ImagePolicy:
         return cls(folder, None if roots is None else tuple(_real(r) if is_local(r) else _canonical(r) for r in roots))
 
 
-def read_bytes(uri: str, max_bytes: int, policy: ImagePolicy = ImagePolicy()) -> bytes:
-    """All bytes of the image at `uri` (a local path, `file:` URI or a pyarrow-supported URI).
+def read(
+    uri: str,
+    max_bytes: int,
+    policy: ImagePolicy = ImagePolicy(),
+    fetcher: Fetcher | None = None,
+    etag: str | None = None,
+    last_modified: str | None = None,
+) -> Fetched:
+    """The image at `uri` (a local path, `file:` URI, http(s) URL or a pyarrow-supported URI).
 
-    Raises ImageError with one of the kinds in the module docstring.
+    http(s) goes through `fetcher`, conditionally when `etag` or `last_modified` (the validators of the bytes
+    seen last time) are given: then `Fetched.data` is None if they are still current. Raises ImageError with
+    one of the kinds in the module docstring, or those of `lookalike.embed.fetcher`.
     """
     if not uri or not uri.strip():
         raise ImageError("missing", "no image URI (empty or null)")
     if "\x00" in uri:
         raise ImageError("bad_uri", f"{uri!r}: a NUL character cannot be in a path or URI")
     if is_local(uri):
-        return _read_local(uri, _local_path(uri, policy), max_bytes)
+        return Fetched(_read_local(uri, _local_path(uri, policy), max_bytes))
+    if is_http(uri):
+        if fetcher is None:
+            raise ImageError("bad_uri", f"{uri}: http(s) images are read by the embed stage's fetcher only")
+        return fetcher.fetch(uri, max_bytes, lambda url: _check_remote(url, policy), etag, last_modified)
     _check_remote(uri, policy)
-    return _read_remote(uri, max_bytes)
+    return Fetched(_read_remote(uri, max_bytes))
+
+
+def read_bytes(uri: str, max_bytes: int, policy: ImagePolicy = ImagePolicy(), fetcher: Fetcher | None = None) -> bytes:
+    """All bytes of the image at `uri`: `read` without validators, which always brings bytes."""
+    data = read(uri, max_bytes, policy, fetcher).data
+    assert data is not None  # only a conditional request answers without bytes
+    return data
 
 
 def _local_path(uri: str, policy: ImagePolicy) -> str:

@@ -10,6 +10,13 @@ vectors are encoded to Parquet once, straight into the table, instead of through
 An item is embedded again only when the sha256 of its image bytes or the model version changed; items that
 left the catalog, or whose image can no longer be used, leave `embeddings`. With `embed.input: title` the
 same holds for the title: its text is what is hashed and embedded (`inference.embed_titles`).
+
+http(s) images (docs/fetching.md): `fetch_state` keeps each URL's `ETag` / `Last-Modified` with the sha256
+of the bytes they name, and the next run sends them along, for those bytes only when they are still the
+embedded (or known-bad) ones; a failed URL is tried again after a delay that grows with each failed run
+(`quarantine.attempts`, `next_retry_at`), and until then it is `deferred`: its quarantine row, and the
+embedding of an item that failed only transiently (`kept`), stay as they are. `embed.retry_failed` (the
+`--retry-failed` flag) embeds the quarantined items only, now.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
-from pyspark import StorageLevel
+from pyspark import Accumulator, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
@@ -29,27 +36,35 @@ from pyspark.sql.functions import pandas_udf
 from lookalike import distributor
 from lookalike.config import Config
 from lookalike.embed import catalog, shards
+from lookalike.embed.fetcher import Fetcher, FetchSettings, FetchStats, task_share
 from lookalike.embed.models import registry
 from lookalike.embed.task import (
     EMBEDDED,
     FAILED,
+    KEPT,
     OUTPUT_SCHEMA,
     SKIPPED_WHILE_UNCHANGED,
     STILL_FAILED,
     UNCHANGED,
     EmbedSettings,
+    Readers,
     TaskModel,
+    WorkRow,
     embed_rows,
     embed_titles,
 )
 from lookalike.errors import LookalikeError
-from lookalike.progress import Progress
+from lookalike.progress import CountsParam, Progress
 from lookalike.results import StageResult
 from lookalike.storage import tables
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS, QUARANTINE = "embeddings", "quarantine"
+EMBEDDINGS, QUARANTINE, FETCH_STATE = "embeddings", "quarantine", "fetch_state"
+DEFERRED = "deferred"  # a failed http(s) image before its next retry time: not tried, its rows stay as they are
+STATUSES = (EMBEDDED, UNCHANGED, FAILED, KEPT, STILL_FAILED, DEFERRED)
+# quarantine's columns beyond the contract's; a table written before one of them existed is rewritten whole
+QUARANTINE_STATE = ("image_sha256", "attempts", "next_retry_at")
 # Rows per pandas call of the UDF: enough to amortise the call whatever the inference batch (decode-ahead is
 # bounded separately, by `inference.DECODE_AHEAD`); 64- to 1024-row batches measured the same on the CPU.
 ARROW_ROWS = 1024
@@ -64,10 +79,25 @@ class TooManyRemoved(LookalikeError):
     feed export rather than a real catalog clean-up."""
 
 
-def settings_from(cfg: Config) -> EmbedSettings:
+def settings_from(cfg: Config, tasks_at_once: int = 1) -> EmbedSettings:
+    """The executors' settings; `tasks_at_once` (tasks that may run at the same time) splits the per-host
+    fetch budget so that it holds for the whole job."""
     spec = registry.get_spec(cfg["model.name"])
     # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
     image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
+    requests_per_s, connections = task_share(
+        cfg["fetch.max_requests_per_host_per_s"], cfg["fetch.max_connections_per_host"], tasks_at_once
+    )
+    fetch = FetchSettings(
+        requests_per_s=requests_per_s,
+        connections=connections,
+        timeout_s=cfg["fetch.timeout_s"],
+        retries=cfg["fetch.retries"],
+        concurrency=cfg["fetch.concurrency"],
+        max_redirects=cfg["fetch.max_redirects"],
+        user_agent=cfg["fetch.user_agent"],
+        ca_bundle=cfg["fetch.ca_bundle"],
+    )
     return EmbedSettings(
         model_name=spec.name,
         weights=cfg["model.weights"],
@@ -81,7 +111,12 @@ def settings_from(cfg: Config) -> EmbedSettings:
         decode_threads=cfg["embed.decode_threads"],
         input=cfg["embed.input"],
         policy=catalog.image_policy(cfg),
+        fetch=fetch if cfg["embed.input"] == "image" else None,
+        retry_delay_hours=cfg["fetch.retry_delay_hours"],
     )
+
+
+INPUTS = ("known", "known_bad", "etag", "last_modified", "validated_sha", "attempts")  # the UDF's, after content
 
 
 def embed_task(settings: EmbedSettings, counters: dict):
@@ -89,27 +124,38 @@ def embed_task(settings: EmbedSettings, counters: dict):
 
     # pyspark's stubs know this UDF type (iterator of series tuples) only with an explicit functionType.
     @pandas_udf(OUTPUT_SCHEMA)  # type: ignore[call-overload]
-    def embed_items(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+    def embed_items(batches: Iterator[tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         context = distributor.task_context()
         gpus = context.resources().get("gpu")
         model = TaskModel(settings, list(gpus.addresses) if gpus else [], int(context.cpus()))
+        reported = FetchStats()  # what the fetcher had moved when the last batch was counted
         try:
-            # Threads start on first use: with titles (no reading or decoding) the pool stays empty.
-            with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool:
-                for contents, known, known_bad in batches:
-                    frame = (
-                        embed_titles(list(contents), list(known), model)
-                        if settings.input == "title"
-                        else embed_rows(list(contents), list(known), list(known_bad), model, pool)
-                    )
-                    status = frame["status"]
-                    for name in (EMBEDDED, UNCHANGED, FAILED, STILL_FAILED):
-                        counters[name].add(int((status == name).sum()))
+            # Threads start on first use: with titles (no reading or decoding) the pools stay empty.
+            with Readers(settings) as readers:
+                for contents, *state in batches:
+                    if settings.input == "title":
+                        frame = embed_titles(list(contents), list(state[0]), model)
+                    else:
+                        columns = [s.astype(object).where(s.notna(), None) for s in state]
+                        frame = embed_rows([WorkRow(*row) for row in zip(contents, *columns)], model, readers)
+                    _count(frame, readers.fetcher, reported, counters)
                     yield frame
         finally:
             counters["model_loads"].add(model.loads)
 
     return embed_items
+
+
+def _count(frame: pd.DataFrame, fetcher: Fetcher | None, reported: FetchStats, counters: dict) -> None:
+    """This batch's rows by status and failures by kind, and what `fetcher` moved since `reported`."""
+    status = frame["status"]
+    for name in STATUSES[:-1]:  # deferred rows never reach a task
+        counters[name].add(int((status == name).sum()))
+    counters["failed_kinds"].add(dict(Counter(frame["error_kind"][status.isin([FAILED, KEPT])])))
+    if fetcher is not None:
+        counters["requests"].add(fetcher.stats.requests - reported.requests)
+        counters["bytes"].add(fetcher.stats.bytes - reported.bytes)
+        reported.requests, reported.bytes = fetcher.stats.requests, fetcher.stats.bytes
 
 
 def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
@@ -118,15 +164,17 @@ def _partitions(spark: SparkSession, n_items: int, partition_size: int) -> int:
 
 
 def _check_bad_fraction(
-    counts: dict[str, int], staged: DataFrame, max_fraction: float, embed_input: str = "image"
+    counts: dict[str, int], staged: DataFrame, max_fraction: float, n_items: int, embed_input: str = "image"
 ) -> None:
-    considered = sum(counts.values())  # tried now, and unchanged (good or still failing): the whole catalog
-    if considered == 0 or counts[FAILED] / considered <= max_fraction:
+    """Refuse the run when more than `max_fraction` of the catalog's `n_items` failed in it (transiently or
+    not); unchanged and still-failing items count as items, not as failures."""
+    failed = counts[FAILED] + counts[KEPT]
+    if n_items == 0 or failed / n_items <= max_fraction:
         return
     # A failed title has no URI to show: its item_id is the example.
     what, example = ("images", "image_uri") if embed_input == "image" else ("titles", "item_id")
     reasons = (
-        staged.filter(F.col("status") == FAILED)
+        staged.filter(F.col("status").isin(FAILED, KEPT))
         .groupBy("error_kind")
         .agg(F.count("*").alias("n"), F.first(example).alias("example"))
         .orderBy(F.desc("n"))
@@ -135,7 +183,7 @@ def _check_bad_fraction(
     )
     detail = "; ".join(f"{r['error_kind']}: {r['n']} (e.g. {r['example']})" for r in reasons)
     raise TooManyBadImages(
-        f"{counts[FAILED]} of {considered} {what} failed ({counts[FAILED] / considered:.0%} > "
+        f"{failed} of {n_items} {what} failed ({failed / n_items:.0%} > "
         f"embed.max_bad_fraction {max_fraction:.0%}); nothing was committed. {detail}"
     )
 
@@ -151,10 +199,17 @@ def _check_removed(removed: int, existing: int, max_fraction: float, why: str) -
 
 
 def _commit(
-    staged: DataFrame, existing: DataFrame | None, emb_path: str, q_path: str, version: str, run_id: str
+    staged: DataFrame,
+    existing: DataFrame | None,
+    catalog_ids: DataFrame,
+    paths: dict[str, str],
+    version: str,
+    run_id: str,
+    fetched: int,
 ) -> None:
-    """The run's rows into `embeddings` and `quarantine`, each in one Delta commit."""
-    embedded_at = F.current_timestamp()
+    """The run's rows into `embeddings`, `quarantine` and (when anything was fetched, or it exists)
+    `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings` this run worked on."""
+    now = F.current_timestamp()
     new_rows = staged.filter(F.col("status") == EMBEDDED).select(
         "item_id",
         "shard",
@@ -164,10 +219,10 @@ def _commit(
         "width",
         "height",
         F.lit(run_id).alias("run_id"),
-        embedded_at.alias("embedded_at"),
+        now.alias("embedded_at"),
     )
     if existing is None:
-        tables.write(new_rows, emb_path, mode="overwrite")
+        tables.write(new_rows, paths[EMBEDDINGS], mode="overwrite")
     else:
         # Unchanged images whose shard moved (a category grew past index.max_shard_size) keep their vector.
         moved = (
@@ -179,121 +234,251 @@ def _commit(
             .withColumn("shard", F.col("new_shard"))
             .select(*new_rows.columns)
         )
-        tables.replace_by_key(new_rows.unionByName(moved), emb_path, "item_id", delete_keys=_gone(existing, staged))
+        tables.replace_by_key(
+            new_rows.unionByName(moved), paths[EMBEDDINGS], "item_id", delete_keys=_gone(existing, staged)
+        )
 
-    failed = staged.filter(F.col("status") == FAILED).select(
+    q_path = paths[QUARANTINE]
+    failed = staged.filter(F.col("status").isin(FAILED, KEPT)).select(
         "item_id",
         "image_uri",
         "error_kind",
         "error_message",
         F.lit(run_id).alias("run_id"),
-        embedded_at.alias("seen_at"),
-        "image_sha256",
+        now.alias("seen_at"),
+        *QUARANTINE_STATE,
     )
-    if _keeps_failed_sha(q_path):
-        still = staged.filter(F.col("status").isin(FAILED, STILL_FAILED)).select("item_id")
+    if _quarantine_current(q_path):
+        still = staged.filter(F.col("status").isin(FAILED, KEPT, STILL_FAILED, DEFERRED)).select("item_id")
         healed = tables.read(staged.sparkSession, q_path).select("item_id").join(still, "item_id", "left_anti")
         tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
     else:
-        # First run, or a quarantine written before it kept the failing bytes' sha256: nothing was skipped as
-        # still failing, so this run's failures are the whole quarantine, written with the current columns.
+        # First run, or a quarantine written before it kept the state columns: nothing was skipped or deferred
+        # on its word, so this run's failures are the whole quarantine, written with the current columns.
         tables.write(failed, q_path, mode="overwrite", replace_schema=True)
 
+    state_path = paths[FETCH_STATE]
+    if fetched or tables.exists(state_path):
+        answered = staged.filter(F.col("fetched")).select(
+            "item_id",
+            "image_uri",
+            "etag",
+            "last_modified",
+            "image_sha256",
+            F.lit(run_id).alias("run_id"),
+            now.alias("fetched_at"),
+        )
+        if tables.exists(state_path):
+            state = tables.read(staged.sparkSession, state_path)
+            left = state.select("item_id").join(catalog_ids, "item_id", "left_anti")
+            tables.replace_by_key(answered, state_path, "item_id", delete_keys=left)
+        else:
+            tables.write(answered, state_path, mode="overwrite")
 
-def _keeps_failed_sha(q_path: str) -> bool:
-    """Whether `quarantine` exists with the `image_sha256` column (tables written before it had none)."""
-    return tables.exists(q_path) and "image_sha256" in tables.spark_schema(q_path).names
+
+def _quarantine_current(q_path: str) -> bool:
+    """Whether `quarantine` exists with the columns the run relies on (QUARANTINE_STATE); tables written by
+    an older lookalike lack some and are rewritten by the next commit."""
+    return tables.exists(q_path) and set(QUARANTINE_STATE) <= set(tables.spark_schema(q_path).names)
 
 
 def _gone(existing: DataFrame, staged: DataFrame) -> DataFrame:
-    """Items of `embeddings` that leave it: gone from the catalog, or whose image no longer embeds."""
-    kept = staged.filter(F.col("status").isin(EMBEDDED, UNCHANGED)).select("item_id")
+    """Items of `embeddings` that leave it: gone from the catalog, or whose image no longer embeds (a
+    transient failure, or a deferred retry, keeps it)."""
+    kept = staged.filter(F.col("status").isin(EMBEDDED, UNCHANGED, KEPT, DEFERRED)).select("item_id")
     return existing.select("item_id").join(kept, "item_id", "left_anti")
 
 
-def _known_bad(spark: SparkSession, q_path: str) -> DataFrame | None:
-    """(item_id, sha256) of quarantined bytes that fail by their content alone (SKIPPED_WHILE_UNCHANGED)."""
-    if not _keeps_failed_sha(q_path):
-        return None
-    return (
-        tables.read(spark, q_path)
-        .filter(F.col("error_kind").isin(*SKIPPED_WHILE_UNCHANGED) & F.col("image_sha256").isNotNull())
-        .select("item_id", F.col("image_sha256").alias("known_bad"))
-    )
+def _with_history(spark: SparkSession, items: DataFrame, paths: dict[str, str], embed_input: str) -> DataFrame:
+    """`items` with what earlier runs left about each: `known_bad` (the sha256 of bytes that failed by their
+    content alone), `attempts` and `retry_at` (of a quarantined image, while its URI is the same),
+    `quarantined`, and the validators to send (`etag`, `last_modified`, naming `validated_sha`, only when
+    those bytes are the embedded or the known-bad ones)."""
+    null = F.lit(None)
+    q_path, state_path = paths[QUARANTINE], paths[FETCH_STATE]
+    if embed_input == "image" and _quarantine_current(q_path):
+        quarantine = tables.read(spark, q_path).select(
+            "item_id",
+            F.col("image_uri").alias("q_uri"),
+            F.when(F.col("error_kind").isin(*SKIPPED_WHILE_UNCHANGED), F.col("image_sha256")).alias("known_bad"),
+            F.col("attempts").alias("q_attempts"),
+            F.col("next_retry_at").alias("q_retry_at"),
+        )
+        same = F.col("q_uri") == F.col("image_uri")
+        items = (
+            items.join(quarantine, "item_id", "left")
+            .withColumn("quarantined", F.col("q_uri").isNotNull())
+            .withColumn("attempts", F.when(same, F.col("q_attempts")))
+            .withColumn("retry_at", F.when(same, F.col("q_retry_at")))
+            .drop("q_uri", "q_attempts", "q_retry_at")
+        )
+    else:
+        items = items.select(
+            "*",
+            null.cast("string").alias("known_bad"),
+            F.lit(False).alias("quarantined"),
+            null.cast("int").alias("attempts"),
+            null.cast("timestamp").alias("retry_at"),
+        )
+    if embed_input == "image" and tables.exists(state_path):
+        state = tables.read(spark, state_path).select(
+            "item_id",
+            F.col("image_uri").alias("s_uri"),
+            F.col("etag").alias("s_etag"),
+            F.col("last_modified").alias("s_last_modified"),
+            F.col("image_sha256").alias("s_sha"),
+        )
+        usable = (F.col("s_uri") == F.col("image_uri")) & (
+            (F.col("s_sha") == F.col("known")) | (F.col("s_sha") == F.col("known_bad"))
+        )
+        return (
+            items.join(state, "item_id", "left")
+            .withColumn("etag", F.when(usable, F.col("s_etag")))
+            .withColumn("last_modified", F.when(usable, F.col("s_last_modified")))
+            .withColumn("validated_sha", F.when(usable, F.col("s_sha")))
+            .drop("s_uri", "s_etag", "s_last_modified", "s_sha")
+        )
+    return items.select("*", *(null.cast("string").alias(name) for name in ("etag", "last_modified", "validated_sha")))
+
+
+def _tasks_at_once(spark: SparkSession, n_partitions: int) -> int:
+    """How many of this stage's tasks may run at the same time: its partitions, or the cluster's task slots
+    (the cores Spark knows of now, over `spark.task.cpus`), whichever is fewer."""
+    cpus = int(spark.conf.get("spark.task.cpus", "1") or 1)
+    return max(1, min(n_partitions, spark.sparkContext.defaultParallelism // max(1, cpus)))
 
 
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
-    settings = settings_from(cfg)
-    version = registry.model_version(settings.model_name, settings.weights, settings.image_size)
+    embed_input, retry_failed = cfg["embed.input"], cfg["embed.retry_failed"]
     root, max_removed = cfg["output.root"], cfg["embed.max_removed_fraction"]
-    emb_path, q_path = tables.table_path(root, EMBEDDINGS), tables.table_path(root, QUARANTINE)
+    paths = {name: tables.table_path(root, name) for name in (EMBEDDINGS, QUARANTINE, FETCH_STATE)}
     items, n_items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
     if n_items == 0:
         raise catalog.CatalogError(
             f"catalog {cfg['catalog.path']} has no rows: refusing to run on an empty feed (nothing was committed)"
         )
-    content = catalog.CONTENT_COLUMNS[settings.input]  # image_uri, or title
+    version = registry.model_version(*_model_key(cfg))
+    content = catalog.CONTENT_COLUMNS[embed_input]  # image_uri, or title
     items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
-    existing = tables.read(spark, emb_path) if tables.exists(emb_path) else None
+    catalog_ids = items.select("item_id")
+    existing = tables.read(spark, paths[EMBEDDINGS]) if tables.exists(paths[EMBEDDINGS]) else None
     n_existing = 0
     if existing is None:
         items = items.withColumn("known", F.lit(None).cast("string"))
     else:
         # Before any inference: a feed cut short is refused at once, not after hours of work.
         n_existing = existing.count()
-        leaving = existing.select("item_id").join(items.select("item_id"), "item_id", "left_anti").count()
+        leaving = existing.select("item_id").join(catalog_ids, "item_id", "left_anti").count()
         _check_removed(leaving, n_existing, max_removed, f"{leaving} of them are no longer in the catalog")
         items = items.join(
             existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known")),
             "item_id",
             "left",
         )
-    known_bad = _known_bad(spark, q_path) if settings.input == "image" else None
-    items = (
-        items.withColumn("known_bad", F.lit(None).cast("string"))
-        if known_bad is None
-        else items.join(known_bad, "item_id", "left")
+    items = _with_history(spark, items, paths, embed_input)
+    if retry_failed:  # the quarantined items only; the rest of the tables stays as it is
+        items = items.filter(F.col("quarantined"))
+        if existing is not None:
+            existing = existing.join(items.select("item_id"), "item_id", "left_semi")
+    waiting = F.lit(False) if retry_failed else F.coalesce(F.col("retry_at") > F.current_timestamp(), F.lit(False))
+    items = items.withColumn("waiting", waiting).persist(StorageLevel.MEMORY_AND_DISK)
+    n_work = items.filter(~F.col("waiting")).count()
+    n_partitions = _partitions(spark, n_work, cfg["embed.partition_size"])
+    tasks_at_once = _tasks_at_once(spark, n_partitions)
+    settings = settings_from(cfg, tasks_at_once)
+    if embed_input == "image" and cfg["fetch.max_connections_per_host"] < tasks_at_once:
+        log.warning(
+            "fetch.max_connections_per_host=%d is below the %d tasks that run at once: each task keeps one "
+            "connection per host, so a host may see %d (docs/fetching.md)",
+            cfg["fetch.max_connections_per_host"],
+            tasks_at_once,
+            tasks_at_once,
+        )
+    log.info(
+        "embed %s: %d catalog items, %d to read%s, model %s, %d partitions",
+        run_id,
+        n_items,
+        n_work,
+        " (--retry-failed: quarantined items only)" if retry_failed else "",
+        version,
+        n_partitions,
     )
-    n_partitions = _partitions(spark, n_items, cfg["embed.partition_size"])
-    work = items.repartition(n_partitions)
-    log.info("embed %s: %d catalog items, model %s, %d partitions", run_id, n_items, version, n_partitions)
 
-    statuses = (EMBEDDED, UNCHANGED, FAILED, STILL_FAILED)
-    counters = {name: spark.sparkContext.accumulator(0) for name in (*statuses, "model_loads")}
-    results = work.select(
-        "item_id", "image_uri", "shard", embed_task(settings, counters)(content, "known", "known_bad").alias("r")
-    ).select("item_id", "image_uri", "shard", "r.*")
+    counters: dict[str, Accumulator] = {
+        name: spark.sparkContext.accumulator(0) for name in (*STATUSES, "model_loads", "requests", "bytes")
+    }
+    counters["failed_kinds"] = spark.sparkContext.accumulator({}, CountsParam())
+    results = (
+        items.filter(~F.col("waiting"))
+        .repartition(n_partitions)
+        .select("item_id", "image_uri", "shard", embed_task(settings, counters)(content, *INPUTS).alias("r"))
+        .select("item_id", "image_uri", "shard", "r.*")
+    )
+    deferred = items.filter(F.col("waiting")).select(
+        "item_id",
+        "image_uri",
+        "shard",
+        *(
+            (F.lit(DEFERRED) if field.name == "status" else F.lit(None)).cast(field.dataType).alias(field.name)
+            for field in results.schema.fields[3:]
+        ),
+    )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_ROWS))
-    staged = results.persist(StorageLevel.MEMORY_AND_DISK)
+    staged = results.unionByName(deferred).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        with Progress(f"embed {run_id}", n_items, counters):
+        with Progress(f"embed {run_id}", n_work, counters):
             # Runs inference once and keeps its rows; counted from them, not from the accumulators, which a
             # retried task can count twice.
-            by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
-        counts = {name: by_status.get(name, 0) for name in statuses}
-        _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"], settings.input)
+            tally = staged.groupBy("status").agg(F.count("*").alias("n"), F.sum(F.col("fetched").cast("int")))
+            by_status = {r["status"]: (r["n"], r[2] or 0) for r in tally.collect()}
+        counts = {name: by_status.get(name, (0, 0))[0] for name in STATUSES}
+        _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"], n_items, embed_input)
         if existing is not None:
             gone = _gone(existing, staged).count()
             _check_removed(gone, n_existing, max_removed, "they left the catalog or their images no longer embed")
-        _commit(staged, existing, emb_path, q_path, version, run_id)
+        fetched = sum(n for _, n in by_status.values())
+        _commit(staged, existing, catalog_ids, paths, version, run_id, fetched)
     finally:
         staged.unpersist()
+        items.unpersist()
 
     seconds = time.time() - started
-    processed = counts[EMBEDDED] + counts[FAILED]
-    if processed == 0:
-        log.info(
-            "embed %s: nothing to embed, all %d images unchanged", run_id, counts[UNCHANGED] + counts[STILL_FAILED]
+    processed = counts[EMBEDDED] + counts[FAILED] + counts[KEPT]
+    if counts[KEPT]:
+        log.warning(
+            "embed %s: %d items failed transiently and keep their previous embedding (quarantine says why)",
+            run_id,
+            counts[KEPT],
         )
+    if counts[DEFERRED]:
+        log.info(
+            "embed %s: %d failed http(s) images wait for their retry time (quarantine.next_retry_at); "
+            "`lookalike embed --retry-failed` tries them now",
+            run_id,
+            counts[DEFERRED],
+        )
+    if processed == 0:
+        log.info("embed %s: nothing to embed, all %d images unchanged or waiting", run_id, n_items)
     metrics = {
         "embedded": counts[EMBEDDED],
         "unchanged": counts[UNCHANGED],
-        "quarantined": counts[FAILED],
+        "quarantined": counts[FAILED] + counts[KEPT],
+        "kept_after_failure": counts[KEPT],
         "still_quarantined": counts[STILL_FAILED],
+        "deferred": counts[DEFERRED],
+        "fetched": fetched,
+        "http_requests": counters["requests"].value,  # from accumulators: a retried task counts twice
+        "http_bytes": counters["bytes"].value,
         "model_loads": counters["model_loads"].value,
         "seconds": round(seconds, 3),
         "images_per_s": round(processed / seconds, 2) if seconds else 0.0,
     }
     log.info("embed %s: %s", run_id, metrics)
     return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)
+
+
+def _model_key(cfg: Config) -> tuple[str, str | None, int | None]:
+    """(model name, weights, image size) as `registry.model_version` takes them."""
+    settings = settings_from(cfg)
+    return settings.model_name, settings.weights, settings.image_size

@@ -2,10 +2,15 @@
 
 One call handles one Arrow batch of a partition. Reading, hashing, decoding and preprocessing run in a small
 thread pool (Pillow and file reads release the GIL) so that the next images are ready while torch runs the
-current batch. An image whose bytes hash to the sha256 already stored for this model is not decoded at all,
-and a task with nothing to embed never loads the model (`TaskModel`): that is what makes an unchanged night
-cheap. Every per-image failure becomes a row with its `ImageError` kind; nothing a single image does can
-fail the task.
+current batch; http(s) images are read in a pool of their own (`fetch.concurrency` threads sharing the task's
+`Fetcher`), because a request spends its time waiting, not computing. A URL fetched before is asked for
+conditionally (`If-None-Match` / `If-Modified-Since` with the validators of the bytes seen then): a 304
+means those bytes, unchanged, with nothing moved, decoded or embedded. An image whose bytes hash to the
+sha256 already stored for this model is not decoded at all, and a task with nothing to embed never loads the
+model (`TaskModel`): that is what makes an unchanged night cheap. Every per-image failure becomes a row
+with its `ImageError` kind; nothing a single image does can fail the task. A transient failure (a host down,
+a timeout) of an item embedded before is `KEPT`: it keeps its embedding, and its quarantine row says so,
+until a later run reaches it.
 
 With `embed.input: title` a row's content is its title instead (`embed_titles`): its "sha256" is that of the
 title's UTF-8 bytes, so an unchanged title is not embedded again either, and a row without text fails as
@@ -14,22 +19,24 @@ title's UTF-8 bytes, so an unchanged title is not embedded again either, and a r
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from lookalike.embed.decode import ImageError, decode_image
+from lookalike.embed.fetcher import Fetcher, FetchSettings, is_http, retry_delay_s
 from lookalike.embed.models.cache import get_embedder, load_count
 from lookalike.embed.models.device import default_batch_size, resolve_device
 from lookalike.embed.models.vision import Embedder, to_pixels
-from lookalike.embed.reader import ImagePolicy, read_bytes
+from lookalike.embed.reader import ImagePolicy, read
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +48,7 @@ R = TypeVar("R")
 
 EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "failed"
 STILL_FAILED = "still_failed"  # the bytes that failed last time, unchanged: not decoded again, quarantine row kept
+KEPT = "kept"  # failed transiently (a host down): quarantined, and its previous embedding stays meanwhile
 # Kinds that are a property of the bytes alone: the same bytes fail the same way, so they are skipped until they
 # change. Every other kind (missing, unreadable, forbidden, too_large, ...) depends on storage or config and is
 # tried again every night; those checks cost a stat or a header read.
@@ -51,9 +59,24 @@ DECODE_AHEAD = 256
 NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is null, empty or only whitespace
 OUTPUT_SCHEMA = (
     "status string, embedding array<float>, image_sha256 string, width int, height int, "
-    "error_kind string, error_message string"
+    "error_kind string, error_message string, etag string, last_modified string, fetched boolean, "
+    "attempts int, next_retry_at timestamp"
 )
-_COLUMNS = ["status", "embedding", "image_sha256", "width", "height", "error_kind", "error_message"]
+_COLUMNS = [
+    "status",
+    "embedding",
+    "image_sha256",
+    "width",
+    "height",
+    "error_kind",
+    "error_message",
+    "etag",  # with `last_modified`: the validators of a 200 answer (`fetched`), for the next run's request
+    "last_modified",
+    "fetched",
+    "attempts",  # failed runs in a row, this one included
+    "next_retry_at",  # when a failed http(s) image is tried again (null: the next run)
+]
+_DTYPES = {"width": "Int32", "height": "Int32", "attempts": "Int32", "fetched": "boolean"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,20 @@ class EmbedSettings:
     decode_threads: int
     input: str = "image"  # `embed.input`: "image" (rows carry image URIs) or "title" (rows carry titles)
     policy: ImagePolicy = ImagePolicy()  # where images may come from (`catalog.image_roots`, the catalog folder)
+    fetch: FetchSettings | None = None  # how http(s) images are fetched; None: the catalog has none
+    retry_delay_hours: float = 20.0  # `fetch.retry_delay_hours`
+
+
+class WorkRow(NamedTuple):
+    """One catalog row as the task gets it: what to read, and what the last runs left about it."""
+
+    uri: str | None
+    known_sha: str | None  # sha256 of the bytes embedded last time with this model
+    known_bad: str | None  # sha256 of the bytes that failed last time by their content alone
+    etag: str | None  # validators of the bytes whose sha256 is `validated_sha` (one of the two above)
+    last_modified: str | None
+    validated_sha: str | None
+    attempts: int | None  # failed runs in a row before this one
 
 
 @dataclass
@@ -85,6 +122,9 @@ class _Loaded:
     error: ImageError | None = None
     unchanged: bool = False
     still_failed: bool = False
+    fetched: bool = False  # the bytes came in a 200 answer over http(s), with these validators
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 class TaskModel:
@@ -120,55 +160,109 @@ class TaskModel:
         return embedder
 
 
-def _load(uri: str | None, known_sha: str | None, known_bad: str | None, settings: EmbedSettings) -> _Loaded:
+def _load(row: WorkRow, settings: EmbedSettings, fetcher: Fetcher | None) -> _Loaded:
     """Read, hash and (unless the bytes are known, good or bad) decode and preprocess one image."""
-    sha = None
+    loaded = _Loaded()
     try:
-        if uri is None or not uri.strip():
+        if row.uri is None or not row.uri.strip():
             raise ImageError("missing", "catalog row has no image_uri")
-        data = read_bytes(uri, settings.max_bytes, settings.policy)
-        sha = hashlib.sha256(data).hexdigest()
-        if sha == known_sha:
-            return _Loaded(sha256=sha, unchanged=True)
-        if sha == known_bad:
-            return _Loaded(sha256=sha, still_failed=True)
-        decoded = decode_image(data, settings.max_pixels, target_size=settings.decode_size)
+        got = read(row.uri, settings.max_bytes, settings.policy, fetcher, row.etag, row.last_modified)
+        if got.data is None:  # 304: the validators still name the bytes last seen
+            loaded.sha256 = row.validated_sha
+        else:
+            loaded.sha256 = hashlib.sha256(got.data).hexdigest()
+            loaded.fetched = is_http(row.uri)
+            loaded.etag, loaded.last_modified = got.etag, got.last_modified
+        if loaded.sha256 == row.known_sha:
+            loaded.unchanged = True
+            return loaded
+        if loaded.sha256 == row.known_bad:
+            loaded.still_failed = True
+            return loaded
+        assert got.data is not None  # the driver sends validators only for bytes known good or bad
+        try:
+            decoded = decode_image(got.data, settings.max_pixels, target_size=settings.decode_size)
+        except ImageError as err:
+            if err.kind == "not_an_image" and got.content_type:
+                raise ImageError(err.kind, f"{err.message} (served as {got.content_type})") from None
+            raise
         assert settings.image_size is not None and settings.crop_fraction is not None  # an image model's settings
-        pixels = to_pixels(decoded.image, settings.image_size, settings.crop_fraction)
-        return _Loaded(sha256=sha, pixels=pixels, width=decoded.width, height=decoded.height)
+        loaded.pixels = to_pixels(decoded.image, settings.image_size, settings.crop_fraction)
+        loaded.width, loaded.height = decoded.width, decoded.height
     except ImageError as err:
-        return _Loaded(sha256=sha, error=err)
+        loaded.error = err
+    return loaded
 
 
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
-    """`pool.map(fn, items)` that runs at most `ahead` items ahead of the consumer, so decoded pixels waiting
-    for the model never hold more than that many images in memory, whatever the Arrow batch size."""
+def _prefetch(submit: Callable[[T], Future[R]], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """The results of `submit(item)` in order, at most `ahead` items ahead of the consumer, so decoded pixels
+    waiting for the model never hold more than that many images in memory, whatever the Arrow batch size."""
     pending: deque[Future[R]] = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        pending.append(submit(item))
         if len(pending) > ahead:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
 
 
-def embed_rows(
-    uris: Sequence[str | None],
-    known_sha: Sequence[str | None],
-    known_bad: Sequence[str | None],
-    model: TaskModel,
-    pool: ThreadPoolExecutor,
-) -> pd.DataFrame:
-    """One output row per input row, in order: status, embedding (when embedded), sha, size, error.
+class Readers:
+    """A task's reading threads: `decode_threads` for files and object stores, `fetch.concurrency` (sharing
+    one `Fetcher`) for http(s). Threads start on first use, so a catalog of files never starts a fetcher
+    thread, and titles start none."""
 
-    `known_sha` is the sha256 of the bytes embedded last time, `known_bad` that of the bytes that failed last
-    time with a kind in SKIPPED_WHILE_UNCHANGED: either one unchanged means no decoding.
+    def __init__(self, settings: EmbedSettings):
+        self.settings = settings
+        self.fetcher = Fetcher(settings.fetch) if settings.fetch is not None else None
+        self._files = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="read")
+        self._urls = ThreadPoolExecutor(
+            max_workers=settings.fetch.concurrency if settings.fetch else 1, thread_name_prefix="fetch"
+        )
+
+    def submit(self, row: WorkRow) -> Future[_Loaded]:
+        pool = self._urls if row.uri and is_http(row.uri) else self._files
+        return pool.submit(_load, row, self.settings, self.fetcher)
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.shutdown(cancel_futures=True)
+        self._urls.shutdown(cancel_futures=True)
+        if self.fetcher is not None:
+            self.fetcher.close()
+
+
+def _failure(row: WorkRow, item: _Loaded, retry_delay_hours: float, now: dt.datetime) -> dict:
+    """The output columns of a row whose image failed: KEPT when the failure may pass and the item has an
+    embedding to keep; when an http(s) image is tried next (later runs back off: `retry_delay_s`)."""
+    assert item.error is not None
+    attempts = (row.attempts or 0) + 1
+    kept = item.error.transient and row.known_sha is not None
+    message = item.error.message + ("; its previous embedding is kept until the image can be read" if kept else "")
+    retry = now + dt.timedelta(seconds=retry_delay_s(attempts, retry_delay_hours)) if is_http(row.uri or "") else None
+    return dict(
+        status=KEPT if kept else FAILED,
+        image_sha256=item.sha256,
+        error_kind=item.error.kind,
+        error_message=message,
+        attempts=attempts,
+        next_retry_at=retry,
+    )
+
+
+def embed_rows(work: Sequence[WorkRow], model: TaskModel, readers: Readers) -> pd.DataFrame:
+    """One output row per input row, in order: status, embedding (when embedded), sha, size, error, the
+    validators of a fetched image, and for failures their count and next retry time.
+
+    A row's `known_sha` is the sha256 of the bytes embedded last time, `known_bad` that of the bytes that
+    failed last time with a kind in SKIPPED_WHILE_UNCHANGED: either one unchanged means no decoding.
 
     The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
     failed rows lie between them.
     """
-    settings = model.settings
-    rows = [dict.fromkeys(_COLUMNS) for _ in uris]  # None, not NaN: Arrow must see nulls in array and int columns
+    now = dt.datetime.now(dt.UTC)
+    rows = [dict.fromkeys(_COLUMNS) for _ in work]  # None, not NaN: Arrow must see nulls in array and int columns
     ready: list[tuple[int, _Loaded]] = []
 
     def infer() -> None:
@@ -181,14 +275,10 @@ def embed_rows(
             )
         ready.clear()
 
-    loaded = _prefetch(
-        pool, lambda row: _load(row[0], row[1], row[2], settings), zip(uris, known_sha, known_bad), DECODE_AHEAD
-    )
-    for i, item in enumerate(loaded):
+    for i, item in enumerate(_prefetch(readers.submit, work, DECODE_AHEAD)):
+        rows[i].update(fetched=item.fetched, etag=item.etag, last_modified=item.last_modified)
         if item.error is not None:
-            rows[i].update(
-                status=FAILED, image_sha256=item.sha256, error_kind=item.error.kind, error_message=item.error.message
-            )
+            rows[i].update(_failure(work[i], item, model.settings.retry_delay_hours, now))
         elif item.unchanged:
             rows[i].update(status=UNCHANGED, image_sha256=item.sha256)
         elif item.still_failed:
@@ -199,7 +289,13 @@ def embed_rows(
                 infer()
     if ready:
         infer()
-    return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
+    return _frame(rows)
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=_COLUMNS).astype(_DTYPES)
+    frame["next_retry_at"] = pd.to_datetime(frame["next_retry_at"], utc=True)
+    return frame
 
 
 def text_sha256(text: str) -> str:
@@ -235,4 +331,4 @@ def embed_titles(titles: Sequence[str | None], known_sha: Sequence[str | None], 
         assert embedder is not None and not isinstance(embedder, Embedder)  # titles go to a text model
         for (i, _), vector in zip(batch, embedder.embed([title for _, title in batch])):
             rows[i]["embedding"] = vector
-    return pd.DataFrame(rows, columns=_COLUMNS).astype({"width": "Int32", "height": "Int32"})
+    return _frame(rows)
