@@ -58,6 +58,9 @@ MAX_RETRY_AFTER_S = 60.0  # a host that asks for a longer pause is tried again o
 BODY_DEADLINE_TIMEOUTS = 4  # a whole response must arrive within this many fetch.timeout_s (a slow drip ends)
 CHUNK = 64 * 1024
 RETRY_DELAY_CAP_S = 30 * 86400.0  # a URL that keeps failing is still tried once a month
+# Added to the limiter's window: a request reaches the host a few milliseconds after it leaves, not always the
+# same few, and the limit is for the host's clock.
+ARRIVAL_JITTER_S = 0.02
 
 
 def is_http(uri: str) -> bool:
@@ -162,11 +165,12 @@ class HostLimiter:
         with self._lock:
             now = self._clock()
             sent = self._sent.setdefault(host, deque([self._made] * self.n))
-            while sent and sent[0] + self.window <= now:
+            window = self.window + ARRIVAL_JITTER_S
+            while sent and sent[0] + window <= now:
                 sent.popleft()
             wait = self._paused_until.get(host, 0.0) - now
             if len(sent) >= self.n:
-                wait = max(wait, sent[0] + self.window - now)
+                wait = max(wait, sent[0] + window - now)
             if wait > 0:
                 return wait
             sent.append(now)
@@ -203,7 +207,6 @@ def _pool(settings: FetchSettings) -> urllib3.PoolManager:
             maxsize=settings.connections,
             cert_reqs="CERT_REQUIRED",
             ca_certs=settings.ca_bundle,
-            headers={"User-Agent": settings.user_agent, "Accept": "image/*,*/*;q=0.8"},
         )
     return _POOLS[settings]
 
@@ -252,7 +255,7 @@ class Fetcher:
         url, seen = uri, {uri}
         for _ in range(self.settings.max_redirects + 1):
             check(url)
-            headers = {}
+            headers = {"User-Agent": self.settings.user_agent, "Accept": "image/*,*/*;q=0.8"}
             if etag:
                 headers["If-None-Match"] = etag
             if last_modified:
@@ -380,8 +383,8 @@ def _transport_error(uri: str, err: Exception, timeout: float) -> ImageError:
         return ImageError("bad_uri", f"{uri}: {err}")
     if isinstance(err, SSLError):
         return ImageError("tls_error", f"{uri}: {err} (a private CA can be trusted with fetch.ca_bundle)")
+    if isinstance(err, NewConnectionError):  # before TimeoutError: urllib3 derives it from ConnectTimeoutError
+        return ImageError("connection_error", f"{uri}: cannot connect: {err}", transient=True)
     if isinstance(err, TimeoutError):
         return ImageError("timeout", f"{uri}: no answer within fetch.timeout_s={timeout:g} s", transient=True)
-    if isinstance(err, NewConnectionError):
-        return ImageError("connection_error", f"{uri}: cannot connect: {err}", transient=True)
     return ImageError("connection_error", f"{uri}: {err}", transient=True)

@@ -249,9 +249,18 @@ def _commit(
         *QUARANTINE_STATE,
     )
     if _quarantine_current(q_path):
+        quarantine = tables.read(staged.sparkSession, q_path)
         still = staged.filter(F.col("status").isin(FAILED, KEPT, STILL_FAILED, DEFERRED)).select("item_id")
-        healed = tables.read(staged.sparkSession, q_path).select("item_id").join(still, "item_id", "left_anti")
-        tables.replace_by_key(failed, q_path, "item_id", delete_keys=healed)
+        healed = quarantine.select("item_id").join(still, "item_id", "left_anti")
+        # http(s) images that failed by their bytes, tried again and unchanged: the row stays, its retry moves on.
+        tried_again = staged.filter((F.col("status") == STILL_FAILED) & F.col("next_retry_at").isNotNull())
+        refreshed = quarantine.drop("attempts", "next_retry_at", "run_id", "seen_at").join(
+            tried_again.select("item_id", "attempts", "next_retry_at"), "item_id"
+        )
+        rows = failed.unionByName(
+            refreshed.select("*", F.lit(run_id).alias("run_id"), now.alias("seen_at")), allowMissingColumns=False
+        )
+        tables.replace_by_key(rows, q_path, "item_id", delete_keys=healed)
     else:
         # First run, or a quarantine written before it kept the state columns: nothing was skipped or deferred
         # on its word, so this run's failures are the whole quarantine, written with the current columns.

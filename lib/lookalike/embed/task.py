@@ -233,21 +233,29 @@ class Readers:
             self.fetcher.close()
 
 
+def _retry(row: WorkRow, retry_delay_hours: float, now: dt.datetime) -> dict:
+    """A failing row's `attempts` (failed runs in a row) and, for an http(s) image, when it is tried next:
+    later each time (`retry_delay_s`), to spare the host; a file is tried by every run."""
+    attempts = (row.attempts or 0) + 1
+    http = row.uri is not None and is_http(row.uri)
+    return dict(
+        attempts=attempts,
+        next_retry_at=now + dt.timedelta(seconds=retry_delay_s(attempts, retry_delay_hours)) if http else None,
+    )
+
+
 def _failure(row: WorkRow, item: _Loaded, retry_delay_hours: float, now: dt.datetime) -> dict:
     """The output columns of a row whose image failed: KEPT when the failure may pass and the item has an
-    embedding to keep; when an http(s) image is tried next (later runs back off: `retry_delay_s`)."""
+    embedding to keep."""
     assert item.error is not None
-    attempts = (row.attempts or 0) + 1
     kept = item.error.transient and row.known_sha is not None
     message = item.error.message + ("; its previous embedding is kept until the image can be read" if kept else "")
-    retry = now + dt.timedelta(seconds=retry_delay_s(attempts, retry_delay_hours)) if is_http(row.uri or "") else None
     return dict(
         status=KEPT if kept else FAILED,
         image_sha256=item.sha256,
         error_kind=item.error.kind,
         error_message=message,
-        attempts=attempts,
-        next_retry_at=retry,
+        **_retry(row, retry_delay_hours, now),
     )
 
 
@@ -261,7 +269,7 @@ def embed_rows(work: Sequence[WorkRow], model: TaskModel, readers: Readers) -> p
     The images to embed go to the model in full batches of `model.batch_size`, however many unchanged or
     failed rows lie between them.
     """
-    now = dt.datetime.now(dt.UTC)
+    now, delay_hours = dt.datetime.now(dt.UTC), model.settings.retry_delay_hours
     rows = [dict.fromkeys(_COLUMNS) for _ in work]  # None, not NaN: Arrow must see nulls in array and int columns
     ready: list[tuple[int, _Loaded]] = []
 
@@ -278,11 +286,12 @@ def embed_rows(work: Sequence[WorkRow], model: TaskModel, readers: Readers) -> p
     for i, item in enumerate(_prefetch(readers.submit, work, DECODE_AHEAD)):
         rows[i].update(fetched=item.fetched, etag=item.etag, last_modified=item.last_modified)
         if item.error is not None:
-            rows[i].update(_failure(work[i], item, model.settings.retry_delay_hours, now))
+            rows[i].update(_failure(work[i], item, delay_hours, now))
         elif item.unchanged:
             rows[i].update(status=UNCHANGED, image_sha256=item.sha256)
         elif item.still_failed:
-            rows[i].update(status=STILL_FAILED, image_sha256=item.sha256)
+            # Its quarantine row stays; an http(s) one is tried again later than last time (stage `_commit`).
+            rows[i].update(status=STILL_FAILED, image_sha256=item.sha256, **_retry(work[i], delay_hours, now))
         else:
             ready.append((i, item))
             if len(ready) == model.batch_size:
