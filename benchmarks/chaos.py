@@ -31,7 +31,8 @@ broken, fixed), the kill time (or "no kill", or the bad feed), where the kill la
 
 - rows: rows in the chaos root's table. lost: reference rows with no equal row there. doubled: rows there with
   no equal reference row (a duplicate key, or a row the reference does not have; a row whose content differs
-  counts once lost and once doubled). Equal means every column but the volatile ones (`run_id`, timestamps),
+  counts once lost and once doubled). Equal means every column but the volatile ones (`run_id`, timestamps,
+  quarantine's `attempts`, which counts the runs that tried),
   vectors and scores to 1e-5; in `similar_items` and `recommendations` items whose scores tie within 1e-5 may
   come in either order, and the last tie at the cut may be another item with the same score.
 - `runs` is the log, not compared with the reference: lost counts runs that held the lock but have no
@@ -108,7 +109,7 @@ class TableSpec:
 
 TABLES = {
     "embeddings": TableSpec(("item_id",), ("run_id", "embedded_at")),
-    "quarantine": TableSpec(("item_id",), ("run_id", "seen_at")),
+    "quarantine": TableSpec(("item_id",), ("run_id", "seen_at", "attempts", "next_retry_at")),
     "duplicates": TableSpec(("item_id",), ("run_id",)),
     "similar_items": TableSpec(("item_id", "rank"), ("run_id",), entry="similar_item_id"),
     "recommendations": TableSpec(("user_id", "rank"), ("run_id",), entry="item_id"),

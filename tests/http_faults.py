@@ -13,6 +13,8 @@ Paths:
   /status/CODE               that status, a small HTML body
   /fail/N/CODE/NAME          CODE (with `Retry-After: 1` for 429 and 503) for the first N requests, then the file
   /slow/SECONDS/NAME         the file after sleeping SECONDS before the headers
+  /drip/N                    N bytes, one every 0.2 s, with their Content-Length
+  /unasked/NAME              304 whatever the request says
   /short/NAME                a Content-Length of twice the file, half of it sent, then the connection closed
   /huge/MB                   MB megabytes of zeros with their Content-Length
   /endless/MB                MB megabytes of zeros without a Content-Length (connection-close framing)
@@ -170,6 +172,18 @@ class FaultServer:
         elif kind == "slow":
             time.sleep(float(rest[0]))
             self._file(h, rest[1])
+        elif kind == "drip":
+            h.send_response(200)
+            h.send_header("Content-Length", rest[0])
+            h.end_headers()
+            for _ in range(int(rest[0])):
+                h.wfile.write(b"\0")
+                h.wfile.flush()
+                self._sent(1)
+                time.sleep(0.2)
+        elif kind == "unasked":
+            h.send_response(304)
+            h.end_headers()
         elif kind == "short":
             data = self.files[rest[0]]
             h.send_response(200)

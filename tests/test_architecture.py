@@ -27,7 +27,15 @@ LAYERS = [
 # The one import against the layers: config checks model.name against the registry (pure data, no torch) so
 # that a bad model is refused before Spark starts.
 ALLOWED_UPWARD = {("lookalike.config", "lookalike.embed.models.registry")}
-PURE = ["index.params", "similar.search", "similar.plan", "recommend.taste", "recommend.scoring", "embed.decode"]
+PURE = [
+    "index.params",
+    "similar.search",
+    "similar.plan",
+    "recommend.taste",
+    "recommend.scoring",
+    "embed.decode",
+    "embed.fetcher",
+]
 
 
 def module_name(path: Path) -> str:

@@ -151,3 +151,11 @@ def test_spark_submit_job_stops_spark_then_exits_with_its_own_status(tmp_path: P
     [log] = list(events.iterdir())
     assert not log.name.endswith(".inprogress")
     assert '"Event":"SparkListenerApplicationEnd"' in log.read_text()
+
+
+def test_retry_failed_is_the_embed_flag_for_embed_retry_failed() -> None:
+    args = cli._parser().parse_args(["embed", "--conf", "c.yaml", "--set", "fetch.retries=1", "--retry-failed"])
+    assert cli.overrides(args) == ["fetch.retries=1", "embed.retry_failed=true"]
+    assert cli.overrides(cli._parser().parse_args(["index", "--conf", "c.yaml"])) == []
+    with pytest.raises(SystemExit):  # only embed has it
+        cli._parser().parse_args(["index", "--conf", "c.yaml", "--retry-failed"])

@@ -65,6 +65,12 @@ def test_relative_paths_resolve_against_working_folder(
         ("", ["catalog.format=xml"], "catalog.format: must be one of parquet, csv, json, delta"),
         ("spark: {conf: 3}", [], "spark.conf: expected a mapping"),
         ("", ["embed.batch_size"], "--set expects dotted.key=value"),
+        ("", ["fetch.max_requests_per_host_per_s=0"], "fetch.max_requests_per_host_per_s: must be >= 0.001"),
+        ("", ["fetch.max_connections_per_host=0"], "fetch.max_connections_per_host: must be >= 1"),
+        ("", ["fetch.concurrency=1000"], "fetch.concurrency: must be <= 256"),
+        ("", ["fetch.retries=-1"], "fetch.retries: must be >= 0"),
+        ("", ["fetch.timeout_s=soon"], "fetch.timeout_s: expected a number"),
+        ("", ["fetch.ca_bundle=/nonexistent/ca.pem"], "fetch.ca_bundle: path does not exist: /nonexistent/ca.pem"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, catalog: Path, body: str, overrides: list[str], message: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lookalike.embed.catalog import fetch_settings
 from lookalike.embed.decode import ImageError
 from lookalike.embed.fetcher import (
     BACKOFF_BASE_S,
@@ -30,6 +31,7 @@ from lookalike.embed.fetcher import (
     task_share,
 )
 from lookalike.embed.reader import ImagePolicy, read
+from tests.conftest import make_config
 from tests.http_faults import FaultServer, write_ca
 
 
@@ -115,8 +117,9 @@ def test_hosts_are_told_apart_by_scheme_name_and_port() -> None:
 
 def test_limiter_allows_n_per_window_starting_full_and_honours_pauses() -> None:
     now = [100.0]
-    limiter = HostLimiter(2.0, clock=lambda: now[0])
-    # The slot's previous task may have spent the share just now: the first request waits one window.
+    assert HostLimiter(2.0, clock=lambda: now[0]).wait("h") == 0  # a stage's first tasks follow no other
+    limiter = HostLimiter(2.0, hand_over=True, clock=lambda: now[0])
+    # A later task's slot may have been spent by the task before it just now: its first request waits a window.
     assert limiter.wait("h") > 0.9
     now[0] += 1.05
     assert limiter.wait("h") == 0 and limiter.wait("h") == 0 and limiter.wait("h") > 0.9
@@ -164,14 +167,13 @@ def test_503_then_200_succeeds_after_waiting_for_retry_after(server: FaultServer
 
 def test_429_pauses_the_whole_host_for_retry_after(server: FaultServer) -> None:
     fetcher = Fetcher(settings())
-    fetcher.fetch(server.url("/img/p0.png"), 10**6)  # past the limiter's first window (it starts full)
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(fetcher.fetch, server.url("/fail/1/429/p4.png"), 10**6)
         time.sleep(0.2)  # the 429 has come back: the host is paused for 1 s
         others = [pool.submit(fetcher.fetch, server.url(f"/img/p{i}.png"), 10**6) for i in (5, 6, 7)]
         assert first.result().data == FILES["p4.png"] and all(f.result().data for f in others)
     arrivals = sorted(server.log.arrivals)
-    assert arrivals[2] - arrivals[1] >= 0.95  # after the 429, nothing went to the host during its pause
+    assert arrivals[1] - arrivals[0] >= 0.95  # after the 429, nothing went to the host during its pause
 
 
 def test_429_after_the_retries_is_a_transient_http_error(server: FaultServer) -> None:
@@ -182,6 +184,26 @@ def test_429_after_the_retries_is_a_transient_http_error(server: FaultServer) ->
 def test_a_slow_answer_times_out_and_is_transient(server: FaultServer) -> None:
     err = failure(server, "/slow/3/p1.png", retries=0)
     assert err.kind == "timeout" and err.transient
+
+
+def test_a_dripping_body_meets_the_deadline(server: FaultServer) -> None:
+    started = time.monotonic()
+    err = failure(server, "/drip/100", retries=0)  # 20 s of bytes, each well within the 0.5 s read timeout
+    assert err.kind == "timeout" and "body not complete" in err.message and time.monotonic() - started < 4.5
+
+
+def test_a_304_to_an_unconditional_request_is_not_taken_for_unchanged(server: FaultServer) -> None:
+    err = failure(server, "/unasked/p1.png")
+    assert err.kind == "http_error" and "304" in err.message
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://", "http://:80/a.jpg", "http://h:99999/a.jpg", "http://[::1/a.jpg", "https://exa mple.com/a b"]
+)
+def test_hostile_urls_are_image_errors(uri: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        read(uri, 10**6, ImagePolicy(), Fetcher(settings(retries=0, timeout_s=0.2)))
+    assert caught.value.kind in ("bad_uri", "connection_error") and "\n" not in caught.value.message
 
 
 def test_a_body_cut_short_is_truncated_and_retried(server: FaultServer) -> None:
@@ -258,3 +280,20 @@ def test_bytes_that_arrive_are_the_served_bytes(server: FaultServer) -> None:
         got = fetch(server, f"/as/text/plain/{name}")  # a wrong Content-Type does not decide: the bytes do
         assert hashlib.sha256(got.data or b"").digest() == hashlib.sha256(FILES[name]).digest()
         assert got.content_type == "text/plain"
+
+
+def test_each_task_gets_its_share_of_the_configured_budget(tmp_path: Path) -> None:
+    _, bundle = write_ca(tmp_path)
+    cfg = make_config(
+        tmp_path,
+        **{
+            "fetch.max_requests_per_host_per_s": 12.0,
+            "fetch.max_connections_per_host": 6,
+            "fetch.ca_bundle": str(bundle),
+            "fetch.user_agent": "shop-bot (ops@example.com)",
+        },
+    )
+    shared = fetch_settings(cfg, tasks_at_once=3)
+    assert (shared.requests_per_s, shared.connections) == (4.0, 2)
+    assert shared.ca_bundle == str(bundle) and shared.user_agent == "shop-bot (ops@example.com)"
+    assert fetch_settings(cfg).connections == 6  # the report's one fetcher gets the whole budget

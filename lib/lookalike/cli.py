@@ -76,11 +76,15 @@ def _add_conf_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The command's `--set` overrides, with those its flags stand for (`embed --retry-failed`)."""
+    return [*args.overrides, *(["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else [])]
+
+
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     """A stage or nightly under the output root's run lock: stale staging of dead runs is cleared, a dead
     run whose lock is taken over is logged as interrupted in `runs`."""
-    overrides = [*args.overrides, *(["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else [])]
-    cfg = config_mod.load(args.conf, overrides)
+    cfg = config_mod.load(args.conf, overrides(args))
     from lookalike.run import (
         lock,  # pyspark only once the config is known to be good
         runs,

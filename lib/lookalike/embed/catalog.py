@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lookalike.config import Config
+from lookalike.embed.fetcher import FetchSettings, task_share
 from lookalike.embed.reader import ImagePolicy
 from lookalike.errors import LookalikeError
 from lookalike.storage import tables
@@ -43,6 +44,25 @@ def image_policy(cfg: Config) -> ImagePolicy:
     """Where this catalog's images may come from: under its own folder for relative URIs, and under
     `catalog.image_roots` when set (see `lookalike.embed.reader`)."""
     return ImagePolicy.of(catalog_folder(cfg["catalog.path"]), cfg["catalog.image_roots"])
+
+
+def fetch_settings(cfg: Config, tasks_at_once: int = 1) -> FetchSettings:
+    """How this catalog's http(s) images are fetched by each of `tasks_at_once` concurrent tasks: the
+    `fetch.*` keys, the per-host budget split among the tasks (`fetcher.task_share`)."""
+    requests_per_s, connections = task_share(
+        cfg["fetch.max_requests_per_host_per_s"], cfg["fetch.max_connections_per_host"], tasks_at_once
+    )
+    return FetchSettings(
+        requests_per_s=requests_per_s,
+        connections=connections,
+        timeout_s=cfg["fetch.timeout_s"],
+        retries=cfg["fetch.retries"],
+        concurrency=cfg["fetch.concurrency"],
+        max_redirects=cfg["fetch.max_redirects"],
+        user_agent=cfg["fetch.user_agent"],
+        ca_bundle=cfg["fetch.ca_bundle"],
+        tasks_at_once=max(1, tasks_at_once),
+    )
 
 
 def resolve_uri(uri: Column, base: str) -> Column:

@@ -79,6 +79,7 @@ class FetchSettings:
     max_redirects: int
     user_agent: str
     ca_bundle: str | None = None
+    tasks_at_once: int = 1  # the tasks the budget was split among: partitions from this one on follow another
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,15 @@ def host_of(url: str) -> str:
 class HostLimiter:
     """At most n requests per window per host from this task (`limiter_budget`), plus `Retry-After` pauses.
 
-    A host's log starts full, stamped when the limiter was made: the task before this one on the same
-    executor slot may have spent the slot's share just before it ended, and the slot's share must hold across
-    the hand-over.
+    With `hand_over`, a host's log starts full, stamped when the limiter was made: the task before this one on
+    the same executor slot may have spent the slot's share just before it ended, and the share must hold
+    across the hand-over. The first tasks of a stage have no predecessor and start empty.
     """
 
-    def __init__(self, requests_per_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, requests_per_s: float, hand_over: bool = False, clock: Callable[[], float] = time.monotonic):
         self.n, self.window = limiter_budget(requests_per_s)
         self._clock = clock
+        self._hand_over = hand_over
         self._made = clock()
         self._sent: dict[str, deque[float]] = {}
         self._paused_until: dict[str, float] = {}
@@ -164,7 +166,7 @@ class HostLimiter:
         """Seconds to wait before the next request to `host`; 0 means it may go now (and is counted)."""
         with self._lock:
             now = self._clock()
-            sent = self._sent.setdefault(host, deque([self._made] * self.n))
+            sent = self._sent.setdefault(host, deque([self._made] * self.n if self._hand_over else []))
             window = self.window + ARRIVAL_JITTER_S
             while sent and sent[0] + window <= now:
                 sent.popleft()
@@ -212,13 +214,14 @@ def _pool(settings: FetchSettings) -> urllib3.PoolManager:
 
 
 class Fetcher:
-    """One task's http(s) client: `fetch` is safe to call from all of the task's reading threads."""
+    """One task's http(s) client: `fetch` is safe to call from all of the task's reading threads.
+    `hand_over`: the task may follow another on its executor slot (see `HostLimiter`)."""
 
-    def __init__(self, settings: FetchSettings):
+    def __init__(self, settings: FetchSettings, hand_over: bool = False):
         self.settings = settings
         self.stats = FetchStats()
         self._pool = _pool(settings)
-        self._limiter = HostLimiter(settings.requests_per_s)
+        self._limiter = HostLimiter(settings.requests_per_s, hand_over)
         self._connections: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
@@ -261,6 +264,8 @@ class Fetcher:
             if last_modified:
                 headers["If-Modified-Since"] = last_modified
             location, fetched = self._request(uri, url, headers, max_bytes)
+            if fetched is not None and fetched.data is None and not (etag or last_modified):
+                raise ImageError("http_error", f"{uri}: HTTP 304 Not Modified to a request that named no version")
             if fetched is not None:
                 return fetched
             assert location is not None
@@ -287,7 +292,10 @@ class Fetcher:
         self, uri: str, url: str, headers: dict[str, str], max_bytes: int
     ) -> tuple[str | None, Fetched | None]:
         """One GET: (a redirect's Location, None) or (None, what came back). Raises ImageError."""
-        host = host_of(url)
+        try:
+            host = host_of(url)
+        except ValueError as err:  # a port out of range
+            raise ImageError("bad_uri", f"{uri}: {err}") from None
         timeout = self.settings.timeout_s
         with self._turn(host):
             try:
@@ -341,11 +349,12 @@ class Fetcher:
         return None, Fetched(data, headers.get("ETag"), headers.get("Last-Modified"), headers.get("Content-Type"))
 
     def _body(self, uri: str, response: urllib3.BaseHTTPResponse, max_bytes: int) -> bytes:
-        """The body, streamed: stops past `max_bytes` or past the deadline, whatever the server promised."""
+        """The body, streamed: stops past `max_bytes` or past the deadline, whatever the server promised.
+        `read1` returns what one socket read brought, so a server dripping bytes meets the deadline too."""
         deadline = time.monotonic() + BODY_DEADLINE_TIMEOUTS * self.settings.timeout_s
         chunks, size = [], 0
         try:
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):
                 size += len(chunk)
                 with self._lock:
                     self.stats.bytes += len(chunk)

@@ -36,7 +36,7 @@ from pyspark.sql.functions import pandas_udf
 from lookalike import distributor
 from lookalike.config import Config
 from lookalike.embed import catalog, shards
-from lookalike.embed.fetcher import Fetcher, FetchSettings, FetchStats, task_share
+from lookalike.embed.fetcher import Fetcher, FetchStats
 from lookalike.embed.models import registry
 from lookalike.embed.task import (
     EMBEDDED,
@@ -85,19 +85,6 @@ def settings_from(cfg: Config, tasks_at_once: int = 1) -> EmbedSettings:
     spec = registry.get_spec(cfg["model.name"])
     # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
     image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
-    requests_per_s, connections = task_share(
-        cfg["fetch.max_requests_per_host_per_s"], cfg["fetch.max_connections_per_host"], tasks_at_once
-    )
-    fetch = FetchSettings(
-        requests_per_s=requests_per_s,
-        connections=connections,
-        timeout_s=cfg["fetch.timeout_s"],
-        retries=cfg["fetch.retries"],
-        concurrency=cfg["fetch.concurrency"],
-        max_redirects=cfg["fetch.max_redirects"],
-        user_agent=cfg["fetch.user_agent"],
-        ca_bundle=cfg["fetch.ca_bundle"],
-    )
     return EmbedSettings(
         model_name=spec.name,
         weights=cfg["model.weights"],
@@ -111,7 +98,7 @@ def settings_from(cfg: Config, tasks_at_once: int = 1) -> EmbedSettings:
         decode_threads=cfg["embed.decode_threads"],
         input=cfg["embed.input"],
         policy=catalog.image_policy(cfg),
-        fetch=fetch if cfg["embed.input"] == "image" else None,
+        fetch=catalog.fetch_settings(cfg, tasks_at_once) if cfg["embed.input"] == "image" else None,
         retry_delay_hours=cfg["fetch.retry_delay_hours"],
     )
 
@@ -131,7 +118,7 @@ def embed_task(settings: EmbedSettings, counters: dict):
         reported = FetchStats()  # what the fetcher had moved when the last batch was counted
         try:
             # Threads start on first use: with titles (no reading or decoding) the pools stay empty.
-            with Readers(settings) as readers:
+            with Readers(settings, context.partitionId()) as readers:
                 for contents, *state in batches:
                     if settings.input == "title":
                         frame = embed_titles(list(contents), list(state[0]), model)

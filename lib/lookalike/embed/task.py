@@ -173,10 +173,10 @@ def _load(row: WorkRow, settings: EmbedSettings, fetcher: Fetcher | None) -> _Lo
             loaded.sha256 = hashlib.sha256(got.data).hexdigest()
             loaded.fetched = is_http(row.uri)
             loaded.etag, loaded.last_modified = got.etag, got.last_modified
-        if loaded.sha256 == row.known_sha:
+        if loaded.sha256 is not None and loaded.sha256 == row.known_sha:
             loaded.unchanged = True
             return loaded
-        if loaded.sha256 == row.known_bad:
+        if loaded.sha256 is not None and loaded.sha256 == row.known_bad:
             loaded.still_failed = True
             return loaded
         assert got.data is not None  # the driver sends validators only for bytes known good or bad
@@ -209,11 +209,13 @@ def _prefetch(submit: Callable[[T], Future[R]], items: Iterable[T], ahead: int) 
 class Readers:
     """A task's reading threads: `decode_threads` for files and object stores, `fetch.concurrency` (sharing
     one `Fetcher`) for http(s). Threads start on first use, so a catalog of files never starts a fetcher
-    thread, and titles start none."""
+    thread, and titles start none. `partition` is the task's: the first `tasks_at_once` follow no other task
+    on their slot (`fetcher.HostLimiter`)."""
 
-    def __init__(self, settings: EmbedSettings):
+    def __init__(self, settings: EmbedSettings, partition: int = 0):
         self.settings = settings
-        self.fetcher = Fetcher(settings.fetch) if settings.fetch is not None else None
+        fetch = settings.fetch
+        self.fetcher = Fetcher(fetch, hand_over=partition >= fetch.tasks_at_once) if fetch is not None else None
         self._files = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="read")
         self._urls = ThreadPoolExecutor(
             max_workers=settings.fetch.concurrency if settings.fetch else 1, thread_name_prefix="fetch"

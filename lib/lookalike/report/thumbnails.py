@@ -10,19 +10,22 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from lookalike.config import Config
-from lookalike.embed.catalog import image_policy
+from lookalike.embed.catalog import fetch_settings, image_policy
 from lookalike.embed.decode import ImageError, decode_image
+from lookalike.embed.fetcher import Fetcher
 from lookalike.embed.reader import ImagePolicy, read_bytes
 from lookalike.report.data import THUMB_THREADS, ItemFacts, Thumb
 
 
-def thumbnail(uri: str | None, size: int, max_bytes: int, max_pixels: int, policy: ImagePolicy) -> Thumb:
+def thumbnail(
+    uri: str | None, size: int, max_bytes: int, max_pixels: int, policy: ImagePolicy, fetcher: Fetcher | None = None
+) -> Thumb:
     """A picture no bigger than `size` px on its longest side, as a data URI; never enlarged (the browser
     scales small sources up, which costs no bytes)."""
     if not uri:
         return Thumb(None, "not in catalog")
     try:
-        picture = decode_image(read_bytes(uri, max_bytes, policy), max_pixels, target_size=size).image
+        picture = decode_image(read_bytes(uri, max_bytes, policy, fetcher), max_pixels, target_size=size).image
     except ImageError as err:
         return Thumb(None, err.kind)
     picture.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -52,10 +55,14 @@ def load_thumbnails(ids: Iterable[str], facts: Mapping[str, ItemFacts], cfg: Con
     size, max_bytes, max_pixels = cfg["report.thumbnail_px"], cfg["embed.max_bytes"], cfg["embed.max_pixels"]
 
     policy = image_policy(cfg)  # a report shows no file that the embed stage may not read
+    fetcher = Fetcher(fetch_settings(cfg))  # URLs within the same per-host limits as the embed stage
 
     def one(item: str) -> Thumb:
         found = facts.get(item)
-        return thumbnail(found.image_uri if found else None, size, max_bytes, max_pixels, policy)
+        return thumbnail(found.image_uri if found else None, size, max_bytes, max_pixels, policy, fetcher)
 
-    with ThreadPoolExecutor(THUMB_THREADS) as pool:
-        return dict(zip(wanted, pool.map(one, wanted)))
+    try:
+        with ThreadPoolExecutor(THUMB_THREADS) as pool:
+            return dict(zip(wanted, pool.map(one, wanted)))
+    finally:
+        fetcher.close()
