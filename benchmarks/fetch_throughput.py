@@ -6,14 +6,19 @@ photos than the demo's 28 px PNGs), written once to a temporary folder. A separa
 with Python's threaded `http.server` (HTTP/1.1 keep-alive, `Last-Modified`, 304 for `If-Modified-Since`) on
 127.0.0.1; it shares the machine's cores with Spark, as a CDN would not. The per-host limits are set high
 enough not to bind (the point is the fetch path's own cost, not politeness). Each variant writes its own
-output root with the same SparkSession, already up, as in a nightly run:
+output root with the same SparkSession, already up and its Python workers holding the model (a 200-image
+warm-up run), as in a nightly run:
 
   files    a catalog of the N local paths
   http     the same N images as http URLs, first run: every image downloaded
+  files-rerun  the files catalog again, unchanged: the stage's fixed cost on a night with nothing to do
   rerun    the http catalog again, unchanged: conditional requests, 304s, nothing decoded or embedded
 
 Targets (issue 14): http >= 0.8x the files rate; the re-run moves < 1% of the first run's bytes and takes
-<= 0.3x its time. The ratios are what to read; absolute rates vary with the machine and its neighbours.
+<= 0.3x its time. The re-run's time has a fixed part (the stage's catalog checks, joins and commits: what an
+unchanged night of local files costs too) and a part per image (one request); the first run's is nearly all
+per image (inference), so the time ratio falls as N grows. The ratios are what to read; absolute rates vary
+with the machine and its neighbours.
 
     .venv/bin/python benchmarks/fetch_throughput.py --n 5000
 """
@@ -40,6 +45,7 @@ SERVER = """
 import functools, http.server, sys
 class Handler(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as web servers do on keep-alive connections (nginx tcp_nodelay)
     def log_message(self, *args):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=sys.argv[1]))
@@ -100,7 +106,14 @@ def main() -> None:
         cfg_files = config.validate({**values, "catalog.path": str(files)}, base_dir=work)
         cfg_urls = config.validate({**values, "catalog.path": str(urls), "output.root": str(work / "out-urls")}, work)
         spark = get_spark(cfg_files)
-        spark.range(4).count()  # JVM and Python workers up before the clocks start
+        # JVM and Python workers up, with the model loaded in them, before the clocks start: otherwise the
+        # first variant timed would pay the model loads (Spark reuses the workers for the later ones).
+        warm = catalog(work / "warm.parquet", [str(images / name) for name in names[:200]])
+        embed.run(
+            config.validate({**values, "catalog.path": str(warm), "output.root": str(work / "warm")}, work),
+            spark,
+            "warm",
+        )
 
         def timed(cfg: config.Config, run_id: str) -> tuple[float, dict]:
             began = time.perf_counter()
@@ -108,6 +121,7 @@ def main() -> None:
             return time.perf_counter() - began, result.metrics
 
         t_files, m_files = timed(cfg_files, "files")
+        t_files_rerun, _ = timed(cfg_files, "files-rerun")
         t_http, m_http = timed(cfg_urls, "http")
         t_rerun, m_rerun = timed(cfg_urls, "rerun")
     finally:
@@ -126,6 +140,7 @@ def main() -> None:
     print(f"http / files rate        : {rate_http / rate_files:.2f}x  (target >= 0.8x)")
     print(f"rerun / first run, bytes : {m_rerun['http_bytes'] / max(1, m_http['http_bytes']):.4%}  (target < 1%)")
     print(f"rerun / first run, time  : {t_rerun / t_http:.2f}x  (target <= 0.3x)")
+    print(f"  of which the fixed part: {t_files_rerun / t_files:.2f}x  (unchanged files re-run / first files run)")
 
 
 if __name__ == "__main__":

@@ -115,16 +115,16 @@ def test_hosts_are_told_apart_by_scheme_name_and_port() -> None:
     assert host_of("http://example.com:8080/a") != host_of("http://example.com/a")
 
 
-def test_limiter_allows_n_per_window_starting_full_and_honours_pauses() -> None:
+def test_limiter_allows_n_per_window_drains_for_the_next_task_and_honours_pauses() -> None:
     now = [100.0]
-    assert HostLimiter(2.0, clock=lambda: now[0]).wait("h") == 0  # a stage's first tasks follow no other
-    limiter = HostLimiter(2.0, hand_over=True, clock=lambda: now[0])
-    # A later task's slot may have been spent by the task before it just now: its first request waits a window.
-    assert limiter.wait("h") > 0.9
-    now[0] += 1.05
+    limiter = HostLimiter(2.0, clock=lambda: now[0])
+    assert limiter.clear_in() == 0  # nothing sent: a task that fetched nothing hands its slot over at once
     assert limiter.wait("h") == 0 and limiter.wait("h") == 0 and limiter.wait("h") > 0.9
-    assert limiter.wait("other") == 0  # a host first asked for a window after the task began waits for nothing
-    now[0] += 1.05
+    assert limiter.wait("other") == 0  # each host has its own log
+    now[0] += 0.5
+    assert limiter.clear_in() == pytest.approx(0.52)  # the window (plus arrival jitter) after the last request
+    now[0] += 0.6
+    assert limiter.clear_in() == 0 and limiter.wait("h") == 0
     limiter.pause("h", 5.0)
     assert limiter.wait("h") == pytest.approx(5.0)
 

@@ -46,9 +46,9 @@ def image_policy(cfg: Config) -> ImagePolicy:
     return ImagePolicy.of(catalog_folder(cfg["catalog.path"]), cfg["catalog.image_roots"])
 
 
-def fetch_settings(cfg: Config, tasks_at_once: int = 1) -> FetchSettings:
-    """How this catalog's http(s) images are fetched by each of `tasks_at_once` concurrent tasks: the
-    `fetch.*` keys, the per-host budget split among the tasks (`fetcher.task_share`)."""
+def fetch_settings(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> FetchSettings:
+    """How this catalog's http(s) images are fetched by each of `tasks_at_once` concurrent tasks, out of
+    `partitions`: the `fetch.*` keys, the per-host budget split among the tasks (`fetcher.task_share`)."""
     requests_per_s, connections = task_share(
         cfg["fetch.max_requests_per_host_per_s"], cfg["fetch.max_connections_per_host"], tasks_at_once
     )
@@ -61,7 +61,7 @@ def fetch_settings(cfg: Config, tasks_at_once: int = 1) -> FetchSettings:
         max_redirects=cfg["fetch.max_redirects"],
         user_agent=cfg["fetch.user_agent"],
         ca_bundle=cfg["fetch.ca_bundle"],
-        tasks_at_once=max(1, tasks_at_once),
+        partitions=partitions,
     )
 
 

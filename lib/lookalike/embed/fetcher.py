@@ -79,7 +79,7 @@ class FetchSettings:
     max_redirects: int
     user_agent: str
     ca_bundle: str | None = None
-    tasks_at_once: int = 1  # the tasks the budget was split among: partitions from this one on follow another
+    partitions: int = 1  # the stage's tasks: all but the last may hand their slot over to another (`HostLimiter`)
 
 
 @dataclass(frozen=True)
@@ -148,16 +148,15 @@ def host_of(url: str) -> str:
 class HostLimiter:
     """At most n requests per window per host from this task (`limiter_budget`), plus `Retry-After` pauses.
 
-    With `hand_over`, a host's log starts full, stamped when the limiter was made: the task before this one on
-    the same executor slot may have spent the slot's share just before it ended, and the share must hold
-    across the hand-over. The first tasks of a stage have no predecessor and start empty.
+    A task's share must hold across the hand-over of its executor slot to the next task, which starts with an
+    empty log: `drain` waits until no host's log holds a request of the last window. A task that ends while
+    the last requests are still being decoded and embedded (most tasks of a night with new images) waits for
+    nothing.
     """
 
-    def __init__(self, requests_per_s: float, hand_over: bool = False, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, requests_per_s: float, clock: Callable[[], float] = time.monotonic):
         self.n, self.window = limiter_budget(requests_per_s)
         self._clock = clock
-        self._hand_over = hand_over
-        self._made = clock()
         self._sent: dict[str, deque[float]] = {}
         self._paused_until: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -166,7 +165,7 @@ class HostLimiter:
         """Seconds to wait before the next request to `host`; 0 means it may go now (and is counted)."""
         with self._lock:
             now = self._clock()
-            sent = self._sent.setdefault(host, deque([self._made] * self.n if self._hand_over else []))
+            sent = self._sent.setdefault(host, deque())
             window = self.window + ARRIVAL_JITTER_S
             while sent and sent[0] + window <= now:
                 sent.popleft()
@@ -181,6 +180,15 @@ class HostLimiter:
     def acquire(self, host: str) -> None:
         while (wait := self.wait(host)) > 0:
             time.sleep(wait)
+
+    def clear_in(self) -> float:
+        """Seconds until every request sent is older than the window (0: already)."""
+        with self._lock:
+            last = max((sent[-1] for sent in self._sent.values() if sent), default=None)
+            return 0.0 if last is None else max(0.0, last + self.window + ARRIVAL_JITTER_S - self._clock())
+
+    def drain(self) -> None:
+        time.sleep(self.clear_in())
 
     def pause(self, host: str, seconds: float) -> None:
         with self._lock:
@@ -214,18 +222,21 @@ def _pool(settings: FetchSettings) -> urllib3.PoolManager:
 
 
 class Fetcher:
-    """One task's http(s) client: `fetch` is safe to call from all of the task's reading threads.
-    `hand_over`: the task may follow another on its executor slot (see `HostLimiter`)."""
+    """One task's http(s) client: `fetch` is safe to call from all of the task's reading threads."""
 
-    def __init__(self, settings: FetchSettings, hand_over: bool = False):
+    def __init__(self, settings: FetchSettings):
         self.settings = settings
         self.stats = FetchStats()
         self._pool = _pool(settings)
-        self._limiter = HostLimiter(settings.requests_per_s, hand_over)
+        self._limiter = HostLimiter(settings.requests_per_s)
         self._connections: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
-    def close(self) -> None:
+    def close(self, hand_over: bool = False) -> None:
+        """Close the connections; with `hand_over` (another task may take this one's slot next), first wait
+        until this task's requests have left the rate window (`HostLimiter.drain`)."""
+        if hand_over:
+            self._limiter.drain()
         self._pool.clear()
 
     def fetch(

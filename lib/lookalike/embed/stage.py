@@ -79,9 +79,9 @@ class TooManyRemoved(LookalikeError):
     feed export rather than a real catalog clean-up."""
 
 
-def settings_from(cfg: Config, tasks_at_once: int = 1) -> EmbedSettings:
-    """The executors' settings; `tasks_at_once` (tasks that may run at the same time) splits the per-host
-    fetch budget so that it holds for the whole job."""
+def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> EmbedSettings:
+    """The executors' settings; `tasks_at_once` (of the stage's `partitions`, the tasks that may run at the
+    same time) splits the per-host fetch budget so that it holds for the whole job."""
     spec = registry.get_spec(cfg["model.name"])
     # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
     image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
@@ -98,7 +98,7 @@ def settings_from(cfg: Config, tasks_at_once: int = 1) -> EmbedSettings:
         decode_threads=cfg["embed.decode_threads"],
         input=cfg["embed.input"],
         policy=catalog.image_policy(cfg),
-        fetch=catalog.fetch_settings(cfg, tasks_at_once) if cfg["embed.input"] == "image" else None,
+        fetch=catalog.fetch_settings(cfg, tasks_at_once, partitions) if cfg["embed.input"] == "image" else None,
         retry_delay_hours=cfg["fetch.retry_delay_hours"],
     )
 
@@ -382,7 +382,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     n_work = items.filter(~F.col("waiting")).count()
     n_partitions = _partitions(spark, n_work, cfg["embed.partition_size"])
     tasks_at_once = _tasks_at_once(spark, n_partitions)
-    settings = settings_from(cfg, tasks_at_once)
+    settings = settings_from(cfg, tasks_at_once, n_partitions)
     if embed_input == "image" and cfg["fetch.max_connections_per_host"] < tasks_at_once:
         log.warning(
             "fetch.max_connections_per_host=%d is below the %d tasks that run at once: each task keeps one "

@@ -209,13 +209,13 @@ def _prefetch(submit: Callable[[T], Future[R]], items: Iterable[T], ahead: int) 
 class Readers:
     """A task's reading threads: `decode_threads` for files and object stores, `fetch.concurrency` (sharing
     one `Fetcher`) for http(s). Threads start on first use, so a catalog of files never starts a fetcher
-    thread, and titles start none. `partition` is the task's: the first `tasks_at_once` follow no other task
-    on their slot (`fetcher.HostLimiter`)."""
+    thread, and titles start none. `partition` is the task's: all but the stage's last may hand their slot
+    over to another task (`fetcher.HostLimiter`)."""
 
     def __init__(self, settings: EmbedSettings, partition: int = 0):
         self.settings = settings
-        fetch = settings.fetch
-        self.fetcher = Fetcher(fetch, hand_over=partition >= fetch.tasks_at_once) if fetch is not None else None
+        self.fetcher = Fetcher(settings.fetch) if settings.fetch is not None else None
+        self._hand_over = settings.fetch is not None and partition < settings.fetch.partitions - 1
         self._files = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="read")
         self._urls = ThreadPoolExecutor(
             max_workers=settings.fetch.concurrency if settings.fetch else 1, thread_name_prefix="fetch"
@@ -232,7 +232,7 @@ class Readers:
         self._files.shutdown(cancel_futures=True)
         self._urls.shutdown(cancel_futures=True)
         if self.fetcher is not None:
-            self.fetcher.close()
+            self.fetcher.close(self._hand_over)
 
 
 def _retry(row: WorkRow, retry_delay_hours: float, now: dt.datetime) -> dict:
