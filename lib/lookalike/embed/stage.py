@@ -337,6 +337,13 @@ def _with_history(spark: SparkSession, items: DataFrame, paths: dict[str, str], 
     return items.select("*", *(null.cast("string").alias(name) for name in ("etag", "last_modified", "validated_sha")))
 
 
+def _any_waiting(spark: SparkSession, q_path: str, embed_input: str) -> bool:
+    """Whether `quarantine` holds an image whose retry time has not come (a look at that small table)."""
+    if embed_input != "image" or not _quarantine_current(q_path):
+        return False
+    return bool(tables.read(spark, q_path).filter(F.col("next_retry_at") > F.current_timestamp()).limit(1).count())
+
+
 def _tasks_at_once(spark: SparkSession, n_partitions: int) -> int:
     """How many of this stage's tasks may run at the same time: its partitions, or the cluster's task slots
     (the cores Spark knows of now, over `spark.task.cpus`), whichever is fewer."""
@@ -377,9 +384,14 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         items = items.filter(F.col("quarantined"))
         if existing is not None:
             existing = existing.join(items.select("item_id"), "item_id", "left_semi")
-    waiting = F.lit(False) if retry_failed else F.coalesce(F.col("retry_at") > F.current_timestamp(), F.lit(False))
-    items = items.withColumn("waiting", waiting).persist(StorageLevel.MEMORY_AND_DISK)
-    n_work = items.filter(~F.col("waiting")).count()
+    # Counting the work costs a pass over the catalog and its joins; it is needed only when something may
+    # wait for its retry time (then the rows are kept for the two branches below) or with --retry-failed.
+    waits = not retry_failed and _any_waiting(spark, paths[QUARANTINE], embed_input)
+    waiting = F.coalesce(F.col("retry_at") > F.current_timestamp(), F.lit(False)) if waits else F.lit(False)
+    items = items.withColumn("waiting", waiting)
+    if waits:
+        items = items.persist(StorageLevel.MEMORY_AND_DISK)
+    n_work = items.filter(~F.col("waiting")).count() if waits or retry_failed else n_items
     n_partitions = _partitions(spark, n_work, cfg["embed.partition_size"])
     tasks_at_once = _tasks_at_once(spark, n_partitions)
     settings = settings_from(cfg, tasks_at_once, n_partitions)
@@ -421,7 +433,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         ),
     )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_ROWS))
-    staged = results.unionByName(deferred).persist(StorageLevel.MEMORY_AND_DISK)
+    staged = (results.unionByName(deferred) if waits else results).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with Progress(f"embed {run_id}", n_work, counters):
             # Runs inference once and keeps its rows; counted from them, not from the accumulators, which a
@@ -437,7 +449,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         _commit(staged, existing, catalog_ids, paths, version, run_id, fetched)
     finally:
         staged.unpersist()
-        items.unpersist()
+        items.unpersist()  # a no-op when it was not persisted
 
     seconds = time.time() - started
     processed = counts[EMBEDDED] + counts[FAILED] + counts[KEPT]
