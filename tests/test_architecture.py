@@ -20,7 +20,7 @@ LAYERS = [
     {"config", "session", "progress", "distributor"},
     {"embed"},
     {"index"},
-    {"similar", "recommend"},
+    {"similar", "recommend", "search"},
     {"run", "report", "demo_data"},
     {"cli"},
 ]

@@ -1,0 +1,162 @@
+"""Search by image for a service: `Searcher.open(output_root)`, then `searcher.search(image, k)`.
+
+No Spark in the serving process: the latest complete index build (`indexes/LATEST`) is read with FAISS, the
+re-ranking vectors with delta-rs from `embeddings`, and the query image goes through the embed stage's own
+reader, decoder and model (the build's, named by its `model` version), so a query is embedded exactly as the
+catalog was. Every shard of the build is searched and the results merged by their exact cosine.
+
+A `Searcher` is safe to share between threads. `refresh` (called by `search` at most every
+`refresh_every_s`) notices a newer build and loads it completely before swapping one reference, so queries in
+flight finish on the build they started with and none is dropped or sees half of each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from lookalike.embed.decode import ImageError, decode_image
+from lookalike.embed.models import cache, registry
+from lookalike.embed.models.vision import Embedder
+from lookalike.embed.reader import ImagePolicy, read_bytes
+from lookalike.errors import LookalikeError
+from lookalike.index import builds, shard_index
+from lookalike.storage import tables
+
+_VERSION = re.compile(r"^(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?$")
+MAX_BYTES = 64 * 1024 * 1024  # embed.max_bytes's default
+MAX_PIXELS = 100_000_000  # embed.max_pixels's default
+
+
+class SearchError(LookalikeError):
+    """The searcher cannot serve: no build, a build whose model cannot be loaded here, or bad arguments."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: str
+    score: float  # cosine of the query's embedding and the item's
+
+
+@dataclass(frozen=True)
+class _Shard:
+    loaded: shard_index.LoadedShard
+    vectors: np.ndarray  # the shard's embeddings in FAISS id order, for the exact re-rank
+
+
+@dataclass(frozen=True)
+class _Build:
+    run_id: str
+    embedder: Embedder
+    decode_size: int  # JPEGs decode at reduced scale down to this, as in the embed stage
+    shards: tuple[_Shard, ...]
+
+
+def parse_model_version(version: str) -> tuple[str, int | None]:
+    """(model name, input size) of a `registry.model_version` string such as `efficientnet-lite0@3f2a9c1b/112px`."""
+    match = _VERSION.match(version)
+    if match is None:
+        raise SearchError(f"model version {version!r} is not name@digest[/<size>px]")
+    return match["name"], int(match["size"]) if match["size"] else None
+
+
+class Searcher:
+    """Image search over the latest index build of one output root."""
+
+    def __init__(self, output_root: str, weights: str | None, refresh_every_s: float):
+        self.output_root = output_root
+        self._weights = weights
+        self._refresh_every_s = refresh_every_s
+        self._checked_at = time.monotonic()
+        self._lock = threading.Lock()  # one refresh at a time; searches never take it
+        self._build = self._load(builds.latest_build(output_root))
+
+    @classmethod
+    def open(cls, output_root: str, weights: str | None = None, refresh_every_s: float = 10.0) -> Searcher:
+        """The searcher of `output_root`'s latest build. `weights`: the weights file the build's model was
+        embedded with, when it is not a packaged one (`model.weights`)."""
+        try:
+            return cls(output_root, weights, refresh_every_s)
+        except builds.IndexBuildError as err:
+            raise SearchError(str(err)) from None
+
+    @property
+    def build(self) -> str:
+        """The run id of the build searches use now."""
+        return self._build.run_id
+
+    def refresh(self) -> bool:
+        """Switch to a newer build if `indexes/LATEST` names one; whether it switched."""
+        with self._lock:
+            self._checked_at = time.monotonic()
+            latest = builds.latest_build(self.output_root)
+            if latest == self._build.run_id:
+                return False
+            self._build = self._load(latest)  # one reference swap, after the whole build is loaded
+            return True
+
+    def search(self, image: bytes | str | os.PathLike[str], k: int = 10) -> list[Hit]:
+        """The `k` catalog items most like `image` (its bytes, or a path or URI the embed stage could read),
+        best first. Raises ImageError for an unusable image, SearchError for a bad `k`."""
+        if k < 1:
+            raise SearchError(f"k must be >= 1, got {k}")
+        if time.monotonic() - self._checked_at >= self._refresh_every_s:
+            self.refresh()
+        build = self._build  # this query stays on this build, whatever a refresh does meanwhile
+        data = image if isinstance(image, bytes) else read_bytes(os.fspath(image), MAX_BYTES, ImagePolicy())
+        query = build.embedder.embed([decode_image(data, MAX_PIXELS, target_size=build.decode_size).image])
+        return merge(
+            [(shard.loaded.item_ids, *shard.loaded.search(shard.vectors, query, k)) for shard in build.shards], k
+        )
+
+    def _load(self, run_id: str) -> _Build:
+        summary = builds.build_summary(self.output_root, run_id)
+        name, image_size = parse_model_version(summary["model"])
+        spec = registry.get_spec(name)
+        if spec.modality != "image" or image_size is None or spec.crop_fraction is None:
+            raise SearchError(f"build {run_id} holds {summary['model']!r}, not an image model: it cannot search images")
+        try:
+            version = registry.model_version(name, self._weights, image_size)
+        except (registry.ModelError, OSError) as err:
+            raise SearchError(f"build {run_id}: cannot load its model {summary['model']!r}: {err}") from None
+        if version != summary["model"]:
+            raise SearchError(
+                f"build {run_id} was embedded with {summary['model']!r}, the weights here give {version!r}; "
+                "open the searcher with the weights file the catalog was embedded with"
+            )
+        embedder = cache.get_embedder(name, self._weights, "cpu", image_size)
+        rows = tables.read_arrow(
+            tables.table_path(self.output_root, "embeddings"), columns=["item_id", "shard", "embedding"]
+        )
+        loaded, model, dim = [], summary["model"], summary["dim"]
+        for entry in summary["shards"]:
+            shard = builds.load_shard(self.output_root, run_id, entry["shard"], model=model, dim=dim)
+            members = rows.filter(pc.equal(rows["shard"], entry["shard"]))
+            try:
+                aligned = shard.align(members["item_id"], shard_index.matrix(members["embedding"], dim))
+            except ValueError as err:
+                why = f"the embeddings changed after build {run_id}: run `lookalike index`"
+                raise SearchError(f"{err}; {why}") from None
+            loaded.append(_Shard(shard, aligned))
+        return _Build(run_id, embedder, math.ceil(image_size / spec.crop_fraction), tuple(loaded))
+
+
+def merge(per_shard: list[tuple[object, np.ndarray, np.ndarray]], k: int) -> list[Hit]:
+    """The best `k` of every shard's (item ids, scores (1, k), FAISS ids (1, k)), by score; padding (-1) dropped."""
+    hits = [
+        Hit(item_ids[int(i)].as_py(), float(score))  # type: ignore[index]
+        for item_ids, scores, ids in per_shard
+        for score, i in zip(scores[0], ids[0])
+        if i >= 0
+    ]
+    return sorted(hits, key=lambda hit: (-hit.score, hit.item_id))[:k]
+
+
+__all__ = ["Hit", "ImageError", "SearchError", "Searcher", "merge", "parse_model_version"]

@@ -1,0 +1,128 @@
+"""`lookalike.Searcher`: search by image over the latest index build without Spark, on a catalog that the real
+embed and index stages wrote; a newer build is picked up atomically while queries run."""
+
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pyspark.sql import SparkSession
+
+import lookalike
+from lookalike.config import Config
+from lookalike.embed import stage as embed
+from lookalike.embed.decode import ImageError
+from lookalike.index import stage as index
+from lookalike.search.searcher import Hit, Searcher, SearchError, merge, parse_model_version
+from tests.conftest import make_config
+from tests.image_corpus import photo
+
+
+def write_catalog(folder: Path, n: int) -> Path:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo(40 + i % 9, 36 + i % 5, seed=i).save(folder / "img" / f"p{i}.png")
+    catalog = folder / "catalog.parquet"
+    pd.DataFrame(
+        {
+            "item_id": [f"p{i}" for i in range(n)],
+            "image_uri": [f"img/p{i}.png" for i in range(n)],
+            "category": [("a", "b")[i % 2] for i in range(n)],
+        }
+    ).to_parquet(catalog)
+    return catalog
+
+
+def config(folder: Path, catalog: Path) -> Config:
+    return make_config(folder, **{"catalog.path": str(catalog), "embed.image_size": 32, "embed.batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def built(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config]:
+    folder = tmp_path_factory.mktemp("searcher")
+    cfg = config(folder, write_catalog(folder, 30))
+    embed.run(cfg, spark, "b1")
+    index.run(cfg, spark, "b1")
+    return folder, cfg
+
+
+def jpeg_of(path: Path, quality: int = 80) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_a_catalog_image_finds_itself_across_shards(built: tuple[Path, Config]) -> None:
+    folder, cfg = built
+    searcher = lookalike.Searcher.open(cfg["output.root"])
+    assert searcher.build == "b1"
+    for item in ("p3", "p8"):  # one from each shard
+        hits = searcher.search((folder / "img" / f"{item}.png").read_bytes(), k=5)
+        assert hits[0].item_id == item and hits[0].score > 0.999
+        assert len(hits) == 5 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Results come from both shards, merged by score; a recompressed copy still finds its original first.
+    assert {h.item_id for h in searcher.search(folder / "img" / "p3.png", k=30)} == {f"p{i}" for i in range(30)}
+    assert searcher.search(jpeg_of(folder / "img" / "p5.png"), k=1)[0].item_id == "p5"
+
+
+def test_bad_queries_are_one_line_errors(built: tuple[Path, Config], tmp_path: Path) -> None:
+    _, cfg = built
+    searcher = Searcher.open(cfg["output.root"])
+    with pytest.raises(ImageError) as caught:
+        searcher.search(b"<html>not an image</html>")
+    assert caught.value.kind == "not_an_image"
+    with pytest.raises(ImageError) as missing:
+        searcher.search(tmp_path / "nope.png")
+    assert missing.value.kind == "missing"
+    with pytest.raises(SearchError, match="k must be >= 1"):
+        searcher.search(b"", k=0)
+    with pytest.raises(SearchError, match="no index build"):
+        Searcher.open(str(tmp_path / "empty"))
+
+
+def test_a_newer_build_is_swapped_in_while_queries_run(
+    spark: SparkSession, built: tuple[Path, Config], tmp_path: Path
+) -> None:
+    folder, cfg = built
+    searcher = Searcher.open(cfg["output.root"], refresh_every_s=3600)
+    query = (folder / "img" / "p1.png").read_bytes()
+    # Nightly adds items: the new build holds p30..p33.
+    bigger = config(folder, write_catalog(folder, 34))
+    embed.run(bigger, spark, "b2")
+    index.run(bigger, spark, "b2")
+    stop, results, errors = threading.Event(), [], []
+
+    def keep_searching() -> None:
+        while not stop.is_set():
+            try:
+                results.append(searcher.search(query, k=34))
+            except Exception as err:  # noqa: BLE001 (any failure is the finding)
+                errors.append(err)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(keep_searching) for _ in range(2)]
+        assert searcher.refresh() and searcher.build == "b2"
+        stop.set()
+        for future in running:
+            future.result()
+    assert not errors and results
+    # Every answer came whole from one build or the other: 30 items (b1) or 34 (b2), nothing in between.
+    assert {len(r) for r in results} <= {30, 34}
+    assert len(searcher.search(query, k=34)) == 34 and not searcher.refresh()
+
+
+def test_model_versions_and_merging_are_pure() -> None:
+    assert parse_model_version("efficientnet-lite0@3f2a9c1b/112px") == ("efficientnet-lite0", 112)
+    assert parse_model_version("all-minilm-l6-v2@0a1b2c3d") == ("all-minilm-l6-v2", None)
+    with pytest.raises(SearchError):
+        parse_model_version("no version here")
+    a = (pa.array(["x", "y"]), np.array([[0.9, 0.5]]), np.array([[0, 1]]))
+    b = (pa.array(["z"]), np.array([[0.7, -np.inf]]), np.array([[0, -1]]))
+    assert merge([a, b], 2) == [Hit("x", pytest.approx(0.9)), Hit("z", pytest.approx(0.7))]
