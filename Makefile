@@ -47,8 +47,8 @@ test: $(STAMP) datasets chromium
 
 # Lint and format check, then the type check; settings in pyproject.toml.
 lint: $(STAMP)
-	$(BIN)/ruff check lib tests benchmarks jobs
-	$(BIN)/ruff format --check lib tests benchmarks jobs
+	$(BIN)/ruff check lib tests benchmarks jobs examples
+	$(BIN)/ruff format --check lib tests benchmarks jobs examples
 	$(BIN)/mypy
 
 docs: $(STAMP)

@@ -4,7 +4,10 @@ embed and index stages wrote; a newer build is picked up atomically while querie
 from __future__ import annotations
 
 import io
+import socket
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import urllib3
 from PIL import Image
 from pyspark.sql import SparkSession
 
@@ -85,6 +89,38 @@ def test_bad_queries_are_one_line_errors(built: tuple[Path, Config], tmp_path: P
         searcher.search(b"", k=0)
     with pytest.raises(SearchError, match="no index build"):
         Searcher.open(str(tmp_path / "empty"))
+
+
+@pytest.fixture
+def service(built: tuple[Path, Config]) -> Iterator[str]:
+    """examples/search_service.py served by uvicorn on 127.0.0.1 (a free port), stopped after the test."""
+    import uvicorn
+
+    from examples.search_service import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(built[1]["output.root"]), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_example_service_answers_over_http(built: tuple[Path, Config], service: str) -> None:
+    folder, _ = built
+    http = urllib3.PoolManager()
+    answer = http.request("POST", f"{service}/search?k=3", body=(folder / "img" / "p4.png").read_bytes())
+    assert answer.status == 200
+    body = answer.json()
+    assert body["build"] == "b1" and [r["item_id"] for r in body["results"]][0] == "p4" and len(body["results"]) == 3
+    bad = http.request("POST", f"{service}/search", body=b"GIF89a not really")
+    assert bad.status == 422 and bad.json()["error_kind"] in ("not_an_image", "decode_error")
+    assert http.request("POST", f"{service}/search?k=zero", body=b"x").status == 400
+    assert http.request("GET", f"{service}/health").json() == {"build": "b1"}
 
 
 def test_a_newer_build_is_swapped_in_while_queries_run(
