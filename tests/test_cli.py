@@ -69,7 +69,7 @@ def test_config_error_is_one_line(tmp_path: Path) -> None:
 
 
 def test_jobs_are_thin_entries_for_every_stage() -> None:
-    for stage in [*stages.STAGES, "nightly"]:
+    for stage in [*stages.STAGES, *stages.COMMANDS, "nightly"]:
         text = (REPO / "jobs" / f"{stage}.py").read_text()
         assert f'run_job("{stage}")' in text
 
@@ -153,9 +153,11 @@ def test_spark_submit_job_stops_spark_then_exits_with_its_own_status(tmp_path: P
     assert '"Event":"SparkListenerApplicationEnd"' in log.read_text()
 
 
-def test_retry_failed_is_the_embed_flag_for_embed_retry_failed() -> None:
+def test_command_flags_are_config_overrides() -> None:
     args = cli._parser().parse_args(["embed", "--conf", "c.yaml", "--set", "fetch.retries=1", "--retry-failed"])
     assert cli.overrides(args) == ["fetch.retries=1", "embed.retry_failed=true"]
     assert cli.overrides(cli._parser().parse_args(["index", "--conf", "c.yaml"])) == []
+    search = cli._parser().parse_args(["search", "--conf", "c.yaml", "--queries", "q.parquet"])
+    assert cli.overrides(search) == ["search.queries=q.parquet"]
     with pytest.raises(SystemExit):  # only embed has it
         cli._parser().parse_args(["index", "--conf", "c.yaml", "--retry-failed"])

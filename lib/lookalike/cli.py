@@ -37,6 +37,7 @@ STAGE_HELP = {
     "similar": "-> similar_items",
     "recommend": "events + embeddings -> recommendations",
     "nightly": "embed -> index -> similar -> recommend, incremental, one run id",
+    "search": "query images -> search_results, search_errors (against the latest index build)",
 }
 
 
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         stage = commands.add_parser(name, help=text)
         _add_conf_args(stage)
+        if name == "search":
+            stage.add_argument(
+                "--queries", required=True, help="query table: query_id, image_uri, optional category and k"
+            )
         if name == "embed":
             stage.add_argument(
                 "--retry-failed",
@@ -78,7 +83,10 @@ def _add_conf_args(parser: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> list[str]:
     """The command's `--set` overrides, with those its flags stand for (`embed --retry-failed`)."""
-    return [*args.overrides, *(["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else [])]
+    flags = ["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else []
+    if getattr(args, "queries", None):
+        flags.append(f"search.queries={args.queries}")
+    return [*args.overrides, *flags]
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:

@@ -262,6 +262,23 @@ SCHEMA: dict[str, Key] = {
         "as long per further failed run, up to 30 days; `--retry-failed` tries now.",
         minimum=0.0,
     ),
+    "search.queries": Key(
+        str,
+        None,
+        "Query table of `lookalike search` (set by `--queries`): `query_id` (required, unique), `image_uri` "
+        "(required), `category` (optional: search only the shards of that `index.shard_by` value), `k` "
+        "(optional, else `search.k`).",
+        nullable=True,
+        is_path=True,
+        must_exist=True,
+    ),
+    "search.queries_format": Key(
+        str,
+        "parquet",
+        "Format of `search.queries`: parquet, csv, json or delta.",
+        choices=("parquet", "csv", "json", "delta"),
+    ),
+    "search.k": Key(int, 10, "Results per query of `lookalike search` when the query has no `k`.", minimum=1),
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
     "index.max_shard_size": Key(
         int, 200_000, "Shards with more items are split into hash sub-shards (`value#00`, `value#01`, ...).", minimum=2

@@ -73,7 +73,8 @@ def resolve_uri(uri: Column, base: str) -> Column:
     )
 
 
-def _load(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+def load_table(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+    """A parquet, csv (with a header), json or Delta table, as the catalog and query tables are read."""
     if fmt == "delta":
         return tables.read(spark, path)
     reader = spark.read.format(fmt)
@@ -133,5 +134,6 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input
 def read_catalog(spark: SparkSession, cfg: Config) -> DataFrame:
     """The validated catalog with relative image URIs resolved against the catalog's folder."""
     path, fmt = cfg["catalog.path"], cfg["catalog.format"]
-    df = validate(_load(spark, path, fmt), source=path, keep=(cfg["index.shard_by"],), embed_input=cfg["embed.input"])
+    raw = load_table(spark, path, fmt)
+    df = validate(raw, source=path, keep=(cfg["index.shard_by"],), embed_input=cfg["embed.input"])
     return df.withColumn("image_uri", resolve_uri(F.col("image_uri"), catalog_folder(path)))

@@ -133,6 +133,16 @@ def embed_task(settings: EmbedSettings, counters: dict):
     return embed_items
 
 
+def make_counters(spark: SparkSession) -> dict[str, Accumulator]:
+    """The accumulators `embed_task` reports through: rows by status, model loads, fetched requests and
+    bytes, failures by kind (`progress.Progress` reads them)."""
+    counters: dict[str, Accumulator] = {
+        name: spark.sparkContext.accumulator(0) for name in (*STATUSES, "model_loads", "requests", "bytes")
+    }
+    counters["failed_kinds"] = spark.sparkContext.accumulator({}, CountsParam())
+    return counters
+
+
 def _count(frame: pd.DataFrame, fetcher: Fetcher | None, reported: FetchStats, counters: dict) -> None:
     """This batch's rows by status and failures by kind, and what `fetcher` moved since `reported`."""
     status = frame["status"]
@@ -413,10 +423,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         n_partitions,
     )
 
-    counters: dict[str, Accumulator] = {
-        name: spark.sparkContext.accumulator(0) for name in (*STATUSES, "model_loads", "requests", "bytes")
-    }
-    counters["failed_kinds"] = spark.sparkContext.accumulator({}, CountsParam())
+    counters = make_counters(spark)
     results = (
         items.filter(~F.col("waiting"))
         .repartition(n_partitions)

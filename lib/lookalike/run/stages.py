@@ -30,6 +30,9 @@ STAGES: dict[str, str] = {
 }
 
 
+# Commands that run like a stage (under the lock, with a `runs` row) but not in the nightly.
+COMMANDS: dict[str, str] = {"search": "lookalike.search.batch:run"}
+
 StageFn = Callable[["Config", "SparkSession", str], StageResult]
 
 
@@ -40,7 +43,7 @@ def new_run_id() -> str:
 
 def load_stage(name: str) -> StageFn:
     """The stage's run function; imported only when the stage actually runs."""
-    module, _, function = STAGES[name].partition(":")
+    module, _, function = (STAGES | COMMANDS)[name].partition(":")
     return getattr(importlib.import_module(module), function)
 
 

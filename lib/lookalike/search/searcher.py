@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +55,10 @@ class _Shard:
 @dataclass(frozen=True)
 class _Build:
     run_id: str
-    embedder: Embedder
+    model: str  # the build's model version
+    embedder: Embedder | None  # None for a searcher of vectors only (`with_model=False`)
     decode_size: int  # JPEGs decode at reduced scale down to this, as in the embed stage
-    shards: tuple[_Shard, ...]
+    shards: dict[str, _Shard]
 
 
 def parse_model_version(version: str) -> tuple[str, int | None]:
@@ -70,20 +72,24 @@ def parse_model_version(version: str) -> tuple[str, int | None]:
 class Searcher:
     """Image search over the latest index build of one output root."""
 
-    def __init__(self, output_root: str, weights: str | None, refresh_every_s: float):
+    def __init__(self, output_root: str, weights: str | None, refresh_every_s: float, with_model: bool):
         self.output_root = output_root
         self._weights = weights
+        self._with_model = with_model
         self._refresh_every_s = refresh_every_s
         self._checked_at = time.monotonic()
         self._lock = threading.Lock()  # one refresh at a time; searches never take it
         self._build = self._load(builds.latest_build(output_root))
 
     @classmethod
-    def open(cls, output_root: str, weights: str | None = None, refresh_every_s: float = 10.0) -> Searcher:
+    def open(
+        cls, output_root: str, weights: str | None = None, refresh_every_s: float = 10.0, with_model: bool = True
+    ) -> Searcher:
         """The searcher of `output_root`'s latest build. `weights`: the weights file the build's model was
-        embedded with, when it is not a packaged one (`model.weights`)."""
+        embedded with, when it is not a packaged one (`model.weights`). `with_model=False` searches vectors
+        only (`search_vectors`: the batch command embeds its queries in Spark)."""
         try:
-            return cls(output_root, weights, refresh_every_s)
+            return cls(output_root, weights, refresh_every_s, with_model)
         except builds.IndexBuildError as err:
             raise SearchError(str(err)) from None
 
@@ -91,6 +97,15 @@ class Searcher:
     def build(self) -> str:
         """The run id of the build searches use now."""
         return self._build.run_id
+
+    @property
+    def model(self) -> str:
+        """The model version the build was embedded with; queries must be embedded with it too."""
+        return self._build.model
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(self._build.shards)
 
     def refresh(self) -> bool:
         """Switch to a newer build if `indexes/LATEST` names one; whether it switched."""
@@ -110,11 +125,18 @@ class Searcher:
         if time.monotonic() - self._checked_at >= self._refresh_every_s:
             self.refresh()
         build = self._build  # this query stays on this build, whatever a refresh does meanwhile
+        if build.embedder is None:
+            raise SearchError("this searcher was opened with_model=False: it searches vectors only")
         data = image if isinstance(image, bytes) else read_bytes(os.fspath(image), MAX_BYTES, ImagePolicy())
         query = build.embedder.embed([decode_image(data, MAX_PIXELS, target_size=build.decode_size).image])
-        return merge(
-            [(shard.loaded.item_ids, *shard.loaded.search(shard.vectors, query, k)) for shard in build.shards], k
-        )
+        return _search(build, query, k, None)[0]
+
+    def search_vectors(self, queries: np.ndarray, k: int, shards: Iterable[str] | None = None) -> list[list[Hit]]:
+        """The `k` best items for each row of `queries` (unit vectors of the build's model), in `shards` only
+        when given (names from `shards`), else in every shard."""
+        if k < 1:
+            raise SearchError(f"k must be >= 1, got {k}")
+        return _search(self._build, np.asarray(queries, dtype=np.float32), k, shards)
 
     def _load(self, run_id: str) -> _Build:
         summary = builds.build_summary(self.output_root, run_id)
@@ -131,11 +153,11 @@ class Searcher:
                 f"build {run_id} was embedded with {summary['model']!r}, the weights here give {version!r}; "
                 "open the searcher with the weights file the catalog was embedded with"
             )
-        embedder = cache.get_embedder(name, self._weights, "cpu", image_size)
+        embedder = cache.get_embedder(name, self._weights, "cpu", image_size) if self._with_model else None
         rows = tables.read_arrow(
             tables.table_path(self.output_root, "embeddings"), columns=["item_id", "shard", "embedding"]
         )
-        loaded, model, dim = [], summary["model"], summary["dim"]
+        loaded, model, dim = {}, summary["model"], summary["dim"]
         for entry in summary["shards"]:
             shard = builds.load_shard(self.output_root, run_id, entry["shard"], model=model, dim=dim)
             members = rows.filter(pc.equal(rows["shard"], entry["shard"]))
@@ -144,8 +166,17 @@ class Searcher:
             except ValueError as err:
                 why = f"the embeddings changed after build {run_id}: run `lookalike index`"
                 raise SearchError(f"{err}; {why}") from None
-            loaded.append(_Shard(shard, aligned))
-        return _Build(run_id, embedder, math.ceil(image_size / spec.crop_fraction), tuple(loaded))
+            loaded[entry["shard"]] = _Shard(shard, aligned)
+        return _Build(run_id, model, embedder, math.ceil(image_size / spec.crop_fraction), loaded)
+
+
+def _search(build: _Build, queries: np.ndarray, k: int, shards: Iterable[str] | None) -> list[list[Hit]]:
+    chosen = [build.shards[name] for name in (sorted(build.shards) if shards is None else shards)]
+    found = [(shard.loaded.item_ids, *shard.loaded.search(shard.vectors, queries, k)) for shard in chosen]
+    return [
+        merge([(ids, scores[row : row + 1], faiss_ids[row : row + 1]) for ids, scores, faiss_ids in found], k)
+        for row in range(len(queries))
+    ]
 
 
 def merge(per_shard: list[tuple[object, np.ndarray, np.ndarray]], k: int) -> list[Hit]:

@@ -1,0 +1,139 @@
+"""The `search` command: a table of query images -> `search_results` and `search_errors`.
+
+Queries are embedded on the executors by the embed stage's own UDF (same reading, fetching, decoding, model
+and failure kinds, so an unusable query image becomes an error row, never a failed job), with the model of the
+latest index build: a config whose model differs is refused before any work. The vectors then come to the
+driver, which searches the build with `Searcher.search_vectors` (every shard, or the query's `category`'s
+shards), exactly re-ranked. A re-run replaces the rows of its own `query_id`s only, in both tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lookalike.config import Config
+from lookalike.embed import catalog
+from lookalike.embed import stage as embed
+from lookalike.embed.models import registry
+from lookalike.embed.task import EMBEDDED
+from lookalike.errors import LookalikeError
+from lookalike.results import StageResult
+from lookalike.search.searcher import Searcher
+from lookalike.storage import tables
+
+log = logging.getLogger(__name__)
+
+RESULTS, ERRORS = "search_results", "search_errors"
+NO_SHARD = "no_shard"  # the error kind of a query whose category has no shard in the build
+
+
+class QueryError(LookalikeError):
+    """The query table cannot be used as it is; the message names the problem and example rows."""
+
+
+def read_queries(spark: SparkSession, path: str, fmt: str) -> DataFrame:
+    """`query_id`, `image_uri`, `category`, `k` of the query table, checked: required columns, no null or
+    duplicate `query_id`, at least one row."""
+    df = catalog.load_table(spark, path, fmt)
+    missing = [c for c in ("query_id", "image_uri") if c not in df.columns]
+    if missing:
+        raise QueryError(f"queries {path} lack required column(s) {missing}; they have {df.columns}")
+    df = df.select(
+        F.col("query_id").cast("string").alias("query_id"),
+        F.col("image_uri").cast("string").alias("image_uri"),
+        (F.col("category") if "category" in df.columns else F.lit(None)).cast("string").alias("category"),
+        (F.col("k") if "k" in df.columns else F.lit(None)).cast("int").alias("k"),
+    )
+    checks = df.agg(
+        F.count("*").alias("rows"),
+        F.sum(F.col("query_id").isNull().cast("int")).alias("null_ids"),
+        F.countDistinct("query_id").alias("ids"),
+        F.sum((F.col("k") < 1).cast("int")).alias("bad_k"),
+    ).first()
+    assert checks is not None
+    if checks["rows"] == 0:
+        raise QueryError(f"queries {path} have no rows: nothing to search (nothing was committed)")
+    if checks["null_ids"]:
+        raise QueryError(f"queries {path} have {checks['null_ids']} row(s) without query_id")
+    if checks["ids"] != checks["rows"]:
+        dupes = df.groupBy("query_id").count().filter("count > 1").limit(3).collect()
+        raise QueryError(f"queries {path} repeat query_id(s), e.g. {', '.join(repr(r['query_id']) for r in dupes)}")
+    if checks["bad_k"]:
+        raise QueryError(f"queries {path} have {checks['bad_k']} row(s) with k < 1")
+    return df
+
+
+def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
+    started = time.time()
+    path, root = cfg["search.queries"], cfg["output.root"]
+    if path is None:
+        raise QueryError("no query table: `lookalike search --queries PATH` (or set search.queries)")
+    searcher = Searcher.open(root, cfg["model.weights"], with_model=False)
+    settings = embed.settings_from(cfg)
+    version = registry.model_version(settings.model_name, settings.weights, settings.image_size)
+    if settings.input != "image" or version != searcher.model:
+        raise QueryError(
+            f"index build {searcher.build} was embedded with {searcher.model!r}, this config embeds queries with "
+            f"{version!r}: set model.* and embed.image_size as for that build"
+        )
+    queries = read_queries(spark, path, cfg["search.queries_format"])
+    n_queries = queries.count()
+    partitions = max(1, min(n_queries, 2 * spark.sparkContext.defaultParallelism))
+    counters = embed.make_counters(spark)
+    udf = embed.embed_task(embed.settings_from(cfg, partitions, partitions), counters)
+    nulls = [F.lit(None).cast("int" if name == "attempts" else "string") for name in embed.INPUTS]
+    rows = (
+        queries.repartition(partitions)
+        .select("query_id", "image_uri", "category", "k", udf("image_uri", *nulls).alias("r"))
+        .select("query_id", "image_uri", "category", "k", "r.status", "r.embedding", "r.error_kind", "r.error_message")
+        .toPandas()
+    )
+    found, errors = _search(searcher, rows, cfg["search.k"], cfg["index.shard_by"])
+    results = spark.createDataFrame(found.assign(run_id=run_id), schema=RESULTS_SCHEMA)
+    failed = spark.createDataFrame(errors.assign(run_id=run_id), schema=ERRORS_SCHEMA)
+    ok_ids = spark.createDataFrame(found[["query_id"]].drop_duplicates(), "query_id string")
+    failed_ids = failed.select("query_id")
+    tables.replace_by_key(results, tables.table_path(root, RESULTS), "query_id", delete_keys=failed_ids)
+    tables.replace_by_key(failed, tables.table_path(root, ERRORS), "query_id", delete_keys=ok_ids)
+    metrics = {
+        "queries": n_queries,
+        "answered": int(found["query_id"].nunique()),
+        "failed": len(errors),
+        "seconds": round(time.time() - started, 3),
+    }
+    log.info("search %s against build %s: %s", run_id, searcher.build, metrics)
+    return StageResult("search", rows_in=n_queries, rows_out=len(found), metrics=metrics)
+
+
+RESULTS_SCHEMA = "query_id string, rank int, item_id string, score float, run_id string"
+ERRORS_SCHEMA = "query_id string, image_uri string, error_kind string, error_message string, run_id string"
+
+
+def _search(searcher: Searcher, rows: pd.DataFrame, default_k: int, shard_by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Result rows (query_id, rank, item_id, score) and error rows (query_id, image_uri, kind, message)."""
+    found: list[dict] = []
+    errors = rows.loc[rows["status"] != EMBEDDED, ["query_id", "image_uri", "error_kind", "error_message"]]
+    errors = [errors]
+    good = rows[rows["status"] == EMBEDDED]
+    shards = searcher.shards
+    # Queries that share a category and k are searched together: one FAISS call per group and shard.
+    for (category, k), group in good.groupby([good["category"].fillna(""), good["k"].fillna(default_k)]):
+        chosen = None if category == "" else [s for s in shards if s == category or s.startswith(f"{category}#")]
+        if chosen == []:
+            errors.append(
+                group.assign(
+                    error_kind=NO_SHARD,
+                    error_message=f"no shard for {shard_by} {category!r} in index build {searcher.build}",
+                )[["query_id", "image_uri", "error_kind", "error_message"]]
+            )
+            continue
+        vectors = np.stack(group["embedding"].to_numpy()).astype(np.float32)
+        for query_id, hits in zip(group["query_id"], searcher.search_vectors(vectors, int(k), chosen)):
+            found += [dict(query_id=query_id, rank=r, item_id=h.item_id, score=h.score) for r, h in enumerate(hits, 1)]
+    return pd.DataFrame(found, columns=["query_id", "rank", "item_id", "score"]), pd.concat(errors, ignore_index=True)
