@@ -103,7 +103,15 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
     )
 
 
-INPUTS = ("known", "known_bad", "etag", "last_modified", "validated_sha", "attempts")  # the UDF's, after content
+# The UDF's columns after the content, with their types (`WorkRow`'s fields after `uri`).
+INPUTS = {
+    "known": "string",
+    "known_bad": "string",
+    "etag": "string",
+    "last_modified": "string",
+    "validated_sha": "string",
+    "attempts": "int",
+}
 
 
 def embed_task(settings: EmbedSettings, counters: dict):
@@ -146,8 +154,9 @@ def make_counters(spark: SparkSession) -> dict[str, Accumulator]:
 def _count(frame: pd.DataFrame, fetcher: Fetcher | None, reported: FetchStats, counters: dict) -> None:
     """This batch's rows by status and failures by kind, and what `fetcher` moved since `reported`."""
     status = frame["status"]
-    for name in STATUSES[:-1]:  # deferred rows never reach a task
-        counters[name].add(int((status == name).sum()))
+    for name in STATUSES:
+        if name != DEFERRED:  # deferred rows never reach a task
+            counters[name].add(int((status == name).sum()))
     counters["failed_kinds"].add(dict(Counter(frame["error_kind"][status.isin([FAILED, KEPT])])))
     if fetcher is not None:
         counters["requests"].add(fetcher.stats.requests - reported.requests)
@@ -203,9 +212,11 @@ def _commit(
     version: str,
     run_id: str,
     fetched: int,
+    quarantine_current: bool,
 ) -> None:
     """The run's rows into `embeddings`, `quarantine` and (when anything was fetched, or it exists)
-    `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings` this run worked on."""
+    `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings` this run worked on;
+    `quarantine_current`: whether `quarantine` has the columns the run relied on (`_quarantine_current`)."""
     now = F.current_timestamp()
     new_rows = staged.filter(F.col("status") == EMBEDDED).select(
         "item_id",
@@ -245,7 +256,7 @@ def _commit(
         now.alias("seen_at"),
         *QUARANTINE_STATE,
     )
-    if _quarantine_current(q_path):
+    if quarantine_current:
         quarantine = tables.read(staged.sparkSession, q_path)
         still = staged.filter(F.col("status").isin(FAILED, KEPT, STILL_FAILED, DEFERRED)).select("item_id")
         healed = quarantine.select("item_id").join(still, "item_id", "left_anti")
@@ -264,7 +275,8 @@ def _commit(
         tables.write(failed, q_path, mode="overwrite", replace_schema=True)
 
     state_path = paths[FETCH_STATE]
-    if fetched or tables.exists(state_path):
+    has_state = tables.exists(state_path)
+    if fetched or has_state:
         answered = staged.filter(F.col("fetched")).select(
             "item_id",
             "image_uri",
@@ -274,7 +286,7 @@ def _commit(
             F.lit(run_id).alias("run_id"),
             now.alias("fetched_at"),
         )
-        if tables.exists(state_path):
+        if has_state:
             state = tables.read(staged.sparkSession, state_path)
             left = state.select("item_id").join(catalog_ids, "item_id", "left_anti")
             tables.replace_by_key(answered, state_path, "item_id", delete_keys=left)
@@ -295,14 +307,17 @@ def _gone(existing: DataFrame, staged: DataFrame) -> DataFrame:
     return existing.select("item_id").join(kept, "item_id", "left_anti")
 
 
-def _with_history(spark: SparkSession, items: DataFrame, paths: dict[str, str], embed_input: str) -> DataFrame:
+def _with_history(
+    spark: SparkSession, items: DataFrame, paths: dict[str, str], embed_input: str, quarantine_current: bool
+) -> DataFrame:
     """`items` with what earlier runs left about each: `known_bad` (the sha256 of bytes that failed by their
     content alone), `attempts` and `retry_at` (of a quarantined image, while its URI is the same),
     `quarantined`, and the validators to send (`etag`, `last_modified`, naming `validated_sha`, only when
-    those bytes are the embedded or the known-bad ones)."""
+    those bytes are the embedded or the known-bad ones). Titles have none; `quarantine_current` says whether
+    `quarantine` has the columns read here (`_quarantine_current`)."""
     null = F.lit(None)
     q_path, state_path = paths[QUARANTINE], paths[FETCH_STATE]
-    if embed_input == "image" and _quarantine_current(q_path):
+    if embed_input == "image" and quarantine_current:
         quarantine = tables.read(spark, q_path).select(
             "item_id",
             F.col("image_uri").alias("q_uri"),
@@ -347,10 +362,8 @@ def _with_history(spark: SparkSession, items: DataFrame, paths: dict[str, str], 
     return items.select("*", *(null.cast("string").alias(name) for name in ("etag", "last_modified", "validated_sha")))
 
 
-def _any_waiting(spark: SparkSession, q_path: str, embed_input: str) -> bool:
+def _any_waiting(spark: SparkSession, q_path: str) -> bool:
     """Whether `quarantine` holds an image whose retry time has not come (a look at that small table)."""
-    if embed_input != "image" or not _quarantine_current(q_path):
-        return False
     return bool(tables.read(spark, q_path).filter(F.col("next_retry_at") > F.current_timestamp()).limit(1).count())
 
 
@@ -371,7 +384,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         raise catalog.CatalogError(
             f"catalog {cfg['catalog.path']} has no rows: refusing to run on an empty feed (nothing was committed)"
         )
-    version = registry.model_version(*_model_key(cfg))
+    version = settings_from(cfg).model_version
     content = catalog.CONTENT_COLUMNS[embed_input]  # image_uri, or title
     items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
     catalog_ids = items.select("item_id")
@@ -389,14 +402,16 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             "item_id",
             "left",
         )
-    items = _with_history(spark, items, paths, embed_input)
+    quarantine_current = _quarantine_current(paths[QUARANTINE])
+    items = _with_history(spark, items, paths, embed_input, quarantine_current)
     if retry_failed:  # the quarantined items only; the rest of the tables stays as it is
         items = items.filter(F.col("quarantined"))
         if existing is not None:
             existing = existing.join(items.select("item_id"), "item_id", "left_semi")
     # Counting the work costs a pass over the catalog and its joins; it is needed only when something may
     # wait for its retry time (then the rows are kept for the two branches below) or with --retry-failed.
-    waits = not retry_failed and _any_waiting(spark, paths[QUARANTINE], embed_input)
+    has_retry_times = embed_input == "image" and quarantine_current  # only then can anything wait
+    waits = has_retry_times and not retry_failed and _any_waiting(spark, paths[QUARANTINE])
     waiting = F.coalesce(F.col("retry_at") > F.current_timestamp(), F.lit(False)) if waits else F.lit(False)
     items = items.withColumn("waiting", waiting)
     if waits:
@@ -453,7 +468,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             gone = _gone(existing, staged).count()
             _check_removed(gone, n_existing, max_removed, "they left the catalog or their images no longer embed")
         fetched = sum(n for _, n in by_status.values())
-        _commit(staged, existing, catalog_ids, paths, version, run_id, fetched)
+        _commit(staged, existing, catalog_ids, paths, version, run_id, fetched, quarantine_current)
     finally:
         staged.unpersist()
         items.unpersist()  # a no-op when it was not persisted
@@ -491,9 +506,3 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     }
     log.info("embed %s: %s", run_id, metrics)
     return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)
-
-
-def _model_key(cfg: Config) -> tuple[str, str | None, int | None]:
-    """(model name, weights, image size) as `registry.model_version` takes them."""
-    settings = settings_from(cfg)
-    return settings.model_name, settings.weights, settings.image_size

@@ -35,6 +35,7 @@ from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.fetcher import Fetcher, FetchSettings, is_http, retry_delay_s
 from lookalike.embed.models.cache import get_embedder, load_count
 from lookalike.embed.models.device import default_batch_size, resolve_device
+from lookalike.embed.models.registry import model_version
 from lookalike.embed.models.vision import Embedder, to_pixels
 from lookalike.embed.reader import ImagePolicy, read
 
@@ -97,6 +98,11 @@ class EmbedSettings:
     policy: ImagePolicy = ImagePolicy()  # where images may come from (`catalog.image_roots`, the catalog folder)
     fetch: FetchSettings | None = None  # how http(s) images are fetched; None: the catalog has none
     retry_delay_hours: float = 20.0  # `fetch.retry_delay_hours`
+
+    @property
+    def model_version(self) -> str:
+        """What every embedding row's `model` says (`registry.model_version`)."""
+        return model_version(self.model_name, self.weights, self.image_size)
 
 
 class WorkRow(NamedTuple):

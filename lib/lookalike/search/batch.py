@@ -20,7 +20,6 @@ from pyspark.sql import functions as F
 from lookalike.config import Config
 from lookalike.embed import catalog
 from lookalike.embed import stage as embed
-from lookalike.embed.models import registry
 from lookalike.embed.task import EMBEDDED
 from lookalike.errors import LookalikeError
 from lookalike.results import StageResult
@@ -76,7 +75,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         raise QueryError("no query table: `lookalike search --queries PATH` (or set search.queries)")
     searcher = Searcher.open(root, cfg["model.weights"], with_model=False)
     settings = embed.settings_from(cfg)
-    version = registry.model_version(settings.model_name, settings.weights, settings.image_size)
+    version = settings.model_version
     if settings.input != "image" or version != searcher.model:
         raise QueryError(
             f"index build {searcher.build} was embedded with {searcher.model!r}, this config embeds queries with "
@@ -87,7 +86,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     partitions = max(1, min(n_queries, 2 * spark.sparkContext.defaultParallelism))
     counters = embed.make_counters(spark)
     udf = embed.embed_task(embed.settings_from(cfg, partitions, partitions), counters)
-    nulls = [F.lit(None).cast("int" if name == "attempts" else "string") for name in embed.INPUTS]
+    nulls = [F.lit(None).cast(dtype) for dtype in embed.INPUTS.values()]  # queries have no history
     rows = (
         queries.repartition(partitions)
         .select("query_id", "image_uri", "category", "k", udf("image_uri", *nulls).alias("r"))
@@ -118,8 +117,7 @@ ERRORS_SCHEMA = "query_id string, image_uri string, error_kind string, error_mes
 def _search(searcher: Searcher, rows: pd.DataFrame, default_k: int, shard_by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Result rows (query_id, rank, item_id, score) and error rows (query_id, image_uri, kind, message)."""
     found: list[dict] = []
-    errors = rows.loc[rows["status"] != EMBEDDED, ["query_id", "image_uri", "error_kind", "error_message"]]
-    errors = [errors]
+    errors = [rows.loc[rows["status"] != EMBEDDED, ["query_id", "image_uri", "error_kind", "error_message"]]]
     good = rows[rows["status"] == EMBEDDED]
     shards = searcher.shards
     # Queries that share a category and k are searched together: one FAISS call per group and shard.
