@@ -35,6 +35,7 @@ setup(
         "tokenizers>=0.23,<0.24",
         "safetensors>=0.8,<0.9",
         "urllib3>=2.6,<3",
+        "duckdb>=1.4,<1.5",
     ],
     entry_points={"console_scripts": ["lookalike=lookalike.cli:entry"]},
 )

@@ -1,8 +1,10 @@
 """A minimal image-search web service over lookalike's nightly output: `POST /search?k=10` with the image
-as the request body answers the catalog items that look like it.
+as the request body answers the catalog items that look like it; `&where=in_stock` filters on the catalog's
+columns when the service knows the catalog (LOOKALIKE_CATALOG, a parquet path).
 
-    LOOKALIKE_OUTPUT_ROOT=out/local .venv/bin/uvicorn --factory examples.search_service:app_from_env --port 8000
-    curl --data-binary @photo.jpg 'http://127.0.0.1:8000/search?k=5'
+    LOOKALIKE_OUTPUT_ROOT=out/local LOOKALIKE_CATALOG=data/catalog.parquet \
+        .venv/bin/uvicorn --factory examples.search_service:app_from_env --port 8000
+    curl --data-binary @photo.jpg 'http://127.0.0.1:8000/search?k=5&where=in_stock'
 
 One `lookalike.Searcher` per process holds the latest index build and the model; searches run in Starlette's
 thread pool (they are CPU work), and a nightly's new build is picked up by the searcher itself without a
@@ -22,13 +24,13 @@ from starlette.routing import Route
 
 import lookalike
 from lookalike.embed.decode import ImageError
-from lookalike.search.searcher import MAX_BYTES, SearchError
+from lookalike.search.searcher import MAX_BYTES, FilterError, SearchError
 
 MAX_K = 1000
 
 
-def create_app(output_root: str, refresh_every_s: float = 10.0) -> Starlette:
-    searcher = lookalike.Searcher.open(output_root, refresh_every_s=refresh_every_s)
+def create_app(output_root: str, catalog: str | None = None, refresh_every_s: float = 10.0) -> Starlette:
+    searcher = lookalike.Searcher.open(output_root, refresh_every_s=refresh_every_s, catalog=catalog)
 
     async def search(request: Request) -> JSONResponse:
         try:
@@ -42,7 +44,9 @@ def create_app(output_root: str, refresh_every_s: float = 10.0) -> Starlette:
             return JSONResponse({"error": f"images over {MAX_BYTES} bytes are refused"}, status_code=413)
         body = await request.body()
         try:
-            hits = await run_in_threadpool(searcher.search, body, k)
+            hits = await run_in_threadpool(searcher.search, body, k, request.query_params.get("where"))
+        except FilterError as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
         except ImageError as err:
             return JSONResponse({"error_kind": err.kind, "error_message": err.message}, status_code=422)
         except SearchError as err:
@@ -57,5 +61,6 @@ def create_app(output_root: str, refresh_every_s: float = 10.0) -> Starlette:
 
 
 def app_from_env() -> Starlette:
-    """For `uvicorn --factory`: the output root comes from LOOKALIKE_OUTPUT_ROOT."""
-    return create_app(os.environ["LOOKALIKE_OUTPUT_ROOT"])
+    """For `uvicorn --factory`: the output root comes from LOOKALIKE_OUTPUT_ROOT, the catalog (optional) from
+    LOOKALIKE_CATALOG."""
+    return create_app(os.environ["LOOKALIKE_OUTPUT_ROOT"], os.environ.get("LOOKALIKE_CATALOG"))

@@ -14,6 +14,7 @@ import pyspark
 import pytest
 
 from lookalike import cli
+from lookalike import config as config_mod
 from lookalike.run import stages
 from tests.conftest import REPO
 
@@ -158,6 +159,12 @@ def test_command_flags_are_config_overrides() -> None:
     assert cli.overrides(args) == ["fetch.retries=1", "embed.retry_failed=true"]
     assert cli.overrides(cli._parser().parse_args(["index", "--conf", "c.yaml"])) == []
     search = cli._parser().parse_args(["search", "--conf", "c.yaml", "--queries", "q.parquet"])
-    assert cli.overrides(search) == ["search.queries=q.parquet"]
+    assert cli.overrides(search) == ['search.queries="q.parquet"']
+    where = ["search", "--conf", "c.yaml", "--queries", "true", "--where", "in_stock AND category = 'a=b'"]
+    flags = cli.overrides(cli._parser().parse_args(where))
+    assert [config_mod.parse_override(flag) for flag in flags] == [
+        ("search.queries", "true"),  # text, not YAML's boolean
+        ("search.where", "in_stock AND category = 'a=b'"),
+    ]
     with pytest.raises(SystemExit):  # only embed has it
         cli._parser().parse_args(["index", "--conf", "c.yaml", "--retry-failed"])

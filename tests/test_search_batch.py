@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 from lookalike.config import Config
 from lookalike.embed import stage as embed
 from lookalike.index import stage as index
-from lookalike.search import batch
+from lookalike.search import batch, filters
 from lookalike.storage import tables
 from tests.conftest import make_config
 from tests.image_corpus import photo
@@ -33,6 +33,8 @@ def built(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> Path
             "item_id": [f"p{i}" for i in range(N)],
             "image_uri": [f"img/p{i}.png" for i in range(N)],
             "category": [("a", "b")[i % 2] for i in range(N)],
+            "in_stock": [None if i % 4 == 0 else i % 4 != 1 for i in range(N)],  # null = in stock
+            "price": [float(i) for i in range(N)],
         }
     ).to_parquet(folder / "catalog.parquet")
     cfg = config(folder)
@@ -126,3 +128,30 @@ def test_bad_query_tables_and_a_mismatched_model_are_refused(spark: SparkSession
     pd.DataFrame({"image_uri": ["a.jpg"]}).to_parquet(path)
     with pytest.raises(batch.QueryError, match=r"lack required column\(s\) \['query_id'\]"):
         batch.run(config(folder, **{"search.queries": str(path)}), spark, "x4")
+
+
+def test_where_keeps_k_matching_results_and_bad_predicates_are_refused_first(spark: SparkSession, built: Path) -> None:
+    folder = built
+    queries = write_queries(
+        folder,
+        [
+            {"query_id": "w1", "image_uri": copy(folder, "p2", "w1.png"), "category": None, "k": 6},
+            {"query_id": "w2", "image_uri": copy(folder, "p9", "w2.png"), "category": "b", "k": 10},
+        ],
+    )
+    where = "in_stock AND price >= 4"
+    batch.run(config(folder, **{"search.queries": queries, "search.where": where}), spark, "w")
+    found = table(folder, "search_results")
+    matching = {f"p{i}" for i in range(4, N) if i % 4 != 1}
+    w1, w2 = (found[found["query_id"] == q].sort_values("rank") for q in ("w1", "w2"))
+    assert len(w1) == 6 and set(w1["item_id"]) <= matching
+    assert list(w2["rank"]) == [1, 2, 3, 4, 5] and set(w2["item_id"]) == {f"p{i}" for i in (7, 11, 15, 19, 23)}
+
+    # Refused before the queries are read: a bad predicate fails though the query table is not even parquet.
+    missing = folder / "queries" / "junk.parquet"
+    missing.write_bytes(b"not parquet")
+    for bad, said in [("price >", "not a SQL predicate"), ("prise > 3", "prise"), ("1; DROP TABLE x", "not a SQL")]:
+        with pytest.raises(filters.FilterError, match=said) as caught:
+            batch.run(config(folder, **{"search.queries": str(missing), "search.where": bad}), spark, "w-bad")
+        assert "\n" not in str(caught.value)
+    assert set(table(folder, "search_results")["run_id"]) >= {"w"}

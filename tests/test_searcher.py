@@ -24,7 +24,7 @@ from lookalike.config import Config
 from lookalike.embed import stage as embed
 from lookalike.embed.decode import ImageError
 from lookalike.index import stage as index
-from lookalike.search.searcher import Hit, Searcher, SearchError, merge, parse_model_version
+from lookalike.search.searcher import FilterError, Hit, Searcher, SearchError, merge, parse_model_version
 from tests.conftest import make_config
 from tests.image_corpus import photo
 
@@ -39,6 +39,8 @@ def write_catalog(folder: Path, n: int) -> Path:
             "item_id": [f"p{i}" for i in range(n)],
             "image_uri": [f"img/p{i}.png" for i in range(n)],
             "category": [("a", "b")[i % 2] for i in range(n)],
+            "in_stock": [i % 3 != 0 for i in range(n)],
+            "price": [float(i) for i in range(n)],
         }
     ).to_parquet(catalog)
     return catalog
@@ -100,7 +102,9 @@ def service(built: tuple[Path, Config]) -> Iterator[str]:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(built[1]["output.root"]), log_level="warning"))
+    folder, cfg = built
+    app = create_app(cfg["output.root"], str(folder / "catalog.parquet"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -120,7 +124,37 @@ def test_the_example_service_answers_over_http(built: tuple[Path, Config], servi
     bad = http.request("POST", f"{service}/search", body=b"GIF89a not really")
     assert bad.status == 422 and bad.json()["error_kind"] in ("not_an_image", "decode_error")
     assert http.request("POST", f"{service}/search?k=zero", body=b"x").status == 400
+    filtered = http.request(
+        "POST", f"{service}/search?k=5&where=price%20%3C%203", body=(folder / "img" / "p4.png").read_bytes()
+    )
+    assert {r["item_id"] for r in filtered.json()["results"]} == {"p0", "p1", "p2"}
+    refused = http.request("POST", f"{service}/search?where=prise%20%3C%203", body=b"x")
+    assert refused.status == 400 and "prise" in refused.json()["error"]
     assert http.request("GET", f"{service}/health").json() == {"build": "b1"}
+
+
+def test_where_filters_on_catalog_columns_and_still_fills_k(built: tuple[Path, Config]) -> None:
+    folder, cfg = built
+    searcher = Searcher.open(cfg["output.root"], catalog=str(folder / "catalog.parquet"))
+    query = (folder / "img" / "p4.png").read_bytes()
+    hits = searcher.search(query, k=8, where="in_stock AND category = 'a'")
+    # 10 of the 15 items in 'a' are in stock, spread over one shard: all 8 asked for are found and match.
+    assert len(hits) == 8 and hits[0].item_id == "p4"
+    assert all(int(h.item_id[1:]) % 2 == 0 and int(h.item_id[1:]) % 3 != 0 for h in hits)
+    assert {h.item_id for h in searcher.search(query, k=10, where="price BETWEEN 10 AND 12")} == {"p10", "p11", "p12"}
+    assert searcher.search(query, k=5, where="price > 1000") == []
+    vectors = searcher.search_vectors(
+        np.full((2, searcher.dim), searcher.dim**-0.5, np.float32), 3, where="NOT in_stock"
+    )
+    assert all(int(h.item_id[1:]) % 3 == 0 for row in vectors for h in row) and [len(r) for r in vectors] == [3, 3]
+    for bad, said in [("prise < 3", "prise"), ("price <", "not a SQL predicate"), ("1=1; DROP TABLE x", "not a SQL")]:
+        with pytest.raises(FilterError, match=said) as caught:
+            searcher.search(query, where=bad)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(FilterError, match="Permission|disabled"):
+        searcher.search(query, where="(SELECT count(*) FROM read_csv('/etc/passwd')) > 0")
+    with pytest.raises(SearchError, match="no catalog to filter on"):
+        Searcher.open(cfg["output.root"]).search(query, where="in_stock")
 
 
 def test_a_newer_build_is_swapped_in_while_queries_run(

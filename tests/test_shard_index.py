@@ -237,6 +237,48 @@ def test_align_refuses_changed_or_missing_vectors(saved: Path, vectors: np.ndarr
         shard.align(item_ids(len(vectors))[1:], vectors[1:])
 
 
+def exact_filtered_top(vectors: np.ndarray, queries: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+    rows = np.flatnonzero(allowed)
+    top = exact_top(vectors[rows], queries, min(k, rows.size))
+    return np.where(top >= 0, rows[np.maximum(top, 0)], -1)
+
+
+@pytest.mark.parametrize("exact_bytes", [0, shard_index.EXACT_FILTER_BYTES], ids=["index", "exact"])
+@pytest.mark.parametrize("keep", [0.5, 0.01, 0.0005])
+def test_filtered_search_gives_k_allowed_results(
+    saved: Path, vectors: np.ndarray, keep: float, exact_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the index (nprobe deepened, short queries finished exactly) or exactly over the allowed items:
+    only allowed items, min(k, allowed) of them for every query, the true filtered neighbours."""
+    monkeypatch.setattr(shard_index, "EXACT_FILTER_BYTES", exact_bytes)
+    shard = shard_index.load(saved, expected_dim=DIM, expected_model=MODEL)
+    allowed = np.random.default_rng(3).random(len(vectors)) < keep
+    queries = clustered(200, seed=4)
+    scores, ids = shard.search(vectors, queries, 10, allowed=allowed)
+    expected = min(10, int(allowed.sum()))
+    assert (ids[:, :expected] >= 0).all() and (ids[:, expected:] == -1).all()
+    assert allowed[ids[:, :expected]].all()
+    np.testing.assert_allclose(
+        scores[:, :expected], np.einsum("qkd,qd->qk", vectors[ids[:, :expected]], queries), atol=1e-5
+    )
+    assert shard_index.recall_at_k(ids, exact_filtered_top(vectors, queries, allowed, 10), expected) >= 0.95
+
+
+def test_filtered_search_with_nothing_allowed(saved: Path, vectors: np.ndarray) -> None:
+    shard = shard_index.load(saved, expected_dim=DIM, expected_model=MODEL)
+    scores, ids = shard.search(vectors, clustered(5, seed=5), 10, allowed=np.zeros(len(vectors), dtype=bool))
+    assert (ids == -1).all() and np.isneginf(scores).all()
+
+
+def test_filtered_flat_search_is_exact() -> None:
+    vectors = clustered(3000, seed=6)
+    flat = shard_index.build(vectors, choose_params(len(vectors), DIM), seed=1)
+    allowed = np.arange(len(vectors)) % 7 == 0
+    queries = clustered(50, seed=8)
+    _, ids = shard_index.search(flat.index, None, queries, 10, 0, 0, allowed=allowed)
+    np.testing.assert_array_equal(ids, exact_filtered_top(vectors, queries, allowed, 10))
+
+
 def test_pca_reduction_builds_and_is_tuned() -> None:
     vectors = clustered(12_000, seed=12)
     params = choose_params(len(vectors), DIM, flat_below=0, reduce_dim=32, rotation="pca")

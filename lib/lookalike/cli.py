@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import sys
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
             stage.add_argument(
                 "--queries", required=True, help="query table: query_id, image_uri, optional category and k"
             )
+            stage.add_argument(
+                "--where",
+                help='SQL predicate over catalog columns every result must satisfy, e.g. "in_stock AND '
+                "category = 'shoes'\" (the same as --set search.where=...)",
+            )
         if name == "embed":
             stage.add_argument(
                 "--retry-failed",
@@ -84,8 +90,12 @@ def _add_conf_args(parser: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> list[str]:
     """The command's `--set` overrides, with those its flags stand for (`embed --retry-failed`)."""
     flags = ["embed.retry_failed=true"] if getattr(args, "retry_failed", False) else []
-    if getattr(args, "queries", None):
-        flags.append(f"search.queries={args.queries}")
+    for key, value in (
+        ("search.queries", getattr(args, "queries", None)),
+        ("search.where", getattr(args, "where", None)),
+    ):
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value)}")  # a JSON string is a YAML string: `true` stays text
     return [*args.overrides, *flags]
 
 

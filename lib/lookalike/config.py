@@ -279,6 +279,14 @@ SCHEMA: dict[str, Key] = {
         choices=("parquet", "csv", "json", "delta"),
     ),
     "search.k": Key(int, 10, "Results per query of `lookalike search` when the query has no `k`.", minimum=1),
+    "search.where": Key(
+        str,
+        None,
+        "SQL predicate over the catalog's columns that every result of `lookalike search` must satisfy (set by "
+        "`--where`), e.g. `in_stock AND category = 'shoes'`; each query still gets k results when k items match. "
+        "Evaluated by DuckDB; `in_stock` reads as in the pipeline (missing or null = in stock).",
+        nullable=True,
+    ),
     "index.shard_by": Key(str, "category", "Catalog column whose values name the index shards."),
     "index.max_shard_size": Key(
         int, 200_000, "Shards with more items are split into hash sub-shards (`value#00`, `value#01`, ...).", minimum=2

@@ -70,6 +70,9 @@ RERANK_DOUBLINGS = 3
 step's memory traffic (candidates x dim x 4 bytes per query) outweighs the index's saving."""
 RERANK_BATCH_BYTES = 32 * 2**20
 """Candidate vectors gathered at once when re-ranking: bounds the transient memory of `search`."""
+EXACT_FILTER_BYTES = 64 * 2**20
+"""A filter that keeps at most this many bytes of a shard's vectors (12,800 items of 1280-d) is searched
+exactly over them: cheaper than probing the index deep enough to find k of so few."""
 ADD_BATCH = 65_536
 """Vectors added to the index at once: a rotation (RR, OPQ, PCA) makes a transformed copy of whatever
 is added, which would otherwise be a second copy of the whole shard."""
@@ -129,12 +132,36 @@ class LoadedShard:
             )
         return aligned
 
-    def search(self, vectors: np.ndarray | None, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: np.ndarray | None, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`search` with the shard's tuned nprobe and re-rank candidates, the candidates scaled up in
         proportion when `k` exceeds the 10 that recall was tuned for (k=11, to drop the query item
-        itself, re-ranks 110 where 100 were tuned)."""
+        itself, re-ranks 110 where 100 were tuned).
+
+        `allowed` (a bool per FAISS id) restricts the results to those items, and every query still gets
+        min(k, allowed items) results: a filter keeping few items is searched exactly over them (at most
+        `EXACT_FILTER_BYTES` of vectors); otherwise the index searches only allowed ids with nprobe scaled
+        up by the share they are of the shard, and any query that still comes back short is searched
+        exactly over the allowed items.
+        """
         rerank_k = math.ceil(self.manifest["rerank_k"] * max(1.0, k / RECALL_K))
-        return search(self.index, vectors, queries, k, self.manifest["nprobe"], rerank_k)
+        nprobe = self.manifest["nprobe"]
+        if allowed is None:
+            return search(self.index, vectors, queries, k, nprobe, rerank_k)
+        rows = np.flatnonzero(allowed)
+        if rerank_k == 0:  # Flat: the index's own search is exact and complete over the allowed ids
+            return search(self.index, vectors, queries, k, 0, 0, allowed=allowed)
+        if vectors is None:
+            raise ValueError(f"{self.folder}: a filtered IVF search re-ranks, it needs the shard's vectors")
+        if rows.size * self.index.d * 4 <= EXACT_FILTER_BYTES:
+            return exact_search(vectors, rows, queries, k)
+        deeper = min(self.manifest["nlist"], math.ceil(nprobe * self.index.ntotal / rows.size))
+        scores, ids = search(self.index, vectors, queries, k, deeper, rerank_k, allowed=allowed)
+        short = np.flatnonzero((ids[:, : min(k, rows.size)] < 0).any(axis=1))
+        if short.size:
+            scores[short], ids[short] = exact_search(vectors, rows, queries[short], k)
+        return scores, ids
 
 
 def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queries: int = 1000) -> BuiltIndex:
@@ -205,8 +232,10 @@ def search(
     k: int,
     nprobe: int,
     rerank_k: int,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`k` (scores, ids) per query, best first; ids are FAISS ids (rows of `vectors`).
+    """Top-`k` (scores, ids) per query, best first; ids are FAISS ids (rows of `vectors`); only ids whose
+    `allowed` entry is true when it is given (a bool per FAISS id).
 
     `rerank_k` > 0: the index proposes max(rerank_k, k) candidates from `nprobe` inverted lists and
     they are re-scored exactly against `vectors` (the shard's float32 vectors in FAISS id order; a
@@ -221,11 +250,17 @@ def search(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise ValueError(f"queries must have shape (q, {index.d}), got {queries.shape}")
-    ivf_params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe > 0 else None  # type: ignore[call-arg]
+    bitmap = None if allowed is None else np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+    selector = None if bitmap is None else faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
+    inner: faiss.SearchParameters | None
+    if nprobe > 0:
+        inner = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)  # type: ignore[call-arg]
+    else:
+        inner = None if selector is None else faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
     search_params = (
-        faiss.SearchParametersPreTransform(index_params=ivf_params)  # type: ignore[call-arg]
-        if ivf_params is not None and isinstance(index, faiss.IndexPreTransform)
-        else ivf_params
+        faiss.SearchParametersPreTransform(index_params=inner)  # type: ignore[call-arg]
+        if inner is not None and isinstance(index, faiss.IndexPreTransform)
+        else inner
     )
     if rerank_k == 0:
         scores, ids = index.search(queries, k, params=search_params)
@@ -244,6 +279,24 @@ def search(
         _, proposed = index.search(queries[rows], candidates, params=search_params)
         scores[rows], ids[rows] = _rerank(vectors, queries[rows], proposed, k)
     return scores, ids
+
+
+def exact_search(vectors: np.ndarray, rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`k` (scores, FAISS ids) of each query among `rows` of `vectors`, best first, padded with
+    -1 / -inf; the rows are read in blocks of `RERANK_BATCH_BYTES`, so memory does not grow with them."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    block = max(1, RERANK_BATCH_BYTES // (vectors.shape[1] * 4))
+    for start in range(0, rows.size, block):
+        ids = rows[start : start + block]
+        scores = queries @ np.asarray(vectors[ids], dtype=np.float32).T
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+        top = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(merged_scores, top, axis=1)
+        best_ids = np.take_along_axis(merged_ids, top, axis=1)
+    return best_scores, np.where(np.isfinite(best_scores), best_ids, -1)
 
 
 def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
@@ -339,7 +392,12 @@ def save(
 
 def load(folder: str | os.PathLike[str], *, expected_dim: int, expected_model: str) -> LoadedShard:
     """Read a shard written by `save`, refusing one built for another model or dimension, or whose
-    index, ids and manifest disagree on the number of vectors (a mixed-up or partly written folder)."""
+    index, ids and manifest disagree on the number of vectors (a mixed-up or partly written folder).
+
+    A local index file is memory-mapped where FAISS can (`IO_FLAG_MMAP_IFC`: a Flat index's codes are
+    used in place, shared by every process that maps them, and paged in as searched; IVF indexes are
+    read into memory). Build folders are never rewritten, and a mapped file that a cleanup deletes stays
+    readable until it is unmapped, so mapping is safe under a running nightly."""
     fs, root = filesystem(folder)
     if fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.NotFound:
         raise ValueError(f"{folder}: no {MANIFEST_FILE} (not a shard folder, or its write was interrupted)")
@@ -349,8 +407,11 @@ def load(folder: str | os.PathLike[str], *, expected_dim: int, expected_model: s
         raise ValueError(f"{folder}: index built with model {manifest['model']!r}, expected {expected_model!r}")
     if manifest["dim"] != expected_dim:
         raise ValueError(f"{folder}: index has dimension {manifest['dim']}, expected {expected_dim}")
-    with fs.open_input_stream(f"{root}/{INDEX_FILE}") as stream:
-        index = faiss.read_index(faiss.PyCallbackIOReader(stream.read))  # type: ignore[attr-defined]
+    if isinstance(fs, pafs.LocalFileSystem):  # memory-mapped: a Flat shard's vectors stay in the page cache
+        index = faiss.read_index(f"{root}/{INDEX_FILE}", faiss.IO_FLAG_MMAP_IFC)
+    else:
+        with fs.open_input_stream(f"{root}/{INDEX_FILE}") as stream:
+            index = faiss.read_index(faiss.PyCallbackIOReader(stream.read))  # type: ignore[attr-defined]
     item_ids = pq.read_table(f"{root}/{IDS_FILE}", filesystem=fs, columns=[ID_COLUMN])[ID_COLUMN].combine_chunks()
     if index.d != manifest["dim"]:
         raise ValueError(f"{folder}: {INDEX_FILE} has dimension {index.d}, manifest says {manifest['dim']}")

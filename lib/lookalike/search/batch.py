@@ -5,6 +5,10 @@ and failure kinds, so an unusable query image becomes an error row, never a fail
 latest index build: a config whose model differs is refused before any work. The vectors then come to the
 driver, which searches the build with `Searcher.search_vectors` (every shard, or the query's `category`'s
 shards), exactly re-ranked. A re-run replaces the rows of its own `query_id`s only, in both tables.
+
+`search.where` (`--where`) is checked before Spark reads anything (syntax) and against the catalog's schema
+before any query is embedded (columns); the catalog's columns it names then come to the driver as Arrow for
+the searcher's filter (`search.filters`), the same engine a service uses.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from lookalike.config import Config
 from lookalike.embed import catalog
@@ -23,6 +29,7 @@ from lookalike.embed import stage as embed
 from lookalike.embed.task import EMBEDDED
 from lookalike.errors import LookalikeError
 from lookalike.results import StageResult
+from lookalike.search import filters
 from lookalike.search.searcher import Searcher
 from lookalike.storage import tables
 
@@ -73,7 +80,10 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     path, root = cfg["search.queries"], cfg["output.root"]
     if path is None:
         raise QueryError("no query table: `lookalike search --queries PATH` (or set search.queries)")
-    searcher = Searcher.open(root, cfg["model.weights"], with_model=False)
+    where = cfg["search.where"]
+    if where is not None:
+        filters.check_syntax(where)
+    searcher = Searcher.open(root, cfg["model.weights"], with_model=False, catalog=_filter_columns(cfg, spark, where))
     settings = embed.settings_from(cfg)
     version = settings.model_version
     if settings.input != "image" or version != searcher.model:
@@ -93,7 +103,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         .select("query_id", "image_uri", "category", "k", "r.status", "r.embedding", "r.error_kind", "r.error_message")
         .toPandas()
     )
-    found, errors = _search(searcher, rows, cfg["search.k"], cfg["index.shard_by"])
+    found, errors = _search(searcher, rows, cfg["search.k"], cfg["index.shard_by"], where)
     results = spark.createDataFrame(found.assign(run_id=run_id), schema=RESULTS_SCHEMA)
     failed = spark.createDataFrame(errors.assign(run_id=run_id), schema=ERRORS_SCHEMA)
     ok_ids = spark.createDataFrame(found[["query_id"]].drop_duplicates(), "query_id string")
@@ -114,7 +124,22 @@ RESULTS_SCHEMA = "query_id string, rank int, item_id string, score float, run_id
 ERRORS_SCHEMA = "query_id string, image_uri string, error_kind string, error_message string, run_id string"
 
 
-def _search(searcher: Searcher, rows: pd.DataFrame, default_k: int, shard_by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _filter_columns(cfg: Config, spark: SparkSession, where: str | None) -> pa.Table | None:
+    """The catalog columns `where` names, as Arrow, once the predicate binds to the catalog's schema."""
+    if where is None:
+        return None
+    items = catalog.load_table(spark, cfg["catalog.path"], cfg["catalog.format"])
+    columns = filters.referenced_columns(where, items.columns)
+    if filters.ID_COLUMN not in items.columns:
+        raise QueryError(f"catalog {cfg['catalog.path']} has no item_id column to filter on")
+    subset = items.select(*columns)
+    filters.CatalogFilter(to_arrow_schema(subset.schema).empty_table()).check(where)
+    return subset.toArrow()
+
+
+def _search(
+    searcher: Searcher, rows: pd.DataFrame, default_k: int, shard_by: str, where: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Result rows (query_id, rank, item_id, score) and error rows (query_id, image_uri, kind, message)."""
     found: list[dict] = []
     errors = [rows.loc[rows["status"] != EMBEDDED, ["query_id", "image_uri", "error_kind", "error_message"]]]
@@ -132,6 +157,6 @@ def _search(searcher: Searcher, rows: pd.DataFrame, default_k: int, shard_by: st
             )
             continue
         vectors = np.stack(group["embedding"].to_numpy()).astype(np.float32)
-        for query_id, hits in zip(group["query_id"], searcher.search_vectors(vectors, int(k), chosen)):
+        for query_id, hits in zip(group["query_id"], searcher.search_vectors(vectors, int(k), chosen, where)):
             found += [dict(query_id=query_id, rank=r, item_id=h.item_id, score=h.score) for r, h in enumerate(hits, 1)]
     return pd.DataFrame(found, columns=["query_id", "rank", "item_id", "score"]), pd.concat(errors, ignore_index=True)

@@ -5,6 +5,11 @@ re-ranking vectors with delta-rs from `embeddings`, and the query image goes thr
 reader, decoder and model (the build's, named by its `model` version), so a query is embedded exactly as the
 catalog was. Every shard of the build is searched and the results merged by their exact cosine.
 
+Filters (`where`) are SQL predicates over the catalog's columns (`search.filters`), given as the table the
+searcher opens with (`catalog=`, re-read with every new build). The items a predicate keeps are cached per
+build as a mask per shard, and every query still gets k results when k items match
+(`LoadedShard.search`).
+
 A `Searcher` is safe to share between threads. `refresh` (called by `search` at most every
 `refresh_every_s`) notices a newer build and loads it completely before swapping one reference, so queries in
 flight finish on the build they started with and none is dropped or sees half of each.
@@ -21,7 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.json as pajson
 
 from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.models import cache, registry
@@ -29,11 +38,14 @@ from lookalike.embed.models.vision import Embedder
 from lookalike.embed.reader import ImagePolicy, read_bytes
 from lookalike.errors import LookalikeError
 from lookalike.index import builds, shard_index
+from lookalike.search.filters import CatalogFilter, FilterError
 from lookalike.storage import tables
+from lookalike.storage.uri import filesystem
 
 _VERSION = re.compile(r"^(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?$")
 MAX_BYTES = 64 * 1024 * 1024  # embed.max_bytes's default
 MAX_PIXELS = 100_000_000  # embed.max_pixels's default
+MASKS_KEPT = 64  # filters whose masks a build keeps; a service repeats a few (in stock, per category)
 
 
 class SearchError(LookalikeError):
@@ -56,9 +68,28 @@ class _Shard:
 class _Build:
     run_id: str
     model: str  # the build's model version
+    dim: int
     embedder: Embedder | None  # None for a searcher of vectors only (`with_model=False`)
     decode_size: int  # JPEGs decode at reduced scale down to this, as in the embed stage
     shards: dict[str, _Shard]
+    filter: CatalogFilter | None  # the catalog's columns, for `where`
+    masks: dict[str, dict[str, np.ndarray]]  # where -> shard -> allowed FAISS ids, filled as filters come
+
+    def allowed(self, where: str | None) -> dict[str, np.ndarray] | None:
+        """Each shard's allowed FAISS ids under `where` (None: no filter)."""
+        if where is None:
+            return None
+        if where not in self.masks:
+            if self.filter is None:
+                raise SearchError("this searcher has no catalog to filter on: open it with catalog=PATH")
+            kept = self.filter.matching(where)
+            if len(self.masks) >= MASKS_KEPT:
+                self.masks.pop(next(iter(self.masks)))
+            self.masks[where] = {
+                name: pc.is_in(shard.loaded.item_ids, value_set=kept).to_numpy(zero_copy_only=False)
+                for name, shard in self.shards.items()
+            }
+        return self.masks[where]
 
 
 def parse_model_version(version: str) -> tuple[str, int | None]:
@@ -72,10 +103,19 @@ def parse_model_version(version: str) -> tuple[str, int | None]:
 class Searcher:
     """Image search over the latest index build of one output root."""
 
-    def __init__(self, output_root: str, weights: str | None, refresh_every_s: float, with_model: bool):
+    def __init__(
+        self,
+        output_root: str,
+        weights: str | None,
+        refresh_every_s: float,
+        with_model: bool,
+        catalog: str | pa.Table | None,
+        catalog_format: str,
+    ):
         self.output_root = output_root
         self._weights = weights
         self._with_model = with_model
+        self._catalog, self._catalog_format = catalog, catalog_format
         self._refresh_every_s = refresh_every_s
         self._checked_at = time.monotonic()
         self._lock = threading.Lock()  # one refresh at a time; searches never take it
@@ -83,13 +123,21 @@ class Searcher:
 
     @classmethod
     def open(
-        cls, output_root: str, weights: str | None = None, refresh_every_s: float = 10.0, with_model: bool = True
+        cls,
+        output_root: str,
+        weights: str | None = None,
+        refresh_every_s: float = 10.0,
+        with_model: bool = True,
+        catalog: str | pa.Table | None = None,
+        catalog_format: str = "parquet",
     ) -> Searcher:
         """The searcher of `output_root`'s latest build. `weights`: the weights file the build's model was
         embedded with, when it is not a packaged one (`model.weights`). `with_model=False` searches vectors
-        only (`search_vectors`: the batch command embeds its queries in Spark)."""
+        only (`search_vectors`: the batch command embeds its queries in Spark). `catalog`: the catalog
+        (a path or URI in `catalog_format`: parquet, csv, json or delta; or an Arrow table) whose columns
+        `where` filters use; a path is re-read with every new build."""
         try:
-            return cls(output_root, weights, refresh_every_s, with_model)
+            return cls(output_root, weights, refresh_every_s, with_model, catalog, catalog_format)
         except builds.IndexBuildError as err:
             raise SearchError(str(err)) from None
 
@@ -102,6 +150,11 @@ class Searcher:
     def model(self) -> str:
         """The model version the build was embedded with; queries must be embedded with it too."""
         return self._build.model
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the build's vectors (of `search_vectors`' queries)."""
+        return self._build.dim
 
     @property
     def shards(self) -> list[str]:
@@ -117,9 +170,10 @@ class Searcher:
             self._build = self._load(latest)  # one reference swap, after the whole build is loaded
             return True
 
-    def search(self, image: bytes | str | os.PathLike[str], k: int = 10) -> list[Hit]:
+    def search(self, image: bytes | str | os.PathLike[str], k: int = 10, where: str | None = None) -> list[Hit]:
         """The `k` catalog items most like `image` (its bytes, or a path or URI the embed stage could read),
-        best first. Raises ImageError for an unusable image, SearchError for a bad `k`."""
+        best first, among the items `where` (a SQL predicate over the catalog's columns) keeps. Raises
+        ImageError for an unusable image, SearchError for a bad `k`, FilterError for a bad predicate."""
         if k < 1:
             raise SearchError(f"k must be >= 1, got {k}")
         if time.monotonic() - self._checked_at >= self._refresh_every_s:
@@ -128,15 +182,19 @@ class Searcher:
         if build.embedder is None:
             raise SearchError("this searcher was opened with_model=False: it searches vectors only")
         data = image if isinstance(image, bytes) else read_bytes(os.fspath(image), MAX_BYTES, ImagePolicy())
+        allowed = build.allowed(where)  # a bad predicate fails before the image is decoded
         query = build.embedder.embed([decode_image(data, MAX_PIXELS, target_size=build.decode_size).image])
-        return _search(build, query, k, None)[0]
+        return _search(build, query, k, None, allowed)[0]
 
-    def search_vectors(self, queries: np.ndarray, k: int, shards: Iterable[str] | None = None) -> list[list[Hit]]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, shards: Iterable[str] | None = None, where: str | None = None
+    ) -> list[list[Hit]]:
         """The `k` best items for each row of `queries` (unit vectors of the build's model), in `shards` only
-        when given (names from `shards`), else in every shard."""
+        when given (names from `shards`), else in every shard; among the items `where` keeps when given."""
         if k < 1:
             raise SearchError(f"k must be >= 1, got {k}")
-        return _search(self._build, np.asarray(queries, dtype=np.float32), k, shards)
+        build = self._build
+        return _search(build, np.asarray(queries, dtype=np.float32), k, shards, build.allowed(where))
 
     def _load(self, run_id: str) -> _Build:
         summary = builds.build_summary(self.output_root, run_id)
@@ -167,12 +225,44 @@ class Searcher:
                 why = f"the embeddings changed after build {run_id}: run `lookalike index`"
                 raise SearchError(f"{err}; {why}") from None
             loaded[entry["shard"]] = _Shard(shard, aligned)
-        return _Build(run_id, model, embedder, math.ceil(image_size / spec.crop_fraction), loaded)
+        catalog = self._catalog
+        if isinstance(catalog, str):
+            catalog = read_catalog(catalog, self._catalog_format)
+        decode_size = math.ceil(image_size / spec.crop_fraction)
+        filters = None if catalog is None else CatalogFilter(catalog)
+        return _Build(run_id, model, dim, embedder, decode_size, loaded, filters, {})
 
 
-def _search(build: _Build, queries: np.ndarray, k: int, shards: Iterable[str] | None) -> list[list[Hit]]:
-    chosen = [build.shards[name] for name in (sorted(build.shards) if shards is None else shards)]
-    found = [(shard.loaded.item_ids, *shard.loaded.search(shard.vectors, queries, k)) for shard in chosen]
+def read_catalog(path: str, fmt: str) -> pa.Table:
+    """The catalog as an Arrow table, without Spark: parquet (a file or folder), csv with a header, json
+    lines, or a Delta table."""
+    if fmt == "delta":
+        return tables.read_arrow(path)
+    if fmt not in ("parquet", "csv", "json"):
+        raise SearchError(f"catalog format {fmt!r} is not parquet, csv, json or delta")
+    fs, where = filesystem(path)
+    try:
+        if fmt == "parquet":
+            return pads.dataset(where, filesystem=fs, format="parquet").to_table()
+        with fs.open_input_stream(where) as stream:
+            return pacsv.read_csv(stream) if fmt == "csv" else pajson.read_json(stream)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SearchError(f"cannot read the catalog {path} as {fmt}: {err}") from None
+
+
+def _search(
+    build: _Build,
+    queries: np.ndarray,
+    k: int,
+    shards: Iterable[str] | None,
+    allowed: dict[str, np.ndarray] | None,
+) -> list[list[Hit]]:
+    names = sorted(build.shards) if shards is None else list(shards)
+    found = []
+    for name in names:
+        shard = build.shards[name]
+        mask = None if allowed is None else allowed[name]
+        found.append((shard.loaded.item_ids, *shard.loaded.search(shard.vectors, queries, k, mask)))
     return [
         merge([(ids, scores[row : row + 1], faiss_ids[row : row + 1]) for ids, scores, faiss_ids in found], k)
         for row in range(len(queries))
@@ -190,4 +280,4 @@ def merge(per_shard: list[tuple[object, np.ndarray, np.ndarray]], k: int) -> lis
     return sorted(hits, key=lambda hit: (-hit.score, hit.item_id))[:k]
 
 
-__all__ = ["Hit", "ImageError", "SearchError", "Searcher", "merge", "parse_model_version"]
+__all__ = ["FilterError", "Hit", "ImageError", "SearchError", "Searcher", "merge", "parse_model_version"]
