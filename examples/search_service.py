@@ -23,13 +23,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import lookalike
+from lookalike.config import SCHEMA
 from lookalike.embed.decode import ImageError
 from lookalike.search.searcher import MAX_BYTES, FilterError, SearchError
 
 MAX_K = 1000
 
 
-def create_app(output_root: str, catalog: str | None = None, refresh_every_s: float = 10.0) -> Starlette:
+def create_app(
+    output_root: str,
+    catalog: str | None = None,
+    refresh_every_s: float = 10.0,
+    duplicate_score: float = SCHEMA["search.duplicate_score"].default,
+) -> Starlette:
     searcher = lookalike.Searcher.open(output_root, refresh_every_s=refresh_every_s, catalog=catalog)
 
     async def search(request: Request) -> JSONResponse:
@@ -51,7 +57,9 @@ def create_app(output_root: str, catalog: str | None = None, refresh_every_s: fl
             return JSONResponse({"error_kind": err.kind, "error_message": err.message}, status_code=422)
         except SearchError as err:
             return JSONResponse({"error": str(err)}, status_code=503)
-        results = [{"item_id": hit.item_id, "score": hit.score} for hit in hits]
+        results = [
+            {"item_id": hit.item_id, "score": hit.score, "duplicate": hit.score >= duplicate_score} for hit in hits
+        ]
         return JSONResponse({"build": searcher.build, "results": results})
 
     async def health(request: Request) -> JSONResponse:

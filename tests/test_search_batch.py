@@ -90,6 +90,11 @@ def test_queries_find_their_items_and_bad_ones_become_error_rows(spark: SparkSes
     q1, q2 = found[found["query_id"] == "q1"], found[found["query_id"] == "q2"]
     assert list(q1["rank"]) == list(range(1, 11)) and q1["item_id"].iloc[0] == "p3"  # search.k = 10, all shards
     assert q1["score"].is_monotonic_decreasing and q1["score"].iloc[0] > 0.999
+    # The re-encoded copy is flagged a duplicate of its item; the flag is the score against search.duplicate_score.
+    assert (
+        q1["duplicate"].iloc[0]
+        and (found["duplicate"] == (found["score"] >= config(folder)["search.duplicate_score"])).all()
+    )
     assert list(q2["rank"]) == [1, 2, 3] and q2["item_id"].iloc[0] == "p7"
     assert all(int(item[1:]) % 2 == 1 for item in q2["item_id"])  # category b: the odd items' shard only
     errors = table(folder, "search_errors").set_index("query_id")
@@ -155,3 +160,16 @@ def test_where_keeps_k_matching_results_and_bad_predicates_are_refused_first(spa
             batch.run(config(folder, **{"search.queries": str(missing), "search.where": bad}), spark, "w-bad")
         assert "\n" not in str(caught.value)
     assert set(table(folder, "search_results")["run_id"]) >= {"w"}
+
+
+def test_results_from_before_the_duplicate_flag_get_it(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "search_results")
+    legacy = spark.createDataFrame(
+        [("q", 1, "a", 0.99, "old"), ("q", 2, "b", 0.5, "old")],
+        "query_id string, rank int, item_id string, score float, run_id string",
+    )
+    tables.write(legacy, path)
+    batch._add_duplicate_flags(spark, path, 0.9)
+    rows = tables.read_arrow(path).to_pandas().sort_values("rank")
+    assert list(rows.columns) == ["query_id", "rank", "item_id", "score", "duplicate", "run_id"]
+    assert rows["duplicate"].tolist() == [True, False] and set(rows["run_id"]) == {"old"}

@@ -20,7 +20,7 @@ from PIL import Image
 from pyspark.sql import SparkSession
 
 import lookalike
-from lookalike.config import Config
+from lookalike.config import SCHEMA, Config
 from lookalike.embed import stage as embed
 from lookalike.embed.decode import ImageError
 from lookalike.index import stage as index
@@ -121,6 +121,9 @@ def test_the_example_service_answers_over_http(built: tuple[Path, Config], servi
     assert answer.status == 200
     body = answer.json()
     assert body["build"] == "b1" and [r["item_id"] for r in body["results"]][0] == "p4" and len(body["results"]) == 3
+    assert body["results"][0]["duplicate"] and [r["duplicate"] for r in body["results"]] == [
+        r["score"] >= SCHEMA["search.duplicate_score"].default for r in body["results"]
+    ]
     bad = http.request("POST", f"{service}/search", body=b"GIF89a not really")
     assert bad.status == 422 and bad.json()["error_kind"] in ("not_an_image", "decode_error")
     assert http.request("POST", f"{service}/search?k=zero", body=b"x").status == 400

@@ -31,6 +31,7 @@ MODEL = "test-model@0000/32px"
 K = 10
 TWINS = ["Bag-00000", "Bag-00001", "Bag-00002", "Bag-00003"]  # one image, four listings
 CROSS_TWIN = ("Bag-00010", "Shoe-00000")  # the same image in two categories
+NEAR_TWIN = ("Bag-00020", "Bag-00021")  # other bytes, nearly the same vector: a re-uploaded photo
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -65,6 +66,8 @@ def dataset(sizes: dict[str, int]) -> pd.DataFrame:
         for group in (TWINS, list(CROSS_TWIN)):
             df.loc[group, "image_sha256"] = f"sha-{group[0]}"
             df.loc[group, "embedding"] = pd.Series([df.loc[group[0], "embedding"]] * len(group), index=group)
+        nudged = df.loc[NEAR_TWIN[0], "embedding"] + np.float32(0.05) * clustered(1, seed=7)[0]
+        df.at[NEAR_TWIN[1], "embedding"] = (nudged / np.linalg.norm(nudged)).astype(np.float32)
     return df.reset_index(drop=True)
 
 
@@ -177,12 +180,19 @@ def test_contract_exact_k_and_duplicates(spark: SparkSession, small: tuple[Path,
     assert twins.groupby("item_id")["similar_item_id"].apply(tuple).nunique() == 1
 
     duplicates = tables.read_arrow(tables.table_path(root, "duplicates")).to_pandas()
-    assert sorted(zip(duplicates["item_id"], duplicates["duplicate_of"])) == [
+    assert list(duplicates.columns) == ["item_id", "duplicate_of", "kind", "run_id"]
+    exact = duplicates[duplicates["kind"] == "exact"]
+    assert sorted(zip(exact["item_id"], exact["duplicate_of"])) == [
         ("Bag-00001", "Bag-00000"),
         ("Bag-00002", "Bag-00000"),
         ("Bag-00003", "Bag-00000"),
         ("Shoe-00000", "Bag-00010"),
     ]
+    # Near: each item's smallest neighbour at or above search.duplicate_score that sorts before it.
+    near = duplicates[duplicates["kind"] == "near"].set_index("item_id")["duplicate_of"].to_dict()
+    close = rows[(rows["score"] >= cfg["search.duplicate_score"]) & (rows["similar_item_id"] < rows["item_id"])]
+    assert near == close.groupby("item_id")["similar_item_id"].min().drop(exact["item_id"], errors="ignore").to_dict()
+    assert near[NEAR_TWIN[1]] == NEAR_TWIN[0] and result.metrics["near_duplicates"] == len(near)
     assert set(duplicates["run_id"]) == {"r1"}
     # 500 items in chunks of ~120: several tasks, each worker loading a shard once, not per task
     assert result.metrics["tasks"] >= 4 and result.metrics["shard_loads"] < result.metrics["tasks"]

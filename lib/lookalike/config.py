@@ -279,6 +279,15 @@ SCHEMA: dict[str, Key] = {
         choices=("parquet", "csv", "json", "delta"),
     ),
     "search.k": Key(int, 10, "Results per query of `lookalike search` when the query has no `k`.", minimum=1),
+    "search.duplicate_score": Key(
+        float,
+        0.94,
+        "Cosine at or above which a search result is flagged `duplicate` (a re-uploaded listing photo: cropped, "
+        "rescaled, recompressed) and the similar stage lists two catalog items in `duplicates` as `near`. "
+        "Calibrated by benchmarks/search_quality.py (docs/benchmarks.md): it depends on the model.",
+        minimum=-1.0,
+        maximum=1.0,
+    ),
     "search.where": Key(
         str,
         None,

@@ -104,23 +104,36 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         .toPandas()
     )
     found, errors = _search(searcher, rows, cfg["search.k"], cfg["index.shard_by"], where)
+    found["duplicate"] = found["score"] >= cfg["search.duplicate_score"]
     results = spark.createDataFrame(found.assign(run_id=run_id), schema=RESULTS_SCHEMA)
     failed = spark.createDataFrame(errors.assign(run_id=run_id), schema=ERRORS_SCHEMA)
     ok_ids = spark.createDataFrame(found[["query_id"]].drop_duplicates(), "query_id string")
     failed_ids = failed.select("query_id")
+    _add_duplicate_flags(spark, tables.table_path(root, RESULTS), cfg["search.duplicate_score"])
     tables.replace_by_key(results, tables.table_path(root, RESULTS), "query_id", delete_keys=failed_ids)
     tables.replace_by_key(failed, tables.table_path(root, ERRORS), "query_id", delete_keys=ok_ids)
     metrics = {
         "queries": n_queries,
         "answered": int(found["query_id"].nunique()),
         "failed": len(errors),
+        "duplicates": int(found["duplicate"].sum()),
         "seconds": round(time.time() - started, 3),
     }
     log.info("search %s against build %s: %s", run_id, searcher.build, metrics)
     return StageResult("search", rows_in=n_queries, rows_out=len(found), metrics=metrics)
 
 
-RESULTS_SCHEMA = "query_id string, rank int, item_id string, score float, run_id string"
+RESULTS_SCHEMA = "query_id string, rank int, item_id string, score float, duplicate boolean, run_id string"
+
+
+def _add_duplicate_flags(spark: SparkSession, path: str, duplicate_score: float) -> None:
+    """A `search_results` written before the `duplicate` flag gets it, computed from its scores, in one commit."""
+    if tables.exists(path) and "duplicate" not in tables.spark_schema(path).fieldNames():
+        old = tables.read(spark, path).withColumn("duplicate", F.col("score") >= duplicate_score)
+        columns = [field.split()[0] for field in RESULTS_SCHEMA.split(", ")]
+        tables.write(old.select(*columns), path, mode="overwrite", replace_schema=True)
+
+
 ERRORS_SCHEMA = "query_id string, image_uri string, error_kind string, error_message string, run_id string"
 
 

@@ -22,8 +22,14 @@ vectors and the same exclusions, so each group is searched once and its list sha
 used by thousands of items costs one query, not thousands of ever wider ones.
 
 Duplicates. Items with the same `image_sha256` form a group; its smallest `item_id` is the canonical item
-and every other member gets one row in `duplicates` (`item_id`, `duplicate_of` = the canonical item,
-`run_id` of the run that first saw the pair). The table spans the whole catalog, whatever the shards.
+and every other member gets one row in `duplicates` (`item_id`, `duplicate_of` = the canonical item, `kind`
+`exact`, `run_id` of the run that first saw the pair). The table spans the whole catalog, whatever the
+shards. Near duplicates (the same photo cropped, rescaled or recompressed) come from the committed
+`similar_items`: an item with a neighbour scoring at least `search.duplicate_score` whose `item_id` is
+smaller gets a row `kind` `near`, `duplicate_of` its smallest such neighbour, unless it is an exact
+duplicate. So they are found among the neighbours the table may hold (its scope, stock and score rules),
+and a chain a~b~c yields b->a and c->b rather than a merged group. `duplicates` is derived whole on every
+run, after `similar_items` is committed, so a crash between the two commits is mended by the next run.
 
 Incremental. A shard's fingerprint joins the `vectors_sha256` of its index in the latest build with a digest
 of its rows in `embeddings` (item ids, the embed run that wrote each vector, exclusion keys, stock flags).
@@ -209,31 +215,43 @@ def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mappi
     )
 
 
-def _commit_duplicates(spark: SparkSession, items: DataFrame, root: str, run_id: str) -> int:
-    """Update `duplicates`: new or changed pairs get this run id, members that left a group leave."""
+def _commit_duplicates(
+    spark: SparkSession, items: DataFrame, root: str, run_id: str, near_score: float
+) -> dict[str, float]:
+    """Update `duplicates`: new or changed pairs get this run id, members that left a group leave. Returns
+    the count of each kind."""
     canonical = F.min("item_id").over(Window.partitionBy("image_sha256"))
-    found = (
+    exact = (
         items.filter(F.col("image_sha256").isNotNull())
         .select("item_id", canonical.alias("duplicate_of"))
         .filter(F.col("item_id") != F.col("duplicate_of"))
-        .cache()
+        .withColumn("kind", F.lit("exact"))
     )
+    neighbours = tables.read(spark, tables.table_path(root, SIMILAR_ITEMS))
+    near = (
+        neighbours.filter((F.col("score") >= near_score) & (F.col("similar_item_id") < F.col("item_id")))
+        .groupBy("item_id")
+        .agg(F.min("similar_item_id").alias("duplicate_of"))
+        .join(exact.select("item_id"), "item_id", "left_anti")
+        .withColumn("kind", F.lit("near"))
+    )
+    found = exact.unionByName(near).cache()
     path = tables.table_path(root, DUPLICATES)
     fresh = found.withColumn("run_id", F.lit(run_id))
-    if tables.exists(path):
+    if tables.exists(path) and "kind" in tables.spark_schema(path).fieldNames():
         current = tables.read(spark, path)
         gone = current.select("item_id").join(found.select("item_id"), "item_id", "left_anti")
         tables.replace_by_key(
-            fresh.join(current, ["item_id", "duplicate_of"], "left_anti").select(*fresh.columns),
+            fresh.join(current, ["item_id", "duplicate_of", "kind"], "left_anti").select(*fresh.columns),
             path,
             "item_id",
             delete_keys=gone,
         )
-    else:
-        tables.write(fresh, path, mode="overwrite")
-    count = found.count()
+    else:  # first run, or a table from before `kind`: rewritten whole with it
+        tables.write(fresh, path, mode="overwrite", replace_schema=True)
+    counts = {row["kind"]: float(row["count"]) for row in found.groupBy("kind").count().collect()}
     found.unpersist()
-    return count
+    return {"duplicates": counts.get("exact", 0.0), "near_duplicates": counts.get("near", 0.0)}
 
 
 def _stage(
@@ -335,13 +353,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     fingerprints = _fingerprints(root, build, stats)
     state_path, path = files.state_path(root, SIMILAR_ITEMS), tables.table_path(root, SIMILAR_ITEMS)
     changed = changed_shards(files.read_json(state_path), fingerprints, settings, tables.version(path))
-    metrics = {
-        "shards": float(len(stats)),
-        "shards_recomputed": float(len(changed)),
-        "duplicates": float(_commit_duplicates(spark, items, root, run_id)),
-    }
+    metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed))}
+    near_score = cfg["search.duplicate_score"]
     if not changed:
         log.info("similar %s: all %d shards unchanged since the last run, nothing to do", run_id, len(stats))
+        metrics.update(_commit_duplicates(spark, items, root, run_id, near_score))
         metrics["seconds"] = round(time.time() - started, 3)
         return StageResult("similar", rows_in=n_items, rows_out=0, metrics=metrics)
 
@@ -382,6 +398,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         rows_out = results.count()
     finally:
         files.remove_dir(staging)
+    metrics.update(_commit_duplicates(spark, items, root, run_id, near_score))
     # Published whole: a reader sees the old state or the new one.
     files.write_text(
         state_path,
