@@ -72,8 +72,9 @@ def recall(found: dict[int, set[int]], rows: np.ndarray, truth: np.ndarray) -> f
     return hits / (K * len(rows))
 
 
-def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path) -> None:
-    """The vectors as lookalike's `embeddings` table: item i is "i", one shard, distinct images."""
+def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path, model: str = MODEL, shards: int = 1) -> None:
+    """The vectors as lookalike's `embeddings` table: item i is "i", in shard "all" (or `s<i % shards>`),
+    distinct images, embedded by `model`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
@@ -96,9 +97,9 @@ def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path) -> No
     )
     frame = spark.read.parquet(str(source)).select(
         "item_id",
-        F.lit("all").alias("shard"),
+        (F.lit("all") if shards == 1 else F.concat(F.lit("s"), F.col("item_id").cast("int") % shards)).alias("shard"),
         "embedding",
-        F.lit(MODEL).alias("model"),
+        F.lit(model).alias("model"),
         F.col("item_id").alias("image_sha256"),
         F.lit(0).alias("width"),
         F.lit(0).alias("height"),

@@ -195,10 +195,12 @@ def _recommendations(recs: DataFrame, users: list[str]) -> dict[str, list[Recomm
 
 
 def sample_duplicates(src: Sources, n_groups: int) -> DuplicateSample | Absent:
-    """The biggest duplicate groups: a placeholder image shared by many listings matters most."""
+    """The biggest groups of identical images (`kind` exact): a placeholder shared by many listings matters most."""
     dups = src.table("duplicates")
     if isinstance(dups, Absent):
         return dups
+    if "kind" in dups.columns:  # near pairs are chains of look-alikes, not groups of one image
+        dups = dups.filter(F.col("kind") == "exact")
     sizes = dups.groupBy("duplicate_of").agg(F.count(F.lit(1)).alias("size")).cache()
     try:
         rows, n = dups.count(), sizes.count()
