@@ -43,7 +43,7 @@ demo: $(STAMP) datasets $(DEMO_DIR)/catalog.parquet
 	$(BIN)/lookalike nightly --conf $(CONF)
 
 test: $(STAMP) datasets chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 # Lint and format check, then the type check; settings in pyproject.toml.
 lint: $(STAMP)

@@ -18,6 +18,7 @@ from PIL import Image
 from lookalike.embed.catalog import fetch_settings
 from lookalike.embed.decode import ImageError
 from lookalike.embed.fetcher import (
+    ARRIVAL_JITTER_S,
     BACKOFF_BASE_S,
     Fetched,
     Fetcher,
@@ -122,7 +123,7 @@ def test_limiter_allows_n_per_window_drains_for_the_next_task_and_honours_pauses
     assert limiter.wait("h") == 0 and limiter.wait("h") == 0 and limiter.wait("h") > 0.9
     assert limiter.wait("other") == 0  # each host has its own log
     now[0] += 0.5
-    assert limiter.clear_in() == pytest.approx(0.52)  # the window (plus arrival jitter) after the last request
+    assert limiter.clear_in() == pytest.approx(0.5 + ARRIVAL_JITTER_S)  # the window plus jitter after the last
     now[0] += 0.6
     assert limiter.clear_in() == 0 and limiter.wait("h") == 0
     limiter.pause("h", 5.0)
