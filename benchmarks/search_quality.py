@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 import tempfile
 import time
@@ -45,11 +44,9 @@ import photo_sources  # noqa: E402
 
 from lookalike import config  # noqa: E402
 from lookalike.embed import stage as embed  # noqa: E402
-from lookalike.embed.decode import decode_image  # noqa: E402
-from lookalike.embed.models import cache, registry  # noqa: E402
 from lookalike.index import shard_index  # noqa: E402
 from lookalike.index import stage as index  # noqa: E402
-from lookalike.search.searcher import MAX_PIXELS, Searcher, parse_model_version  # noqa: E402
+from lookalike.search.searcher import Searcher  # noqa: E402
 from lookalike.session import get_spark  # noqa: E402
 from lookalike.storage import tables  # noqa: E402
 
@@ -127,10 +124,6 @@ def main() -> None:
             f"{time.perf_counter() - started:.0f} s; shards {built.metrics}"
         )
         searcher = Searcher.open(cfg["output.root"])
-        name, size = parse_model_version(searcher.model)
-        spec = registry.get_spec(name)
-        embedder = cache.get_embedder(name, None, "cpu", size)
-        decode_size = math.ceil(size / spec.crop_fraction)  # type: ignore[operator]
         table = tables.read_arrow(tables.table_path(cfg["output.root"], "embeddings"), ["item_id", "embedding"])
         ids = np.array(table["item_id"].to_pylist())
         vectors = shard_index.matrix(table["embedding"], searcher.dim)
@@ -145,8 +138,7 @@ def main() -> None:
             originals = [f"{source}-{i:05d}" for i in chosen]
             for how in ("shopper", "reupload"):
                 copies = [alter(images[i], rng, how) for i in chosen]
-                pictures = [decode_image(c, MAX_PIXELS, target_size=decode_size).image for c in copies]
-                queries = np.concatenate([embedder.embed(pictures[i : i + 64]) for i in range(0, len(pictures), 64)])
+                queries = np.concatenate([searcher.embed(copies[i : i + 64]) for i in range(0, len(copies), 64)])
                 found = [[h.item_id for h in hits] for hits in searcher.search_vectors(queries, 5)]
                 for copy, row in list(zip(copies, found))[:10]:  # the bytes path gives the same answers
                     checked += [h.item_id for h in searcher.search(copy, k=5)] == row

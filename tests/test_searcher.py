@@ -76,6 +76,15 @@ def test_a_catalog_image_finds_itself_across_shards(built: tuple[Path, Config]) 
     # Results come from both shards, merged by score; a recompressed copy still finds its original first.
     assert {h.item_id for h in searcher.search(folder / "img" / "p3.png", k=30)} == {f"p{i}" for i in range(30)}
     assert searcher.search(jpeg_of(folder / "img" / "p5.png"), k=1)[0].item_id == "p5"
+    # `embed` gives the vectors `search` queries with: searching them answers the same.
+    images = [jpeg_of(folder / "img" / "p5.png"), folder / "img" / "p8.png"]
+    vectors = searcher.embed(images)
+    assert vectors.shape == (2, searcher.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    for batched, image in zip(searcher.search_vectors(vectors, 5), images):  # a batch of two, or one at a time
+        alone = searcher.search(image, k=5)
+        assert [h.item_id for h in batched] == [h.item_id for h in alone]
+        np.testing.assert_allclose([h.score for h in batched], [h.score for h in alone], atol=1e-5)
 
 
 def test_bad_queries_are_one_line_errors(built: tuple[Path, Config], tmp_path: Path) -> None:
@@ -87,6 +96,10 @@ def test_bad_queries_are_one_line_errors(built: tuple[Path, Config], tmp_path: P
     with pytest.raises(ImageError) as missing:
         searcher.search(tmp_path / "nope.png")
     assert missing.value.kind == "missing"
+    with pytest.raises(ImageError):
+        searcher.embed([b"GIF89a not really"])
+    with pytest.raises(SearchError, match="vectors only"):
+        Searcher.open(cfg["output.root"], with_model=False).embed([b"x"])
     with pytest.raises(SearchError, match="k must be >= 1"):
         searcher.search(b"", k=0)
     with pytest.raises(SearchError, match="no index build"):

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.json as pajson
 
+from lookalike.config import SCHEMA
 from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.models import cache, registry
 from lookalike.embed.models.vision import Embedder
@@ -43,8 +44,8 @@ from lookalike.storage import tables
 from lookalike.storage.uri import filesystem
 
 _VERSION = re.compile(r"^(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?$")
-MAX_BYTES = 64 * 1024 * 1024  # embed.max_bytes's default
-MAX_PIXELS = 100_000_000  # embed.max_pixels's default
+MAX_BYTES: int = SCHEMA["embed.max_bytes"].default  # the embed stage's limits, at their defaults
+MAX_PIXELS: int = SCHEMA["embed.max_pixels"].default
 MASKS_KEPT = 64  # filters whose masks a build keeps; a service repeats a few (in stock, per category)
 
 
@@ -179,12 +180,17 @@ class Searcher:
         if time.monotonic() - self._checked_at >= self._refresh_every_s:
             self.refresh()
         build = self._build  # this query stays on this build, whatever a refresh does meanwhile
-        if build.embedder is None:
-            raise SearchError("this searcher was opened with_model=False: it searches vectors only")
-        data = image if isinstance(image, bytes) else read_bytes(os.fspath(image), MAX_BYTES, ImagePolicy())
+        _require_model(build)
+        data = _read(image)
         allowed = build.allowed(where)  # a bad predicate fails before the image is decoded
-        query = build.embedder.embed([decode_image(data, MAX_PIXELS, target_size=build.decode_size).image])
-        return _search(build, query, k, None, allowed)[0]
+        return _search(build, _embed(build, [data]), k, None, allowed)[0]
+
+    def embed(self, images: Sequence[bytes | str | os.PathLike[str]]) -> np.ndarray:
+        """The vectors `search` queries with for `images` (bytes, paths or URIs), one row each: the build's
+        model after the embed stage's decoding. Raises ImageError for the first unusable image."""
+        build = self._build
+        _require_model(build)
+        return _embed(build, [_read(image) for image in images])
 
     def search_vectors(
         self, queries: np.ndarray, k: int, shards: Iterable[str] | None = None, where: str | None = None
@@ -248,6 +254,22 @@ def read_catalog(path: str, fmt: str) -> pa.Table:
             return pacsv.read_csv(stream) if fmt == "csv" else pajson.read_json(stream)
     except (OSError, pa.ArrowInvalid) as err:
         raise SearchError(f"cannot read the catalog {path} as {fmt}: {err}") from None
+
+
+def _require_model(build: _Build) -> None:
+    if build.embedder is None:
+        raise SearchError("this searcher was opened with_model=False: it searches vectors only")
+
+
+def _read(image: bytes | str | os.PathLike[str]) -> bytes:
+    return image if isinstance(image, bytes) else read_bytes(os.fspath(image), MAX_BYTES, ImagePolicy())
+
+
+def _embed(build: _Build, images: list[bytes]) -> np.ndarray:
+    assert build.embedder is not None  # `_require_model` was called
+    return build.embedder.embed(
+        [decode_image(data, MAX_PIXELS, target_size=build.decode_size).image for data in images]
+    )
 
 
 def _search(
