@@ -36,6 +36,9 @@ setup(
         "safetensors>=0.8,<0.9",
         "urllib3>=2.6,<3",
         "duckdb>=1.4,<1.5",
+        "onnxruntime>=1.32,<1.33",
+        "onnx>=1.23,<1.24",
+        "onnxscript>=0.7,<0.8",
     ],
     entry_points={"console_scripts": ["lookalike=lookalike.cli:entry"]},
 )

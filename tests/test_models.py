@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from lookalike.embed.models import cache, device, registry, vision
+from lookalike.embed.models import cache, device, onnx_runtime, registry, vision
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -133,7 +134,7 @@ def test_embeddings_are_deterministic_and_batch_independent(lite0):
 
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
 def test_every_lite_variant_loads_its_packaged_weights(name):
-    embedder = cache.load_embedder(name, image_size=64)
+    embedder = cache.load_embedder(name, image_size=64, runtime="torch")
     assert embedder.version.startswith(f"{name}@")
     assert embedder.embed([_photo_like(50, 40, seed=0)]).shape == (1, 1280)
 
@@ -154,8 +155,8 @@ def test_torchvision_model_loads_local_weights(tmp_path):
     first = _state_dict_file(tmp_path / "resnet18-a.pt", "resnet18", seed=1)
     second = _state_dict_file(tmp_path / "resnet18-b.pt", "resnet18", seed=2)
     images = [_photo_like(70, 50, seed) for seed in range(3)]
-    a = cache.get_embedder("torchvision/resnet18", weights=first, image_size=64)
-    b = cache.get_embedder("torchvision/resnet18", weights=second, image_size=64)
+    a = cache.get_embedder("torchvision/resnet18", weights=first, image_size=64, runtime="torch")
+    b = cache.get_embedder("torchvision/resnet18", weights=second, image_size=64, runtime="torch")
     vectors = a.embed(images)
     assert vectors.shape == (3, 512)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
@@ -222,6 +223,85 @@ def test_transparent_background_becomes_white():
 
 
 # ---------------------------------------------------------------------------------------------- devices
+
+# ---------------------------------------------------------------------------------------------- runtimes
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory) -> Path:
+    """A cache folder holding one export (lite0 at 64 px), made once: exporting takes seconds."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOKALIKE_CACHE_DIR", str(folder))
+        assert cache.load_embedder("efficientnet-lite0", image_size=64, runtime="onnx").exported
+    return folder
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)
+
+
+def test_onnx_runtime_agrees_with_torch(onnx_cache, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(onnx_cache))
+    images = [_photo_like(90 + seed, 60, seed) for seed in range(20)]
+    onnx = cache.load_embedder("efficientnet-lite0", image_size=64, runtime="onnx")
+    plain = cache.load_embedder("efficientnet-lite0", image_size=64, runtime="torch")
+    assert (onnx.runtime, plain.runtime, onnx.exported, onnx.version) == ("onnx", "torch", False, plain.version)
+    vectors = onnx.embed(images)
+    assert vectors.dtype == np.float32 and vectors.shape == (20, 1280)
+    assert _cosines(vectors, plain.embed(images)).min() > 0.9999
+    np.testing.assert_allclose(onnx.embed(images[3:4])[0], vectors[3], atol=1e-5)  # any batch size
+    assert onnx.infer(onnx.batch([])).shape == (0, 1280)
+
+
+def test_onnx_runtime_exports_torchvision_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "cache"))
+    weights = _state_dict_file(tmp_path / "resnet18.pt", "resnet18", seed=3)
+    images = [_photo_like(70, 50, seed) for seed in range(4)]
+    onnx = cache.load_embedder("torchvision/resnet18", weights=weights, image_size=64, runtime="onnx")
+    plain = cache.load_embedder("torchvision/resnet18", weights=weights, image_size=64, runtime="torch")
+    assert _cosines(onnx.embed(images), plain.embed(images)).min() > 0.9999
+
+
+def test_a_corrupt_cached_export_is_exported_again(onnx_cache, tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "copy"
+    (folder / "onnx").mkdir(parents=True)
+    [cached] = (onnx_cache / "onnx").glob("*.onnx")
+    (folder / "onnx" / cached.name).write_bytes(cached.read_bytes()[:1000])  # cut short, as by a full disk
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(folder))
+    with caplog.at_level(logging.WARNING, logger="lookalike.embed.models.onnx_runtime"):
+        embedder = cache.load_embedder("efficientnet-lite0", image_size=64, runtime="onnx")
+    assert embedder.exported and "does not load" in caplog.text
+    assert (folder / "onnx" / cached.name).read_bytes() == cached.read_bytes()  # the export is the same graph
+    assert not cache.load_embedder("efficientnet-lite0", image_size=64, runtime="onnx").exported
+
+
+def test_an_unwritable_cache_still_embeds(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="lookalike.embed.models.onnx_runtime"):
+        embedder = cache.load_embedder("efficientnet-lite0", image_size=32, runtime="onnx")
+    assert embedder.exported and "not writable" in caplog.text
+    assert embedder.embed([_photo_like(40, 40, seed=1)]).shape == (1, 1280)
+
+
+def test_the_export_cache_keeps_the_newest(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_runtime, "CACHE_KEEP", 2)
+    for i in range(4):
+        onnx_runtime._write_whole(tmp_path / f"{i}.onnx", b"x")
+        os.utime(tmp_path / f"{i}.onnx", (i, i))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.onnx", "3.onnx"]
+
+
+def test_resolve_runtime():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [device.resolve_runtime(r, cpu) for r in ("auto", "torch", "onnx")] == ["onnx", "torch", "onnx"]
+    assert [device.resolve_runtime(r, gpu) for r in ("auto", "torch")] == ["torch", "torch"]
+    with pytest.raises(RuntimeError, match="runs on the CPU.*use 'auto'"):
+        device.resolve_runtime("onnx", gpu)
+    with pytest.raises(ValueError, match="auto, torch, onnx"):
+        device.resolve_runtime("tensorrt", cpu)
 
 
 def test_resolve_device_on_cpu_only(monkeypatch):

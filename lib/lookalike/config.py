@@ -171,6 +171,13 @@ SCHEMA: dict[str, Key] = {
         "`cpu`, or `cuda` (fail without a GPU).",
         choices=("auto", "cpu", "cuda"),
     ),
+    "embed.runtime": Key(
+        str,
+        "auto",
+        "What runs an image model: `auto` (ONNX Runtime on the CPU, torch on a GPU), `torch`, or `onnx` "
+        "(ONNX Runtime; refused on a GPU). Embeddings agree to 1e-6 (see docs/stages.md, Runtimes).",
+        choices=("auto", "torch", "onnx"),
+    ),
     "embed.partition_size": Key(int, 1000, "Catalog items per Spark task (at least two tasks per core).", minimum=1),
     "embed.decode_threads": Key(
         int, 2, "Threads per task that read, decode and preprocess images ahead of inference.", minimum=1

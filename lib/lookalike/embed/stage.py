@@ -100,6 +100,7 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
         policy=catalog.image_policy(cfg),
         fetch=catalog.fetch_settings(cfg, tasks_at_once, partitions) if cfg["embed.input"] == "image" else None,
         retry_delay_hours=cfg["fetch.retry_delay_hours"],
+        runtime=cfg["embed.runtime"],
     )
 
 

@@ -98,6 +98,7 @@ class EmbedSettings:
     policy: ImagePolicy = ImagePolicy()  # where images may come from (`catalog.image_roots`, the catalog folder)
     fetch: FetchSettings | None = None  # how http(s) images are fetched; None: the catalog has none
     retry_delay_hours: float = 20.0  # `fetch.retry_delay_hours`
+    runtime: str = "auto"  # `embed.runtime`, resolved per task with its device (`device.resolve_runtime`)
 
     @property
     def model_version(self) -> str:
@@ -161,7 +162,7 @@ class TaskModel:
     def embedder(self) -> Embedder | TextEmbedder:
         s = self.settings
         before = load_count()
-        embedder = get_embedder(s.model_name, s.weights, self.device, s.image_size)
+        embedder = get_embedder(s.model_name, s.weights, self.device, s.image_size, s.runtime)
         self.loads = load_count() - before
         return embedder
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_cache: dict[tuple[str, str | None, str, int | None], Any] = {}
+_cache: dict[tuple[str, str | None, str, int | None, str], Any] = {}
 _cache_lock = threading.Lock()
 _loads = 0
 
@@ -34,12 +34,16 @@ def load_embedder(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     image_size: int | None = None,
+    runtime: str = "auto",
 ) -> Any:
     """Load a model now (uncached; workers should call `get_embedder`). Logs one INFO line per load.
 
-    Returns a `vision.Embedder` for image models and a `text.TextEmbedder` for text models.
+    Returns a `vision.Embedder` for image models (run by `runtime`, see `device.resolve_runtime`) and a
+    `text.TextEmbedder` for text models, which torch always runs.
     """
     import torch
+
+    from lookalike.embed.models.device import resolve_runtime
 
     global _loads
     started = time.perf_counter()
@@ -61,8 +65,10 @@ def load_embedder(
         from lookalike.embed.models import vision
 
         assert size is not None  # an image model always has an input size
-        embedder = vision.Embedder(spec, vision.build_model(spec, path, size), target, size, version)
-        shape = f"{size} px"
+        runs = resolve_runtime(runtime, target)
+        module = vision.build_model(spec, path, size)
+        embedder = vision.Embedder(spec, module, target, size, version, runs)
+        shape = f"{size} px, {runs}" + (", exported to ONNX" if embedder.exported else "")
     _loads += 1
     log.info("loaded model %s (%s) on %s in %.2f s", version, shape, target, time.perf_counter() - started)
     return embedder
@@ -73,6 +79,7 @@ def get_embedder(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     image_size: int | None = None,
+    runtime: str = "auto",
 ) -> Any:
     """The process-wide embedder (`Embedder` or `TextEmbedder`) for these arguments, loaded on first use.
 
@@ -86,10 +93,11 @@ def get_embedder(
         None if weights is None else os.path.abspath(os.fspath(weights)),
         str(torch.device(device)),
         _input_size(get_spec(name), image_size),
+        runtime,
     )
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = load_embedder(name, weights, device, image_size)
+            _cache[key] = load_embedder(name, weights, device, image_size, runtime)
         return _cache[key]
 
 

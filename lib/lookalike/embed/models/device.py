@@ -74,3 +74,22 @@ def resolve_device(requested: str, gpu_addresses: Sequence[str] = ()) -> torch.d
             f"Spark assigned GPU {gpu_addresses[0]!r} but torch sees only {torch.cuda.device_count()} CUDA device(s)"
         )
     return torch.device("cuda", index)
+
+
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def resolve_runtime(requested: str, device: torch.device) -> str:
+    """What runs an image model on `device`: `torch` or `onnx` (ONNX Runtime, `embed.runtime`).
+
+    'auto' takes ONNX Runtime on the CPU (2.7-3.6x torch's eager fp32 there, equal embeddings) and torch on
+    a GPU (CUDA kernels and fp16). 'onnx' on a GPU is an error: this build of ONNX Runtime runs on the CPU, and
+    moving a GPU task's inference there silently would be many times slower.
+    """
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    if device.type == "cuda":
+        if requested == "onnx":
+            raise RuntimeError("embed.runtime 'onnx' runs on the CPU but this task embeds on a GPU; use 'auto'")
+        return "torch"
+    return "torch" if requested == "torch" else "onnx"

@@ -105,15 +105,52 @@ def build_model(spec: ModelSpec, weights_path: str, image_size: int | None) -> t
     return model.eval().requires_grad_(False)
 
 
+def inference_graph(spec: ModelSpec, module: torch.nn.Module) -> torch.nn.Module:
+    """The whole of inference as one torch module: uint8 NCHW pixels in, unit-norm float32 rows out.
+
+    (x / 255 - mean) / std is folded into one multiply and one subtract. torch runs this module directly and
+    ONNX Runtime runs its export (`onnx_runtime`), so the two runtimes compute one function.
+    """
+    import torch
+
+    assert spec.mean is not None and spec.std is not None  # an image model (checked by `Embedder`)
+
+    class InferenceGraph(torch.nn.Module):
+        scale: torch.Tensor
+        shift: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = module
+            std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer("scale", 1.0 / (255.0 * std))
+            self.register_buffer("shift", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / std)
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = pixels.float() * self.scale - self.shift
+            return torch.nn.functional.normalize(self.model(x).float(), dim=1)
+
+    return InferenceGraph().eval().requires_grad_(False)
+
+
 class Embedder:
     """One loaded model on one device: PIL images in, L2-normalised float32 rows out.
 
-    Both devices run channels-last: on CUDA float16 autocast then uses tensor cores without layout
+    `runtime` is `torch` or `onnx` (ONNX Runtime, CPU only: `device.resolve_runtime`). torch runs
+    channels-last on both devices: on CUDA float16 autocast then uses tensor cores without layout
     transposes; on the CPU (float32) it measured 1.4-1.7x faster than the contiguous layout for
     EfficientNet-Lite0 at 112 and 224 px. On CUDA, pinned uint8 batches are copied asynchronously.
     """
 
-    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, image_size: int, version: str):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: torch.nn.Module,
+        device: torch.device,
+        image_size: int,
+        version: str,
+        runtime: str = "torch",
+    ):
         import torch
 
         if spec.crop_fraction is None or spec.mean is None or spec.std is None:
@@ -124,13 +161,20 @@ class Embedder:
         self.image_size = image_size
         self.version = version
         self.dim = spec.dim
+        self.runtime = runtime
         self._cuda = device.type == "cuda"
-        self._module = module.to(device).to(memory_format=torch.channels_last)
-        mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply and one subtract on uint8 input.
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = mean / std
+        graph = inference_graph(spec, module)
+        self._onnx = None
+        if runtime == "onnx":
+            from lookalike.embed.models import onnx_runtime
+
+            self._onnx = onnx_runtime.load(graph, image_size, version, torch.get_num_threads())
+        self._graph = graph.to(device).to(memory_format=torch.channels_last)
+
+    @property
+    def exported(self) -> bool:
+        """Whether loading this embedder ran the ONNX exporter (False for torch, or a cached export)."""
+        return self._onnx is not None and self._onnx.exported
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """This model's preprocessing of one image (see `to_pixels`), for a decode thread pool."""
@@ -153,13 +197,11 @@ class Embedder:
 
         if batch.shape[0] == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        if self._onnx is not None:
+            return self._onnx.run(batch.numpy())
+        with torch.inference_mode(), self._precision():
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            x = x.float().mul_(self._scale).sub_(self._shift)
-            with self._precision():
-                features = self._module(x)
-            features = torch.nn.functional.normalize(features.float(), dim=1)
-            return features.cpu().numpy()
+            return self._graph(x).cpu().numpy()
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """`infer(preprocess(images))`, for callers that do not overlap the two."""
