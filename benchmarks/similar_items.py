@@ -30,11 +30,13 @@ to all n (its cost is linear in the queries); `--exact-all` times it on every it
 
     .venv/bin/python benchmarks/similar_items.py            # 200,000 x 256, LSH on 20,000; 4-8 min here
     .venv/bin/python benchmarks/similar_items.py --n 50000 --lsh-n 10000
+    .venv/bin/python benchmarks/similar_items.py --n 50000 --shape none --skip-lsh   # never slower than exact
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -127,12 +129,13 @@ def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:
     ).to_pandas()
     found = rows.astype(int).groupby("item_id")["similar_item_id"].apply(set).to_dict()
     shard = builds.build_summary(cfg["output.root"], "bench-index")["shards"][0]
+    manifest = json.loads(Path(shard["folder"], "manifest.json").read_text())
     return {
         "index_s": indexed - started,
         "similar_s": done - indexed,
         "found": found,
         "metrics": result.metrics,
-        "factory": f"{shard['factory']} (nprobe {shard['nprobe']})",
+        "factory": f"{shard['factory']} (nprobe {shard['nprobe']}; {manifest['choice']})",
         "rows": len(rows),
     }
 
@@ -206,6 +209,14 @@ def main() -> None:
     parser.add_argument("--exact-all", action="store_true", help="time exact search on all n items")
     parser.add_argument("--chunk-size", type=int, default=10_000, help="similar.chunk_size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shape",
+        choices=("clustered", "none"),
+        default="clustered",
+        help="clustered (index_build.cluster_model) or none: isotropic unit vectors with no cluster structure, "
+        "the case where an index must not cost more than exact search",
+    )
+    parser.add_argument("--skip-lsh", action="store_true", help="only lookalike against exact search at --n")
     parser.add_argument("--workdir", help="where tables and indexes go (default: a temporary folder)")
     args = parser.parse_args()
     if args.workdir:
@@ -231,7 +242,11 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
         f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads"
     )
-    vectors = sample(cluster_model(args.dim, clusters, args.seed), args.n, args.seed + 1)
+    if args.shape == "clustered":
+        vectors = sample(cluster_model(args.dim, clusters, args.seed), args.n, args.seed + 1)
+    else:
+        vectors = np.random.default_rng(args.seed + 1).standard_normal((args.n, args.dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     rng = np.random.default_rng(args.seed + 3)
     subset = np.sort(rng.choice(args.n, args.lsh_n, replace=False))
     small = vectors[subset]
@@ -260,6 +275,19 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     truth, exact_s = exact_top(vectors, timed)
     exact_full_s = exact_s * args.n / len(timed)
     full_recall = recall(full["found"], timed, truth)
+    total = full["index_s"] + full["similar_s"]
+    if args.skip_lsh:
+        print(f"\nshape {args.shape}: lookalike {full['factory']}")
+        print(
+            f"  index {full['index_s']:.1f} s + similar {full['similar_s']:.1f} s = {total:.1f} s, "
+            f"recall@10 {full_recall:.3f}"
+        )
+        print(f"  exact FAISS flat {exact_full_s:.1f} s (timed on {len(timed):,} items, scaled)")
+        print(
+            f"  index+similar vs exact: {exact_full_s / total:.2f}x faster; "
+            f"similar alone {exact_full_s / full['similar_s']:.2f}x"
+        )
+        return
 
     print(f"[3/4] LSH at n={args.lsh_n:,} ...", flush=True)
     run_lsh(spark, small[:500], workdir, 1)  # warm-up: the first ML job pays for class loading
@@ -276,7 +304,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     per_table_s = (lsh[1]["seconds"] - lsh[0]["seconds"]) / (LSH_TABLES[1] - LSH_TABLES[0])
     sub_needed_s = lsh[1]["seconds"] + (tables_for(sub_rate) - LSH_TABLES[1]) * per_table_s
     full_needed_s = tables_for(full_rate) * per_table_s * full_pairs / sub_pairs
-    total, sub_total = full["index_s"] + full["similar_s"], sub["index_s"] + sub["similar_s"]
+    sub_total = sub["index_s"] + sub["similar_s"]
 
     print()
     print(f"{'method':<28} {'items':>9} {'wall s':>9} {'recall@10':>10}  notes")

@@ -126,6 +126,7 @@ def config(folder: Path, **overrides: object) -> Config:
             "catalog.path": str(folder / "catalog.parquet"),
             "events.path": str(folder / "events.parquet"),
             "index.flat_below": 2000,
+            "index.exact_fallback": False,  # IVF-PQ shards whatever this machine times
             "recommend.n": 6,
             **overrides,
         },

@@ -42,7 +42,8 @@ def vectors() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def built(vectors: np.ndarray) -> shard_index.BuiltIndex:
-    return shard_index.build(vectors, choose_params(len(vectors), DIM, flat_below=0), seed=7)
+    # These tests are about IVF-PQ itself; at 20,000 x 64-d exact search may well be faster (tested below).
+    return shard_index.build(vectors, choose_params(len(vectors), DIM, flat_below=0), seed=7, exact_fallback=False)
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +280,34 @@ def test_filtered_flat_search_is_exact() -> None:
     np.testing.assert_array_equal(ids, exact_filtered_top(vectors, queries, allowed, 10))
 
 
+def test_a_shard_where_ivfpq_is_slower_than_exact_search_is_built_flat(tmp_path: Path) -> None:
+    """Vectors with no cluster structure: the target recall needs most lists probed and many candidates
+    re-ranked, which costs more than one BLAS product over 12,000 vectors."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((12_000, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    params = choose_params(len(vectors), DIM, flat_below=0)
+    built = shard_index.build(vectors, params, seed=0, eval_queries=300)
+    assert params.kind == "ivfpq" and built.params.kind == "flat" and built.index.ntotal == len(vectors)
+    assert (built.nprobe, built.rerank_k, built.recall_at_10) == (0, 0, 1.0) and built.tuning
+    ivf, flat = built.considered
+    assert ivf["factory"] == params.factory and flat["factory"] == "Flat"
+    assert ivf["query_seconds"] >= flat["query_seconds"] > 0 and ivf["queries"] == flat["queries"] == 200
+    assert built.choice.startswith(f"flat: the tuned {params.factory} search took")
+    manifest = shard_index.save(built, tmp_path / "s", ids=item_ids(len(vectors)), model=MODEL)
+    assert (manifest["kind"], manifest["choice"], manifest["considered"]) == ("flat", built.choice, [ivf, flat])
+    queries = vectors[:5]
+    _, ids = shard_index.search(built.index, None, queries, 5, 0, 0)
+    np.testing.assert_array_equal(ids, exact_top(vectors, queries, 5))
+
+    kept = shard_index.build(vectors, params, seed=0, eval_queries=300, exact_fallback=False)
+    assert kept.params.kind == "ivfpq" and kept.choice.startswith("ivfpq (index.exact_fallback off)")
+
+
 def test_pca_reduction_builds_and_is_tuned() -> None:
     vectors = clustered(12_000, seed=12)
     params = choose_params(len(vectors), DIM, flat_below=0, reduce_dim=32, rotation="pca")
-    built = shard_index.build(vectors, params, seed=0, eval_queries=300)
+    built = shard_index.build(vectors, params, seed=0, eval_queries=300, exact_fallback=False)
     assert built.params.factory.startswith("PCA32,IVF") and built.target_reached
 
 

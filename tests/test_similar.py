@@ -94,7 +94,8 @@ def write_embeddings(spark: SparkSession, root: str, df: pd.DataFrame) -> None:
 
 
 def config(tmp_path: Path, **overrides: object) -> Config:
-    return make_config(tmp_path, **{"index.flat_below": 2000, **overrides})
+    # exact_fallback off: these shards must stay IVF-PQ whatever this machine times (test_shard_index tests it).
+    return make_config(tmp_path, **{"index.flat_below": 2000, "index.exact_fallback": False, **overrides})
 
 
 @pytest.fixture(scope="module")

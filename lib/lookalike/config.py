@@ -322,6 +322,12 @@ SCHEMA: dict[str, Key] = {
         minimum=0.0,
         maximum=1.0,
     ),
+    "index.exact_fallback": Key(
+        bool,
+        True,
+        "Build a shard Flat (exact) when its tuned IVF-PQ search measured no faster than exact search on the "
+        "same queries (little cluster structure); the manifest's `considered` and `choice` say what was timed.",
+    ),
     "index.reduce_dim": Key(
         int,
         None,

@@ -153,21 +153,7 @@ def choose_params(
         raise ValueError("rotation='pca' needs reduce_dim (PCA at full dimension only adds cost)")
 
     if n < max(flat_below, MIN_IVFPQ_N):
-        return IndexParams(
-            kind="flat",
-            factory="Flat",
-            n=n,
-            dim=dim,
-            out_dim=dim,
-            nlist=0,
-            m=0,
-            nbits=0,
-            train_size=0,
-            rotation="none",
-            target_recall=target_recall,
-            rerank_k=0,
-            estimated_bytes=4 * n * dim,
-        )
+        return flat_params(n, dim, target_recall)
 
     out_dim = reduce_dim if reduce_dim is not None else dim
     nlist = _choose_nlist(n)
@@ -188,6 +174,26 @@ def choose_params(
         target_recall=target_recall,
         rerank_k=RERANK_K,
         estimated_bytes=_ivfpq_bytes(n, dim, out_dim, nlist, m, rotation),
+    )
+
+
+def flat_params(n: int, dim: int, target_recall: float = TARGET_RECALL) -> IndexParams:
+    """An exact Flat index: for small shards, and for shards where the tuned IVF-PQ search measured no
+    faster than exact search (`shard_index.build`)."""
+    return IndexParams(
+        kind="flat",
+        factory="Flat",
+        n=n,
+        dim=dim,
+        out_dim=dim,
+        nlist=0,
+        m=0,
+        nbits=0,
+        train_size=0,
+        rotation="none",
+        target_recall=target_recall,
+        rerank_k=0,
+        estimated_bytes=4 * n * dim,
     )
 
 

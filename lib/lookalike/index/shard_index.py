@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lookalike.index.params import RECALL_K, IndexParams
+from lookalike.index.params import RECALL_K, IndexParams, flat_params
 from lookalike.storage.uri import filesystem
 
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
@@ -76,6 +76,11 @@ exactly over them: cheaper than probing the index deep enough to find k of so fe
 ADD_BATCH = 65_536
 """Vectors added to the index at once: a rotation (RR, OPQ, PCA) makes a transformed copy of whatever
 is added, which would otherwise be a second copy of the whole shard."""
+TIMING_QUERIES = 200
+"""Queries the tuned IVF-PQ search and exact search are each timed on (the fastest of `TIMING_ROUNDS`), to
+keep the one that is faster: enough rows for exact search to run as one BLAS matrix product, as it does in the
+similar-items stage, and few enough that timing exact search costs a fraction of the build."""
+TIMING_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,9 @@ class BuiltIndex:
 
     `tuning` lists the (nprobe, rerank_k, recall@10) settings in the order tried; the chosen one is the
     first that reached `params.target_recall`, or the best one if none did (`target_reached` False).
-    Flat shards have nprobe 0, rerank_k 0 and an empty `tuning`.
+    Flat shards have nprobe 0 and rerank_k 0; `tuning` is empty unless IVF-PQ was tuned first. `considered`
+    holds the tuned IVF-PQ search and exact search as measured on the same queries (empty for a shard Flat
+    by its size), `choice` why the index kept is the one kept.
     """
 
     index: faiss.Index
@@ -101,6 +108,8 @@ class BuiltIndex:
     add_seconds: float
     tune_seconds: float
     vectors_sha256: str
+    considered: tuple[dict[str, Any], ...] = ()
+    choice: str = "flat: too few items for IVF-PQ (index.flat_below)"
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,14 @@ class LoadedShard:
         return scores, ids
 
 
-def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queries: int = 1000) -> BuiltIndex:
+def build(
+    vectors: np.ndarray,
+    params: IndexParams,
+    *,
+    seed: int = 0,
+    eval_queries: int = 1000,
+    exact_fallback: bool = True,
+) -> BuiltIndex:
     """Train on a seeded random sample of `params.train_size` rows, add every row (FAISS id = row
     position), then tune the search on measured recall (`_tune`).
 
@@ -172,6 +188,11 @@ def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queri
     top-10 by brute force. Each query's own row is left out of both lists, as the similar-items stage
     leaves an item out of its own neighbours. A Flat shard's recall is measured the same way (1.0 but
     for ties).
+
+    Never slower than exact search: the tuned IVF-PQ search is then timed against exact search on the same
+    `TIMING_QUERIES` rows, and with `exact_fallback` a shard where it is not faster is built Flat instead.
+    That happens where vectors have little cluster structure: the target recall then needs a large share
+    of the lists probed and many candidates re-ranked, and a BLAS product over every vector costs less.
     """
     started = time.perf_counter()
     vectors = _checked_vectors(vectors, params)
@@ -200,11 +221,38 @@ def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queri
         _, found = search(index, vectors, queries, RECALL_K + 1, nprobe, rerank_k)
         return recall_at_k(_without_self(found, query_rows, RECALL_K), truth, RECALL_K)
 
+    considered: tuple[dict[str, Any], ...] = ()
+    choice = BuiltIndex.choice
+    tuning: tuple[tuple[int, int, float], ...] = ()
+    if params.kind == "ivfpq":
+        tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
+        timed = queries[:TIMING_QUERIES]
+        ivf_seconds = _fastest(lambda: search(index, vectors, timed, RECALL_K + 1, nprobe, rerank_k))
+        exact_seconds = _fastest(lambda: faiss.knn(timed, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT))
+        considered = (
+            {
+                "factory": params.factory,
+                "nprobe": nprobe,
+                "rerank_k": rerank_k,
+                "recall_at_10": recall,
+                "query_seconds": ivf_seconds,
+                "queries": len(timed),
+            },
+            {"factory": "Flat", "recall_at_10": 1.0, "query_seconds": exact_seconds, "queries": len(timed)},
+        )
+        speedup = exact_seconds / max(ivf_seconds, 1e-9)
+        if speedup > 1.0:
+            choice = f"ivfpq: {speedup:.1f}x faster than exact search at recall@10 {recall:.3f}"
+        elif not exact_fallback:
+            choice = f"ivfpq (index.exact_fallback off): exact search was {1 / speedup:.1f}x faster"
+        else:
+            choice = f"flat: the tuned {params.factory} search took {1 / speedup:.1f}x the time of exact search"
+            params = flat_params(n, params.dim, params.target_recall)
+            index = faiss.IndexFlatIP(params.dim)
+            for start in range(0, n, ADD_BATCH):
+                index.add(vectors[start : start + ADD_BATCH])
     if params.kind == "flat":
         nprobe, rerank_k, recall = 0, 0, measure(0, 0)
-        tuning: tuple[tuple[int, int, float], ...] = ()
-    else:
-        tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
     tuned = time.perf_counter()
     digest = vectors_sha256(vectors)
 
@@ -222,7 +270,19 @@ def build(vectors: np.ndarray, params: IndexParams, *, seed: int = 0, eval_queri
         add_seconds=added - trained,
         tune_seconds=tuned - added,
         vectors_sha256=digest,
+        considered=considered,
+        choice=choice,
     )
+
+
+def _fastest(run: Callable[[], object]) -> float:
+    """The fastest of `TIMING_ROUNDS` runs, in seconds: a shared machine's neighbours only ever slow one down."""
+    times = []
+    for _ in range(TIMING_ROUNDS):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def search(
@@ -380,6 +440,8 @@ def save(
         "flat_bytes": params.flat_bytes,
         "vectors_sha256": built.vectors_sha256,
         "faiss_version": faiss.__version__,
+        "considered": list(built.considered),
+        "choice": built.choice,
     }
     clashes = sorted(set(extra or {}) & set(manifest))
     if clashes:

@@ -58,7 +58,7 @@ def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callab
     """The per-shard task body: the shard's staged rows in, its index saved, its summary row out. Closes over
     plain values only."""
     flat_below, reduce_dim = cfg["index.flat_below"], cfg["index.reduce_dim"]
-    target_recall = cfg["index.target_recall"]
+    target_recall, exact_fallback = cfg["index.target_recall"], cfg["index.exact_fallback"]
 
     def build_shard(shard: str) -> Iterator[pa.RecordBatch]:
         staged = distributor.read_staged(
@@ -72,7 +72,7 @@ def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callab
         params = index_params.choose_params(
             len(vectors), vectors.shape[1], flat_below=flat_below, reduce_dim=reduce_dim, target_recall=target_recall
         )
-        built = shard_index.build(vectors, params, seed=0)
+        built = shard_index.build(vectors, params, seed=0, exact_fallback=exact_fallback)
         folder = f"{build_dir}/{shards.folder_name(shard)}"
         manifest = shard_index.save(
             built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0], extra={"shard": shard, "run_id": run_id}
@@ -125,7 +125,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             f"{[tuple(r) for r in model_dims]}; expected exactly one (re-run embed)"
         )
     model, dim = model_dims[0]["model"], model_dims[0]["dim"]
-    settings = f"{cfg['index.flat_below']}/{cfg['index.reduce_dim']}/{cfg['index.target_recall']}"
+    settings = "/".join(
+        str(cfg[key]) for key in ("index.flat_below", "index.reduce_dim", "index.target_recall", "index.exact_fallback")
+    )
     members = members_digest(embeddings, settings)
     reused = _reusable(root, model, dim, members)
     build_dir = f"{indexes_root(root)}/{run_id}"
