@@ -292,8 +292,9 @@ def test_a_shard_where_ivfpq_is_slower_than_exact_search_is_built_flat(tmp_path:
     assert (built.nprobe, built.rerank_k, built.recall_at_10) == (0, 0, 1.0) and built.tuning
     ivf, flat = built.considered
     assert ivf["factory"] == params.factory and flat["factory"] == "Flat"
-    assert ivf["query_seconds"] >= flat["query_seconds"] > 0 and ivf["queries"] == flat["queries"] == 200
-    assert built.choice.startswith(f"flat: the tuned {params.factory} search took")
+    assert ivf["query_seconds"] >= flat["query_seconds"] > 0 and ivf["queries"] == flat["queries"] > 0
+    # Tuning either stopped at the first setting slower than exact search, or ended there after timing.
+    assert built.choice.startswith((f"flat: tuning {params.factory} stopped", f"flat: the tuned {params.factory}"))
     manifest = shard_index.save(built, tmp_path / "s", ids=item_ids(len(vectors)), model=MODEL)
     assert (manifest["kind"], manifest["choice"], manifest["considered"]) == ("flat", built.choice, [ivf, flat])
     queries = vectors[:5]

@@ -189,8 +189,9 @@ def build(
     leaves an item out of its own neighbours. A Flat shard's recall is measured the same way (1.0 but
     for ties).
 
-    Never slower than exact search: the tuned IVF-PQ search is then timed against exact search on the same
-    `TIMING_QUERIES` rows, and with `exact_fallback` a shard where it is not faster is built Flat instead.
+    Never slower than exact search: with `exact_fallback`, tuning stops as soon as a setting short of the
+    target takes longer than exact search took over the same queries, and the tuned search is then timed
+    against exact search on the same `TIMING_QUERIES` rows; a shard where IVF-PQ is not faster is built Flat.
     That happens where vectors have little cluster structure: the target recall then needs a large share
     of the lists probed and many candidates re-ranked, and a BLAS product over every vector costs less.
     """
@@ -214,39 +215,60 @@ def build(
 
     query_rows = np.sort(rng.choice(n, min(eval_queries, n), replace=False))
     queries = vectors[query_rows]
+    exact_started = time.perf_counter()
     _, exact = faiss.knn(queries, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    exact_seconds = time.perf_counter() - exact_started
     truth = _without_self(exact, query_rows, RECALL_K)
+    tried: list[tuple[int, int, float]] = []
 
     def measure(nprobe: int, rerank_k: int) -> float:
+        started = time.perf_counter()
         _, found = search(index, vectors, queries, RECALL_K + 1, nprobe, rerank_k)
-        return recall_at_k(_without_self(found, query_rows, RECALL_K), truth, RECALL_K)
+        seconds = time.perf_counter() - started
+        recall = recall_at_k(_without_self(found, query_rows, RECALL_K), truth, RECALL_K)
+        tried.append((nprobe, rerank_k, recall))
+        if exact_fallback and nprobe > 0 and seconds > exact_seconds and recall < params.target_recall:
+            raise _SlowerThanExact(nprobe, rerank_k, recall, seconds)
+        return recall
+
+    def entry(factory: str, recall: float, seconds: float, queries: int, **search: int) -> dict[str, Any]:
+        return {"factory": factory, **search, "recall_at_10": recall, "query_seconds": seconds, "queries": queries}
 
     considered: tuple[dict[str, Any], ...] = ()
     choice = BuiltIndex.choice
     tuning: tuple[tuple[int, int, float], ...] = ()
     if params.kind == "ivfpq":
-        tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
-        timed = queries[:TIMING_QUERIES]
-        ivf_seconds = _fastest(lambda: search(index, vectors, timed, RECALL_K + 1, nprobe, rerank_k))
-        exact_seconds = _fastest(lambda: faiss.knn(timed, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT))
-        considered = (
-            {
-                "factory": params.factory,
-                "nprobe": nprobe,
-                "rerank_k": rerank_k,
-                "recall_at_10": recall,
-                "query_seconds": ivf_seconds,
-                "queries": len(timed),
-            },
-            {"factory": "Flat", "recall_at_10": 1.0, "query_seconds": exact_seconds, "queries": len(timed)},
-        )
-        speedup = exact_seconds / max(ivf_seconds, 1e-9)
-        if speedup > 1.0:
-            choice = f"ivfpq: {speedup:.1f}x faster than exact search at recall@10 {recall:.3f}"
-        elif not exact_fallback:
-            choice = f"ivfpq (index.exact_fallback off): exact search was {1 / speedup:.1f}x faster"
+        factory, flat = params.factory, False
+        try:
+            tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
+        except _SlowerThanExact as slow:
+            # Deeper settings only cost more: the target cannot be reached faster than exact search.
+            tuning, flat = tuple(tried), True
+            considered = (
+                entry(factory, slow.recall, slow.seconds, len(query_rows), nprobe=slow.nprobe, rerank_k=slow.rerank_k),
+                entry("Flat", 1.0, exact_seconds, len(query_rows)),
+            )
+            choice = (
+                f"flat: tuning {factory} stopped at nprobe {slow.nprobe}, rerank_k {slow.rerank_k}: "
+                f"{slow.seconds / exact_seconds:.1f}x the time of exact search at recall@10 {slow.recall:.3f}"
+            )
         else:
-            choice = f"flat: the tuned {params.factory} search took {1 / speedup:.1f}x the time of exact search"
+            timed = queries[:TIMING_QUERIES]
+            ivf_s = _fastest(lambda: search(index, vectors, timed, RECALL_K + 1, nprobe, rerank_k))
+            exact_s = _fastest(lambda: faiss.knn(timed, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT))
+            considered = (
+                entry(factory, recall, ivf_s, len(timed), nprobe=nprobe, rerank_k=rerank_k),
+                entry("Flat", 1.0, exact_s, len(timed)),
+            )
+            speedup = exact_s / max(ivf_s, 1e-9)
+            if speedup > 1.0:
+                choice = f"ivfpq: {speedup:.1f}x faster than exact search at recall@10 {recall:.3f}"
+            elif not exact_fallback:
+                choice = f"ivfpq (index.exact_fallback off): exact search was {1 / speedup:.1f}x faster"
+            else:
+                flat = True
+                choice = f"flat: the tuned {factory} search took {1 / speedup:.1f}x the time of exact search"
+        if flat:
             params = flat_params(n, params.dim, params.target_recall)
             index = faiss.IndexFlatIP(params.dim)
             for start in range(0, n, ADD_BATCH):
@@ -273,6 +295,15 @@ def build(
         considered=considered,
         choice=choice,
     )
+
+
+class _SlowerThanExact(Exception):
+    """Raised by `build`'s recall measurement when an IVF-PQ setting short of the target already took longer
+    than exact search over the same queries: tuning stops there, and the shard is built Flat."""
+
+    def __init__(self, nprobe: int, rerank_k: int, recall: float, seconds: float):
+        super().__init__(f"nprobe {nprobe}, rerank_k {rerank_k}: recall@10 {recall:.3f} in {seconds:.3f} s")
+        self.nprobe, self.rerank_k, self.recall, self.seconds = nprobe, rerank_k, recall, seconds
 
 
 def _fastest(run: Callable[[], object]) -> float:
