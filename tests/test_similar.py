@@ -283,8 +283,18 @@ def test_incremental_recomputes_changed_shards_only(
     check_lists(rows, brute_force(changed, K), changed)
 
     version = tables.version(tables.table_path(root, "similar_items"))
-    assert similar.run(cfg, spark, "r3").metrics["shards_recomputed"] == 0
+    dup_path = tables.table_path(root, "duplicates")
+    dup_version, dup_rows = tables.version(dup_path), tables.read_arrow(dup_path).num_rows
+    night = similar.run(cfg, spark, "r3")
+    assert night.metrics["shards_recomputed"] == 0
     assert tables.version(tables.table_path(root, "similar_items")) == version
+    # Nothing `duplicates` derives from changed: it is not derived again, and its counts are reported as before.
+    assert tables.version(dup_path) == dup_version
+    assert night.metrics["duplicates"] + night.metrics["near_duplicates"] == dup_rows > 0
+    # A table edited behind the stage's back (here: emptied) is derived again on the next night.
+    tables.write(tables.read(spark, dup_path).limit(0), dup_path, mode="overwrite")
+    similar.run(cfg, spark, "r3b")
+    assert tables.read_arrow(dup_path).num_rows == dup_rows
 
     # A setting that changes every list recomputes every shard.
     result = similar.run(cfg.with_overrides({"similar.k": 3}), spark, "r4")

@@ -28,8 +28,10 @@ shards. Near duplicates (the same photo cropped, rescaled or recompressed) come 
 `similar_items`: an item with a neighbour scoring at least `search.duplicate_score` whose `item_id` is
 smaller gets a row `kind` `near`, `duplicate_of` its smallest such neighbour, unless it is an exact
 duplicate. So they are found among the neighbours the table may hold (its scope, stock and score rules),
-and a chain a~b~c yields b->a and c->b rather than a merged group. `duplicates` is derived whole on every
-run, after `similar_items` is committed, so a crash between the two commits is mended by the next run.
+and a chain a~b~c yields b->a and c->b rather than a merged group. `duplicates` is derived whole after
+`similar_items` is committed, on every run whose inputs differ from those the state recorded (the versions of
+`embeddings`, `similar_items` and `duplicates` itself, and the score), so a crash between the two commits, or
+an edit of the table, is mended by the next run, and an unchanged night skips the Spark job.
 
 Incremental. A shard's fingerprint joins the `vectors_sha256` of its index in the latest build with a digest
 of its rows in `embeddings` (item ids, the embed run that wrote each vector, exclusion keys, stock flags).
@@ -215,6 +217,13 @@ def _check_fresh(stats: Mapping[str, tuple[int, str, list[str]]], summary: Mappi
     )
 
 
+def _duplicates_inputs(root: str, near_score: float) -> dict[str, Any]:
+    """What `duplicates` is derived from, and its own version: equal to what the last run recorded, the
+    table is already what deriving it again would give (a no-change night skips that Spark job)."""
+    versions = {name: tables.version(tables.table_path(root, name)) for name in (EMBEDDINGS, SIMILAR_ITEMS, DUPLICATES)}
+    return {**versions, "duplicate_score": near_score}
+
+
 def _commit_duplicates(
     spark: SparkSession, items: DataFrame, root: str, run_id: str, near_score: float
 ) -> dict[str, float]:
@@ -352,12 +361,34 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     n_items = sum(n for n, _, _ in stats.values())
     fingerprints = _fingerprints(root, build, stats)
     state_path, path = files.state_path(root, SIMILAR_ITEMS), tables.table_path(root, SIMILAR_ITEMS)
-    changed = changed_shards(files.read_json(state_path), fingerprints, settings, tables.version(path))
+    previous = files.read_json(state_path)
+    changed = changed_shards(previous, fingerprints, settings, tables.version(path))
     metrics = {"shards": float(len(stats)), "shards_recomputed": float(len(changed))}
     near_score = cfg["search.duplicate_score"]
+
+    def finish() -> None:
+        """`duplicates` from what is committed now (unless its inputs are as the last run left them), then
+        the state, published whole: a reader sees the old state or the new one."""
+        unchanged = (previous or {}).get("duplicates")
+        if unchanged is not None and unchanged["inputs"] == _duplicates_inputs(root, near_score):
+            counts = unchanged["counts"]
+        else:
+            counts = _commit_duplicates(spark, items, root, run_id, near_score)
+        metrics.update(counts)
+        state = {
+            "version": STATE_VERSION,
+            "run_id": run_id,
+            "build": build,
+            "settings": asdict(settings),
+            "table_version": tables.version(path),
+            "shards": fingerprints,
+            "duplicates": {"inputs": _duplicates_inputs(root, near_score), "counts": counts},
+        }
+        files.write_text(state_path, json.dumps(state, indent=2, sort_keys=True))
+
     if not changed:
         log.info("similar %s: all %d shards unchanged since the last run, nothing to do", run_id, len(stats))
-        metrics.update(_commit_duplicates(spark, items, root, run_id, near_score))
+        finish()
         metrics["seconds"] = round(time.time() - started, 3)
         return StageResult("similar", rows_in=n_items, rows_out=0, metrics=metrics)
 
@@ -398,23 +429,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         rows_out = results.count()
     finally:
         files.remove_dir(staging)
-    metrics.update(_commit_duplicates(spark, items, root, run_id, near_score))
-    # Published whole: a reader sees the old state or the new one.
-    files.write_text(
-        state_path,
-        json.dumps(
-            {
-                "version": STATE_VERSION,
-                "run_id": run_id,
-                "build": build,
-                "settings": asdict(settings),
-                "table_version": tables.version(path),
-                "shards": fingerprints,
-            },
-            indent=2,
-            sort_keys=True,
-        ),
-    )
+    finish()
     metrics.update(
         {
             "queries": float(n_queries),
