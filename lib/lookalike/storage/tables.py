@@ -227,6 +227,8 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
     if delete_keys is not None:
         touched = touched.unionByName(delete_keys.select(key))
     touched = touched.distinct()
+    if touched.isEmpty():  # nothing to replace or delete: no commit, and no scan of the table's keys
+        return CommitResult(table.version(), 0, 0, 0)
     current_files = set(_current_files(table))
     touched_files: list[str] = []
     if current_files:
@@ -242,7 +244,7 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
         unknown = set(touched_files) - current_files
         if unknown:  # a spelling this module does not understand: refuse rather than remove the wrong files
             raise RuntimeError(f"{path}: Spark read files the table does not list: {sorted(unknown)[:3]}")
-    if not touched_files and df.isEmpty():
+    if not touched_files and df.isEmpty():  # only deletes, of keys the table does not hold
         return CommitResult(table.version(), 0, 0, 0)
     survivors = None
     if touched_files:
