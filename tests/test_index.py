@@ -28,10 +28,11 @@ def clustered(n: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_embeddings(spark: SparkSession, root: Path, sizes: dict[str, int], model: str = MODEL) -> None:
+def write_embeddings(spark: SparkSession, root: Path, sizes: dict[str, int | np.ndarray], model: str = MODEL) -> None:
+    """Per shard, `n` clustered vectors (seeded by the shard's position), or the given vectors."""
     rows = []
     for s, (shard, n) in enumerate(sizes.items()):
-        for i, vec in enumerate(clustered(n, seed=s)):
+        for i, vec in enumerate(clustered(n, seed=s) if isinstance(n, int) else n):
             rows.append((f"{shard}-{i:05d}", shard, vec.tolist(), model))
     df = spark.createDataFrame(rows, "item_id string, shard string, embedding array<float>, model string").select(
         "item_id",
@@ -82,6 +83,24 @@ def test_builds_every_shard_and_publishes_latest(spark: SparkSession, tmp_path: 
     exact = np.argsort(-(ordered[rows] @ ordered.T), axis=1)[:, :11]
     recall = np.mean([len((set(f) - {r}) & (set(e[:11]) - {r})) / 10 for f, e, r in zip(found, exact, rows)])
     assert abs(recall - manifest["recall_at_10"]) < 0.05, (recall, manifest["recall_at_10"])
+
+    # The next night the big shard gains 100 items of the same catalog: its quantizers are reused, not retrained.
+    near = vectors[:100] + 0.05 * np.random.default_rng(50).normal(size=(100, DIM)).astype(np.float32)
+    grown = np.concatenate([vectors, near / np.linalg.norm(near, axis=1, keepdims=True)])
+    write_embeddings(spark, Path(root), {"Bag": 300, "T-shirt/top": grown})
+    update = index.run(cfg, spark, "20260102T000000Z-bbbbbb")
+    updated = builds.load_shard(root, "20260102T000000Z-bbbbbb", "T-shirt/top", model=MODEL, dim=DIM).manifest
+    assert (update.metrics["shards_built"], update.metrics["shards_updated"], update.metrics["shards_reused"]) == (
+        1,
+        1,
+        1,
+    ), updated["update"]
+    assert updated["reused_training"] and updated["update"]["trained_in"] == "20260101T000000Z-aaaaaa"
+    assert updated["ntotal"] == 12100 and updated["train_seconds"] < manifest["train_seconds"] / 10
+    assert updated["target_reached"] and updated["tuning"]  # recall measured again
+    write_embeddings(spark, Path(root), {"Bag": 300, "T-shirt/top": grown[:-1]})
+    retrained = index.run(cfg.with_overrides({"index.update_max_drift": None}), spark, "20260103T000000Z-cccccc")
+    assert (retrained.metrics["shards_built"], retrained.metrics["shards_updated"]) == (1, 0)
 
 
 def test_failed_build_keeps_latest_and_old_builds_are_pruned(spark: SparkSession, tmp_path: Path) -> None:

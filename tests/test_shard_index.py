@@ -364,3 +364,54 @@ def test_tune_keeps_the_best_setting_when_the_target_is_out_of_reach() -> None:
     )
     assert chosen == max(tried, key=lambda step: step[2]) and chosen[2] < 0.99
     assert chosen[1] == 800
+
+
+# ---------------------------------------------------------------------------------------------- updates
+
+
+def _previous(built: shard_index.BuiltIndex, folder: Path) -> shard_index.LoadedShard:
+    shard_index.save(built, folder, ids=item_ids(built.index.ntotal), model=MODEL, extra={"run_id": "run-1"})
+    return shard_index.load(folder, expected_dim=DIM, expected_model=MODEL, mmap=False)
+
+
+def test_a_shard_that_changed_a_little_reuses_its_training(
+    built: shard_index.BuiltIndex, vectors: np.ndarray, tmp_path: Path
+) -> None:
+    assert built.update["reused"] is False and built.update["quantization_error"] > 0
+    previous = _previous(built, tmp_path / "run-1")
+    # 2% of the shard replaced by new items of the same catalog: the codebooks still fit.
+    changed = np.concatenate([vectors[400:], clustered(400, seed=99)])
+    params = choose_params(len(changed), DIM, flat_below=0)
+    assert params.factory == built.params.factory
+    updated = shard_index.build(changed, params, seed=7, exact_fallback=False, previous=previous, max_drift=0.1)
+    assert updated.update["reused"] is True and updated.update["trained_in"] == "run-1", updated.update
+    assert abs(updated.update["drift"]) < 0.05  # sampling noise, and 2% new items
+    assert updated.update["quantization_error"] == built.update["quantization_error"]
+    assert updated.train_seconds < built.train_seconds / 10 and updated.index.ntotal == len(changed)
+    assert updated.target_reached and updated.tuning  # tuned and measured again
+    queries = clustered(50, seed=5)
+    _, ids = shard_index.search(updated.index, changed, queries, 10, updated.nprobe, updated.rerank_k)
+    assert shard_index.recall_at_k(ids, exact_top(changed, queries, 10), 10) >= 0.9
+    manifest = shard_index.save(updated, tmp_path / "run-2", ids=item_ids(len(changed)), model=MODEL)
+    assert manifest["reused_training"] is True and manifest["update"]["trained_in"] == "run-1"
+    # An update of an update still measures drift against the original training, and names it.
+    again = shard_index.load(tmp_path / "run-2", expected_dim=DIM, expected_model=MODEL, mmap=False)
+    third = shard_index.build(changed, params, seed=7, exact_fallback=False, previous=again, max_drift=0.1)
+    assert third.update["trained_in"] == "run-1"
+    assert third.update["quantization_error"] == built.update["quantization_error"]
+
+
+def test_drifted_vectors_retrain(built: shard_index.BuiltIndex, vectors: np.ndarray, tmp_path: Path) -> None:
+    previous = _previous(built, tmp_path / "run-1")
+    params = built.params
+    # Half the shard new: codebooks fit their training points better than new ones, so this drifts.
+    renewed = np.concatenate([vectors[10_000:], clustered(10_000, seed=98)])
+    rebuilt = shard_index.build(renewed, params, seed=0, exact_fallback=False, previous=previous, max_drift=0.05)
+    assert rebuilt.update["reused"] is False and rebuilt.update["drift"] > 0.05, rebuilt.update
+    assert rebuilt.update["retrained_because"].startswith("drift ") and rebuilt.train_seconds > 0
+    other = choose_params(12_000, DIM, flat_below=0)
+    assert other.factory != params.factory
+    resized = shard_index.build(vectors[:12_000], other, exact_fallback=False, previous=previous, max_drift=0.1)
+    assert "this shard needs" in resized.update["retrained_because"]
+    never = shard_index.build(vectors[:12_000], other, exact_fallback=False, previous=previous, max_drift=None)
+    assert "retrained_because" not in never.update and never.update["reused"] is False

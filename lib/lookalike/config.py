@@ -328,6 +328,15 @@ SCHEMA: dict[str, Key] = {
         "Build a shard Flat (exact) when its tuned IVF-PQ search measured no faster than exact search on the "
         "same queries (little cluster structure); the manifest's `considered` and `choice` say what was timed.",
     ),
+    "index.update_max_drift": Key(
+        float,
+        0.1,
+        "A changed IVF-PQ shard reuses the previous build's trained quantizers (re-adding its vectors, re-tuning) "
+        "while its vectors' PQ quantization error is at most this fraction above the one measured at training; "
+        "past it, or with null, it trains afresh (docs/stages.md, Updates).",
+        nullable=True,
+        minimum=0.0,
+    ),
     "index.reduce_dim": Key(
         int,
         None,

@@ -49,16 +49,21 @@ SUMMARY_SCHEMA = pa.schema(
         ("target_reached", pa.bool_()),
         ("bytes", pa.int64()),
         ("build_seconds", pa.float64()),
+        ("reused_training", pa.bool_()),
     ]
 )
 SHARD_FILES = (shard_index.INDEX_FILE, shard_index.IDS_FILE, shard_index.MANIFEST_FILE)  # manifest last
 
 
-def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callable[[str], Iterator[pa.RecordBatch]]:
-    """The per-shard task body: the shard's staged rows in, its index saved, its summary row out. Closes over
-    plain values only."""
+def build_task(
+    staging: str, build_dir: str, run_id: str, cfg: Config, updatable: Mapping[str, str]
+) -> Callable[[str], Iterator[pa.RecordBatch]]:
+    """The per-shard task body: the shard's staged rows in, its index saved, its summary row out. `updatable`
+    maps shards to their folder in the previous build, whose training `shard_index.build` may reuse. Closes
+    over plain values only."""
     flat_below, reduce_dim = cfg["index.flat_below"], cfg["index.reduce_dim"]
     target_recall, exact_fallback = cfg["index.target_recall"], cfg["index.exact_fallback"]
+    max_drift = cfg["index.update_max_drift"]
 
     def build_shard(shard: str) -> Iterator[pa.RecordBatch]:
         staged = distributor.read_staged(
@@ -72,7 +77,17 @@ def build_task(staging: str, build_dir: str, run_id: str, cfg: Config) -> Callab
         params = index_params.choose_params(
             len(vectors), vectors.shape[1], flat_below=flat_below, reduce_dim=reduce_dim, target_recall=target_recall
         )
-        built = shard_index.build(vectors, params, seed=0, exact_fallback=exact_fallback)
+        previous = None
+        if shard in updatable and max_drift is not None:
+            try:
+                previous = shard_index.load(
+                    updatable[shard], expected_dim=params.dim, expected_model=models_seen[0], mmap=False
+                )
+            except (OSError, ValueError) as err:  # pruned or unreadable: train afresh
+                log.warning("index %s: shard %s trains afresh: previous index unreadable (%s)", run_id, shard, err)
+        built = shard_index.build(
+            vectors, params, seed=0, exact_fallback=exact_fallback, previous=previous, max_drift=max_drift
+        )
         folder = f"{build_dir}/{shards.folder_name(shard)}"
         manifest = shard_index.save(
             built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0], extra={"shard": shard, "run_id": run_id}
@@ -92,15 +107,30 @@ def members_digest(embeddings: DataFrame, settings: str) -> dict[str, str]:
     return {r["shard"]: f"{r['n']}:{r['digest']}:{settings}" for r in rows}
 
 
-def _reusable(root: str, model: str, dim: int, members: Mapping[str, str]) -> dict[str, dict]:
-    """Summary rows of the latest build's shards whose members and settings are unchanged."""
+def _previous_shards(root: str, model: str, dim: int) -> list[dict]:
+    """Summary rows of the latest build, if it was made for this model and dimension."""
     try:
         previous = build_summary(root, latest_build(root))
     except IndexBuildError:
-        return {}
+        return []
     if previous is None or previous["model"] != model or previous["dim"] != dim:
-        return {}
-    return {row["shard"]: row for row in previous["shards"] if members.get(row["shard"]) == row.get("members")}
+        return []
+    return list(previous["shards"])
+
+
+def _reusable(previous: list[dict], members: Mapping[str, str]) -> dict[str, dict]:
+    """The previous rows of shards whose members and settings are unchanged: copied, not built."""
+    return {row["shard"]: row for row in previous if members.get(row["shard"]) == row.get("members")}
+
+
+def _updatable(previous: list[dict], to_build: list[str], settings: str) -> dict[str, str]:
+    """The previous folders of changed IVF-PQ shards built with these settings: their training may be reused."""
+    wanted = set(to_build)
+    return {
+        row["shard"]: row["folder"]
+        for row in previous
+        if row["shard"] in wanted and row["kind"] == "ivfpq" and str(row.get("members", "")).endswith(f":{settings}")
+    }
 
 
 def _copy_shard(source: str, target: str) -> None:
@@ -129,9 +159,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         str(cfg[key]) for key in ("index.flat_below", "index.reduce_dim", "index.target_recall", "index.exact_fallback")
     )
     members = members_digest(embeddings, settings)
-    reused = _reusable(root, model, dim, members)
+    previous = _previous_shards(root, model, dim)
+    reused = _reusable(previous, members)
     build_dir = f"{indexes_root(root)}/{run_id}"
     to_build = sorted(set(members) - set(reused))
+    updatable = _updatable(previous, to_build, settings)
     log.info(
         "index %s: %d shards of model %s (dim %d) -> %s: %d to build, %d unchanged and reused",
         run_id,
@@ -156,7 +188,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
                 ["shard_dir"],
             )
             built: pd.DataFrame = distributor.run_tasks(
-                spark, to_build, build_task(staging, build_dir, run_id, cfg), SUMMARY_SCHEMA
+                spark, to_build, build_task(staging, build_dir, run_id, cfg, updatable), SUMMARY_SCHEMA
             ).toPandas()
         finally:
             files.remove_dir(staging)
@@ -164,7 +196,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     summary = pd.DataFrame(rows).sort_values("shard", ignore_index=True)
     for row in summary.itertuples():
         log.info(
-            "index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s",
+            "index %s: shard %s: %d items, %s, nprobe %d, recall@10 %.3f%s%s%s",
             run_id,
             row.shard,
             row.ntotal,
@@ -173,6 +205,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             row.recall_at_10,
             "" if row.target_reached else " (below target)",
             " (reused)" if row.shard in reused else "",
+            " (updated: trained quantizers reused)" if row.shard not in reused and row.reused_training is True else "",
         )
     files.write_text(
         f"{build_dir}/{BUILD_SUMMARY}",
@@ -187,6 +220,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         "shards": float(len(summary)),
         "shards_built": float(len(to_build)),
         "shards_reused": float(len(reused)),
+        "shards_updated": float(sum(bool(row.get("reused_training")) for row in rows if row["shard"] not in reused)),
         "min_recall_at_10": float(summary["recall_at_10"].min()),
         "mean_recall_at_10": float((summary["recall_at_10"] * summary["ntotal"]).sum() / max(total, 1)),
         "index_bytes": float(summary["bytes"].sum()),
