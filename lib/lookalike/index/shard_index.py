@@ -76,11 +76,6 @@ exactly over them: cheaper than probing the index deep enough to find k of so fe
 ADD_BATCH = 65_536
 """Vectors added to the index at once: a rotation (RR, OPQ, PCA) makes a transformed copy of whatever
 is added, which would otherwise be a second copy of the whole shard."""
-TIMING_QUERIES = 200
-"""Queries the tuned IVF-PQ search and exact search are each timed on (the fastest of `TIMING_ROUNDS`), to
-keep the one that is faster: enough rows for exact search to run as one BLAS matrix product, as it does in the
-similar-items stage, and few enough that timing exact search costs a fraction of the build."""
-TIMING_ROUNDS = 3
 QE_SAMPLE = 2000
 """Vectors `quantization_error` encodes and decodes: its mean is then within ~2% at any shard size. Drift
 compares a sample of the whole shard at training with one of the whole shard now, so the items that did not
@@ -205,9 +200,11 @@ def build(
     train). Re-adding every vector keeps FAISS id = row position; adding is cheap next to training. nprobe
     and re-ranking are tuned and recall measured again either way.
 
-    Never slower than exact search: with `exact_fallback`, tuning stops as soon as a setting short of the
-    target takes longer than exact search took over the same queries, and the tuned search is then timed
-    against exact search on the same `TIMING_QUERIES` rows; a shard where IVF-PQ is not faster is built Flat.
+    Never slower than exact search: the searches tuning makes and the exact search that finds the truth are
+    timed on the same `eval_queries` rows (1,000: enough rows for exact search to run as one efficient BLAS
+    product, as in the similar stage; at 200 it ran 5x slower per query). With `exact_fallback`, tuning stops
+    as soon as a setting short of the target takes longer than exact search did, and a shard whose tuned
+    search is not faster than exact search is built Flat.
     That happens where vectors have little cluster structure: the target recall then needs a large share
     of the lists probed and many candidates re-ranked, and a BLAS product over every vector costs less.
     """
@@ -244,11 +241,12 @@ def build(
     exact_seconds = time.perf_counter() - exact_started
     truth = _without_self(exact, query_rows, RECALL_K)
     tried: list[tuple[int, int, float]] = []
+    seconds_of: dict[tuple[int, int], float] = {}
 
     def measure(nprobe: int, rerank_k: int) -> float:
         started = time.perf_counter()
         _, found = search(index, vectors, queries, RECALL_K + 1, nprobe, rerank_k)
-        seconds = time.perf_counter() - started
+        seconds = seconds_of[nprobe, rerank_k] = time.perf_counter() - started
         recall = recall_at_k(_without_self(found, query_rows, RECALL_K), truth, RECALL_K)
         tried.append((nprobe, rerank_k, recall))
         if exact_fallback and nprobe > 0 and seconds > exact_seconds and recall < params.target_recall:
@@ -277,12 +275,10 @@ def build(
                 f"{slow.seconds / exact_seconds:.1f}x the time of exact search at recall@10 {slow.recall:.3f}"
             )
         else:
-            timed = queries[:TIMING_QUERIES]
-            ivf_s = _fastest(lambda: search(index, vectors, timed, RECALL_K + 1, nprobe, rerank_k))
-            exact_s = _fastest(lambda: faiss.knn(timed, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT))
+            ivf_s, exact_s = seconds_of[nprobe, rerank_k], exact_seconds
             considered = (
-                entry(factory, recall, ivf_s, len(timed), nprobe=nprobe, rerank_k=rerank_k),
-                entry("Flat", 1.0, exact_s, len(timed)),
+                entry(factory, recall, ivf_s, len(query_rows), nprobe=nprobe, rerank_k=rerank_k),
+                entry("Flat", 1.0, exact_s, len(query_rows)),
             )
             speedup = exact_s / max(ivf_s, 1e-9)
             if speedup > 1.0:
@@ -362,16 +358,6 @@ class _SlowerThanExact(Exception):
     def __init__(self, nprobe: int, rerank_k: int, recall: float, seconds: float):
         super().__init__(f"nprobe {nprobe}, rerank_k {rerank_k}: recall@10 {recall:.3f} in {seconds:.3f} s")
         self.nprobe, self.rerank_k, self.recall, self.seconds = nprobe, rerank_k, recall, seconds
-
-
-def _fastest(run: Callable[[], object]) -> float:
-    """The fastest of `TIMING_ROUNDS` runs, in seconds: a shared machine's neighbours only ever slow one down."""
-    times = []
-    for _ in range(TIMING_ROUNDS):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def search(
