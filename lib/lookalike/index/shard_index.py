@@ -218,9 +218,9 @@ def build(
     update: dict[str, Any] = {}
     if params.kind == "ivfpq":
         sample = np.sort(rng.choice(n, params.train_size, replace=False))  # drawn either way: same queries below
-        update = _reuse_training(previous, params, vectors, seed, max_drift)
-        if update.get("reused"):
-            index = update.pop("index")
+        reused, update = _reuse_training(previous, params, vectors, seed, max_drift)
+        if reused is not None:
+            index = reused
         else:
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             # faiss's bundled stubs miss most of its SWIG API (fields, search parameters, callback IO).
@@ -230,8 +230,7 @@ def build(
             baseline = quantization_error(index, vectors, seed)
             update = {**update, "reused": False, "trained_in": None, "quantization_error": baseline}
     trained = time.perf_counter()
-    for start in range(0, n, ADD_BATCH):
-        index.add(vectors[start : start + ADD_BATCH])
+    _add_all(index, vectors)
     added = time.perf_counter()
 
     query_rows = np.sort(rng.choice(n, min(eval_queries, n), replace=False))
@@ -263,24 +262,17 @@ def build(
         factory, flat = params.factory, False
         try:
             tuning, (nprobe, rerank_k, recall) = _tune(measure, params)
+            ivf_seconds = seconds_of[nprobe, rerank_k]
         except _SlowerThanExact as slow:
             # Deeper settings only cost more: the target cannot be reached faster than exact search.
             tuning, flat = tuple(tried), True
-            considered = (
-                entry(factory, slow.recall, slow.seconds, len(query_rows), nprobe=slow.nprobe, rerank_k=slow.rerank_k),
-                entry("Flat", 1.0, exact_seconds, len(query_rows)),
-            )
+            nprobe, rerank_k, recall, ivf_seconds = slow.nprobe, slow.rerank_k, slow.recall, slow.seconds
             choice = (
-                f"flat: tuning {factory} stopped at nprobe {slow.nprobe}, rerank_k {slow.rerank_k}: "
-                f"{slow.seconds / exact_seconds:.1f}x the time of exact search at recall@10 {slow.recall:.3f}"
+                f"flat: tuning {factory} stopped at nprobe {nprobe}, rerank_k {rerank_k}: "
+                f"{ivf_seconds / exact_seconds:.1f}x the time of exact search at recall@10 {recall:.3f}"
             )
         else:
-            ivf_s, exact_s = seconds_of[nprobe, rerank_k], exact_seconds
-            considered = (
-                entry(factory, recall, ivf_s, len(query_rows), nprobe=nprobe, rerank_k=rerank_k),
-                entry("Flat", 1.0, exact_s, len(query_rows)),
-            )
-            speedup = exact_s / max(ivf_s, 1e-9)
+            speedup = exact_seconds / max(ivf_seconds, 1e-9)
             if speedup > 1.0:
                 choice = f"ivfpq: {speedup:.1f}x faster than exact search at recall@10 {recall:.3f}"
             elif not exact_fallback:
@@ -288,11 +280,14 @@ def build(
             else:
                 flat = True
                 choice = f"flat: the tuned {factory} search took {1 / speedup:.1f}x the time of exact search"
+        considered = (
+            entry(factory, recall, ivf_seconds, len(query_rows), nprobe=nprobe, rerank_k=rerank_k),
+            entry("Flat", 1.0, exact_seconds, len(query_rows)),
+        )
         if flat:
             params = flat_params(n, params.dim, params.target_recall)
             index = faiss.IndexFlatIP(params.dim)
-            for start in range(0, n, ADD_BATCH):
-                index.add(vectors[start : start + ADD_BATCH])
+            _add_all(index, vectors)
     if params.kind == "flat":
         nprobe, rerank_k, recall = 0, 0, measure(0, 0)
     tuned = time.perf_counter()
@@ -328,27 +323,34 @@ def quantization_error(index: faiss.Index, vectors: np.ndarray, seed: int) -> fl
 
 def _reuse_training(
     previous: LoadedShard | None, params: IndexParams, vectors: np.ndarray, seed: int, max_drift: float | None
-) -> dict[str, Any]:
+) -> tuple[faiss.Index | None, dict[str, Any]]:
     """The previous build's trained index, emptied, when it has this shard's factory and its codebooks still
     fit: the new vectors' `quantization_error` at most `1 + max_drift` times the one measured when it was
-    trained. Returns what the manifest's `update` records, and `index` when reused."""
+    trained (else None), and what the manifest's `update` records of the check."""
     if previous is None or max_drift is None:
-        return {}
+        return None, {}
     manifest = previous.manifest
     baseline = manifest.get("update", {}).get("quantization_error")
     if manifest["factory"] != params.factory:
-        return {"retrained_because": f"the previous index is {manifest['factory']}, this shard needs {params.factory}"}
+        because = f"the previous index is {manifest['factory']}, this shard needs {params.factory}"
+        return None, {"retrained_because": because}
     if not baseline:
-        return {"retrained_because": "the previous index recorded no quantization error (built before updates)"}
+        return None, {"retrained_because": "the previous index recorded no quantization error (built before updates)"}
     index = faiss.clone_index(previous.index)
     index.reset()
     error = quantization_error(index, vectors, seed)
     drift = error / baseline - 1.0
     checked = {"drift": drift, "max_drift": max_drift, "quantization_error": baseline}
     if drift > max_drift:
-        return {**checked, "retrained_because": f"drift {drift:.3f} > index.update_max_drift {max_drift}"}
+        return None, {**checked, "retrained_because": f"drift {drift:.3f} > index.update_max_drift {max_drift}"}
     trained_in = manifest["update"].get("trained_in") or manifest.get("run_id")
-    return {**checked, "reused": True, "trained_in": trained_in, "index": index}
+    return index, {**checked, "reused": True, "trained_in": trained_in}
+
+
+def _add_all(index: faiss.Index, vectors: np.ndarray) -> None:
+    """Every vector into `index` (FAISS id = row), `ADD_BATCH` at a time."""
+    for start in range(0, len(vectors), ADD_BATCH):
+        index.add(vectors[start : start + ADD_BATCH])
 
 
 class _SlowerThanExact(Exception):
