@@ -369,11 +369,12 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     def finish() -> None:
         """`duplicates` from what is committed now (unless its inputs are as the last run left them), then
         the state, published whole: a reader sees the old state or the new one."""
-        unchanged = (previous or {}).get("duplicates")
-        if unchanged is not None and unchanged["inputs"] == _duplicates_inputs(root, near_score):
-            counts = unchanged["counts"]
+        recorded, inputs = (previous or {}).get("duplicates"), _duplicates_inputs(root, near_score)
+        if recorded is not None and recorded["inputs"] == inputs:
+            counts = recorded["counts"]
         else:
             counts = _commit_duplicates(spark, items, root, run_id, near_score)
+            inputs = _duplicates_inputs(root, near_score)  # `duplicates` has a new version now
         metrics.update(counts)
         state = {
             "version": STATE_VERSION,
@@ -382,7 +383,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             "settings": asdict(settings),
             "table_version": tables.version(path),
             "shards": fingerprints,
-            "duplicates": {"inputs": _duplicates_inputs(root, near_score), "counts": counts},
+            "duplicates": {"inputs": inputs, "counts": counts},
         }
         files.write_text(state_path, json.dumps(state, indent=2, sort_keys=True))
 
