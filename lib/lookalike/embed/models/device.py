@@ -82,7 +82,7 @@ RUNTIMES = ("auto", "torch", "onnx")
 def resolve_runtime(requested: str, device: torch.device) -> str:
     """What runs an image model on `device`: `torch` or `onnx` (ONNX Runtime, `embed.runtime`).
 
-    'auto' takes ONNX Runtime on the CPU (2.7-3.6x torch's eager fp32 there, equal embeddings) and torch on
+    'auto' takes ONNX Runtime on the CPU (2.4x torch's eager fp32 there, equal embeddings) and torch on
     a GPU (CUDA kernels and fp16). 'onnx' on a GPU is an error: this build of ONNX Runtime runs on the CPU, and
     moving a GPU task's inference there silently would be many times slower.
     """

@@ -1,8 +1,8 @@
 """An image model run by ONNX Runtime on the CPU: exported once per machine from the torch model, then cached.
 
 ONNX Runtime fuses convolutions with their BatchNorm and activation and runs them with kernels tuned for the
-CPU it finds (AVX-512, VNNI): EfficientNet-Lite0 ran 2.7x (112 px) to 3.6x (224 px) faster than torch's eager
-fp32 on one core, with embeddings equal to 1e-6 (`benchmarks/embed_throughput.py`). The graph exported is the
+CPU it finds (AVX-512, VNNI): a decode-and-embed loop over EfficientNet-Lite0 at 112 px ran 2.4x faster than
+with torch's eager fp32, with embeddings equal to 1e-6 (`benchmarks/embed_throughput.py`). The graph exported is the
 whole of `Embedder.infer` (`vision.inference_graph`: uint8 pixels in, unit-norm rows out), so nothing
 but the pixels crosses from Python per batch.
 
