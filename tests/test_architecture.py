@@ -21,6 +21,7 @@ LAYERS = [
     {"embed"},
     {"index"},
     {"similar", "recommend", "search"},
+    {"train"},
     {"run", "report", "demo_data"},
     {"cli"},
 ]
@@ -35,6 +36,9 @@ PURE = [
     "recommend.scoring",
     "embed.decode",
     "embed.fetcher",
+    "train.fit",
+    "train.textmap",
+    "train.losses",
 ]
 
 

@@ -205,8 +205,12 @@ def test_a_newer_build_is_swapped_in_while_queries_run(
 
 
 def test_model_versions_and_merging_are_pure() -> None:
-    assert parse_model_version("efficientnet-lite0@3f2a9c1b/112px") == ("efficientnet-lite0", 112)
-    assert parse_model_version("all-minilm-l6-v2@0a1b2c3d") == ("all-minilm-l6-v2", None)
+    lite = parse_model_version("efficientnet-lite0@3f2a9c1b/112px")
+    assert (lite.name, lite.image_size, lite.head) == ("efficientnet-lite0", 112, None)
+    text = parse_model_version("all-minilm-l6-v2@0a1b2c3d")
+    assert (text.name, text.image_size) == ("all-minilm-l6-v2", None)
+    tuned = parse_model_version("efficientnet-lite0@3f2a9c1b/112px+head@20261202T010000Z-3f2a9c")
+    assert (tuned.backbone, tuned.head) == ("efficientnet-lite0@3f2a9c1b/112px", "20261202T010000Z-3f2a9c")
     with pytest.raises(SearchError):
         parse_model_version("no version here")
     a = (pa.array(["x", "y"]), np.array([[0.9, 0.5]]), np.array([[0, 1]]))

@@ -37,8 +37,9 @@ STAGE_HELP = {
     "index": "embeddings -> FAISS shards + manifests",
     "similar": "-> similar_items",
     "recommend": "events + embeddings -> recommendations",
-    "nightly": "embed -> index -> similar -> recommend, incremental, one run id",
+    "nightly": "(train when due ->) embed -> index -> similar -> recommend, incremental, one run id",
     "search": "query images -> search_results, search_errors (against the latest index build)",
+    "train": "labels + behaviour + stored backbone vectors -> a head under models/, models/LATEST",
 }
 
 

@@ -141,6 +141,14 @@ SCHEMA: dict[str, Key] = {
         is_path=True,
         must_exist=True,
     ),
+    "model.head": Key(
+        str,
+        "none",
+        "Trained head applied to the backbone's vectors (docs/training.md): `none`, `latest` (the newest under "
+        "`<output.root>/models/`, none before the first `lookalike train`), or a version name. Image input only; "
+        "a head trained on another backbone is refused. Changing it re-derives every embedding from the stored "
+        "backbone vectors, not from the images.",
+    ),
     "embed.batch_size": Key(
         int,
         None,
@@ -454,6 +462,68 @@ SCHEMA: dict[str, Key] = {
     "recommend.chunk_size": Key(
         int, 5000, "Users per scoring task (fewer when that would leave a core without two tasks).", minimum=1
     ),
+    "train.label_columns": Key(
+        list,
+        ["category"],
+        "Catalog columns whose values label items for `lookalike train` (items with the same value should look "
+        "alike); a null label adds nothing, a column with under two values is ignored; `[]` learns from "
+        "behaviour alone.",
+        item_type=str,
+    ),
+    "train.behaviour_weight": Key(
+        float,
+        0.5,
+        "Weight of shoppers' behaviour (items viewed or bought in one session) against the labels in the loss; "
+        "0 ignores `events`.",
+        minimum=0.0,
+    ),
+    "train.session_gap_minutes": Key(
+        float, 30.0, "Events of one user further apart than this belong to different sessions.", minimum=0.0
+    ),
+    "train.pair_window": Key(
+        int,
+        5,
+        "Each event is paired with the next this-many events of its session (nearest in time; long sessions drift).",
+        minimum=1,
+    ),
+    "train.schedule": Key(
+        str,
+        "never",
+        "When `nightly` trains a new head before embedding: `never` (only `lookalike train`), `nightly`, "
+        "`weekly` or `monthly` (when the newest head is older than that, or there is none).",
+        choices=("never", "nightly", "weekly", "monthly"),
+    ),
+    "train.kind": Key(
+        str, "linear", "The head: `linear` or `mlp` (one hidden ReLU layer of `train.dim`).", choices=("linear", "mlp")
+    ),
+    "train.dim": Key(int, 256, "Dimension of the head's output vectors (what the index stores).", minimum=8),
+    "train.loss": Key(
+        str,
+        "supcon",
+        "Metric-learning loss over labels: `supcon` (supervised contrastive, in-batch) or `proxy` (one learned "
+        "proxy per label value, normalised softmax); see docs/benchmarks.md, Training.",
+        choices=("supcon", "proxy"),
+    ),
+    "train.temperature": Key(float, 0.1, "Softmax temperature of every training loss.", minimum=0.001),
+    "train.max_epochs": Key(int, 40, "Passes over the training items at most.", minimum=1),
+    "train.patience": Key(int, 4, "Stop after this many epochs without a better validation loss.", minimum=1),
+    "train.validation_fraction": Key(
+        float, 0.1, "Share of items (and pairs) held out to stop early and to report.", minimum=0.01, maximum=0.5
+    ),
+    "train.max_items": Key(
+        int, 200000, "Items trained on at most (a seeded sample beyond; 5 KB of vectors each in memory).", minimum=10
+    ),
+    "train.text_map": Key(
+        str,
+        "ridge",
+        "How titles are mapped into the image space for `search --text`: `ridge` (closed-form ridge regression "
+        "from all-MiniLM-L6-v2 vectors), `contrastive` (a linear map trained with InfoNCE), or `none`.",
+        choices=("ridge", "contrastive", "none"),
+    ),
+    "train.text_pairs": Key(
+        int, 20000, "(title, image) pairs the text map learns from at most (a seeded sample).", minimum=10
+    ),
+    "train.seed": Key(int, 0, "Seed of the sampling, splits and initial weights of `lookalike train`."),
     "report.items": Key(
         int, 8, "Sample items the report shows with their neighbours (spread over categories).", minimum=1, maximum=200
     ),
@@ -644,6 +714,11 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
         if spec.must_exist and value is not None and uri.is_local(value) and not os.path.exists(value):
             raise ConfigError(f"{key}: path does not exist: {value}")
     _check_model(checked["model.name"], checked["embed.input"], checked["model.weights"])
+    if checked["model.head"] != "none" and checked["embed.input"] != "image":
+        raise ConfigError(
+            f"model.head is {checked['model.head']!r} but embed.input is {checked['embed.input']!r}: "
+            "a head tunes image vectors; set model.head: none"
+        )
     return Config(checked)
 
 

@@ -83,10 +83,17 @@ def load_table(spark: SparkSession, path: str, fmt: str) -> DataFrame:
     return reader.load(path)
 
 
-def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input: str = "image") -> DataFrame:
+def validate(
+    df: DataFrame,
+    source: str,
+    keep: tuple[str, ...] = (),
+    embed_input: str = "image",
+    keep_from: str = "index.shard_by",
+) -> DataFrame:
     """Check the contract of a raw catalog frame and return it with exactly COLUMNS, typed.
 
-    `keep` names further columns a stage needs as they are (the shard column, when it is not a contract one).
+    `keep` names further columns a stage needs as they are (the shard column, when it is not a contract one),
+    which the config key `keep_from` asked for.
     `embed_input` (`embed.input`) decides whether `image_uri` or `title` is required; the other may be absent.
     """
     required = ("item_id", CONTENT_COLUMNS[embed_input])
@@ -97,7 +104,7 @@ def validate(df: DataFrame, source: str, keep: tuple[str, ...] = (), embed_input
     extra = [c for c in keep if c not in COLUMNS]
     absent = [c for c in extra if c not in df.columns]
     if absent:
-        raise CatalogError(f"catalog {source} lacks column(s) {absent} named by index.shard_by; it has {df.columns}")
+        raise CatalogError(f"catalog {source} lacks column(s) {absent} named by {keep_from}; it has {df.columns}")
     df = df.select(
         F.col("item_id").cast("string").alias("item_id"),
         (F.col("image_uri") if "image_uri" in df.columns else F.lit(None)).cast("string").alias("image_uri"),

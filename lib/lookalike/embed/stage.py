@@ -27,9 +27,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import numpy as np
 import pandas as pd
 from pyspark import Accumulator, StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
@@ -37,7 +38,9 @@ from lookalike import distributor
 from lookalike.config import Config
 from lookalike.embed import catalog, shards
 from lookalike.embed.fetcher import Fetcher, FetchStats
+from lookalike.embed.models import head as models_head
 from lookalike.embed.models import registry
+from lookalike.embed.models.cache import get_head
 from lookalike.embed.task import (
     EMBEDDED,
     FAILED,
@@ -60,7 +63,7 @@ from lookalike.storage import tables
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS, QUARANTINE, FETCH_STATE = "embeddings", "quarantine", "fetch_state"
+EMBEDDINGS, QUARANTINE, FETCH_STATE, FEATURES = "embeddings", "quarantine", "fetch_state", "features"
 DEFERRED = "deferred"  # a failed http(s) image before its next retry time: not tried, its rows stay as they are
 STATUSES = (EMBEDDED, UNCHANGED, FAILED, KEPT, STILL_FAILED, DEFERRED)
 # quarantine's columns beyond the contract's; a table written before one of them existed is rewritten whole
@@ -85,6 +88,9 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
     spec = registry.get_spec(cfg["model.name"])
     # A text model reads titles whatever embed.image_size says (config checked that model and input agree).
     image_size = (cfg["embed.image_size"] or spec.image_size) if spec.modality == "image" else None
+    root = cfg["output.root"]
+    backbone = registry.model_version(spec.name, cfg["model.weights"], image_size)
+    head = models_head.for_backbone(root, cfg["model.head"], backbone)
     return EmbedSettings(
         model_name=spec.name,
         weights=cfg["model.weights"],
@@ -101,6 +107,8 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
         fetch=catalog.fetch_settings(cfg, tasks_at_once, partitions) if cfg["embed.input"] == "image" else None,
         retry_delay_hours=cfg["fetch.retry_delay_hours"],
         runtime=cfg["embed.runtime"],
+        head_root=root if head is not None else None,
+        head_version=head.version if head is not None else None,
     )
 
 
@@ -210,23 +218,32 @@ def _commit(
     existing: DataFrame | None,
     catalog_ids: DataFrame,
     paths: dict[str, str],
-    version: str,
+    settings: EmbedSettings,
     run_id: str,
     fetched: int,
     quarantine_current: bool,
+    stored: DataFrame | None,
 ) -> None:
-    """The run's rows into `embeddings`, `quarantine` and (when anything was fetched, or it exists)
-    `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings` this run worked on;
-    `quarantine_current`: whether `quarantine` has the columns the run relied on (`_quarantine_current`)."""
+    """The run's rows into `features` (with a head), `embeddings`, `quarantine` and (when anything was
+    fetched, or it exists) `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings`
+    this run worked on; `quarantine_current`: whether `quarantine` has the columns the run relied on
+    (`_quarantine_current`); `stored`: the backbone vectors known before the run (`stored_features`)."""
     now = F.current_timestamp()
-    new_rows = staged.filter(F.col("status") == EMBEDDED).select(
-        "item_id",
-        "shard",
-        "embedding",
-        F.lit(version).alias("model"),
-        "image_sha256",
-        "width",
-        "height",
+    vectors = ("item_id", "shard", "embedding", "image_sha256", "width", "height")
+    embedded = staged.filter(F.col("status") == EMBEDDED)
+    new_rows = embedded.select(*vectors)
+    stale = staged.filter(_stale()).select("item_id", "shard")
+    if stored is not None:
+        # Unchanged bytes whose vector came from another head (or none): the stored backbone vector again
+        # through this run's head, without reading the image twice or running the backbone.
+        restored = stale.join(stored, "item_id")
+        new_rows = new_rows.unionByName(restored.select(*vectors[:2], _through_head(settings), *vectors[3:]))
+        if settings.head_version is not None:
+            _commit_features(embedded, restored, existing, staged, paths[FEATURES], settings, run_id)
+    new_rows = new_rows.select(
+        *vectors[:3],
+        F.lit(settings.model_version).alias("model"),
+        *vectors[3:],
         F.lit(run_id).alias("run_id"),
         now.alias("embedded_at"),
     )
@@ -234,11 +251,9 @@ def _commit(
         tables.write(new_rows, paths[EMBEDDINGS], mode="overwrite")
     else:
         # Unchanged images whose shard moved (a category grew past index.max_shard_size) keep their vector.
+        unchanged = staged.filter((F.col("status") == UNCHANGED) & F.col("current"))
         moved = (
-            existing.join(
-                staged.filter(F.col("status") == UNCHANGED).select("item_id", F.col("shard").alias("new_shard")),
-                "item_id",
-            )
+            existing.join(unchanged.select("item_id", F.col("shard").alias("new_shard")), "item_id")
             .filter(F.col("shard") != F.col("new_shard"))
             .withColumn("shard", F.col("new_shard"))
             .select(*new_rows.columns)
@@ -293,6 +308,69 @@ def _commit(
             tables.replace_by_key(answered, state_path, "item_id", delete_keys=left)
         else:
             tables.write(answered, state_path, mode="overwrite")
+
+
+def _stale() -> Column:
+    """Rows whose bytes are unchanged but whose embedding is not this run's model's (another head, or none)."""
+    return (F.col("status") == UNCHANGED) & ~F.col("current")
+
+
+def _through_head(settings: EmbedSettings) -> Column:
+    """The `embedding` column made from stored backbone vectors (`feature`): through the head, if any."""
+    if settings.head_version is None:
+        return F.col("feature").alias("embedding")  # stored backbone vectors are unit already
+    assert settings.head_root is not None
+    return head_task(settings.head_root, settings.head_version)("feature").alias("embedding")
+
+
+def head_task(output_root: str, version: str):
+    """A pandas UDF: backbone vectors through the head `models/<version>` (loaded once per Python worker)."""
+
+    @pandas_udf("array<float>")  # type: ignore[call-overload]
+    def through_head(features: pd.Series) -> pd.Series:
+        if features.empty:
+            return pd.Series([], dtype=object)
+        head = get_head(output_root, version)
+        return pd.Series(list(head.apply(np.stack(features.to_numpy()))))
+
+    return through_head
+
+
+def _commit_features(
+    embedded: DataFrame,
+    restored: DataFrame,
+    existing: DataFrame | None,
+    staged: DataFrame,
+    path: str,
+    settings: EmbedSettings,
+    run_id: str,
+) -> None:
+    """The backbone vectors behind this run's embeddings into `features`, in one commit before `embeddings`
+    (a run killed between the two re-derives the same vectors next time): the new ones, and those that
+    lived in `embeddings` while no head was used; items leaving `embeddings` leave it too."""
+    columns = ("item_id", "feature", "image_sha256", "width", "height")
+    rows = embedded.select(*columns).unionByName(restored.select(*columns))
+    rows = rows.select(
+        *columns[:2], F.lit(settings.backbone_version).alias("model"), *columns[2:], F.lit(run_id).alias("run_id")
+    )
+    tables.replace_by_key(rows, path, "item_id", delete_keys=None if existing is None else _gone(existing, staged))
+
+
+def stored_features(spark: SparkSession, existing: DataFrame | None, path: str, backbone: str) -> DataFrame | None:
+    """Every backbone vector of `backbone` kept so far (item_id, feature, image_sha256, width, height):
+    `embeddings` rows made without a head (their vector is the backbone's), else `features` rows."""
+    columns = ("feature", "image_sha256", "width", "height")
+    own = (
+        None
+        if existing is None
+        else existing.filter(F.col("model") == backbone).select(
+            "item_id", F.col("embedding").alias("feature"), *columns[1:]
+        )
+    )
+    if not tables.exists(path):
+        return own
+    kept = tables.read(spark, path).filter(F.col("model") == backbone).select("item_id", *columns)
+    return kept if own is None else own.unionByName(kept.join(own.select("item_id"), "item_id", "left_anti"))
 
 
 def _quarantine_current(q_path: str) -> bool:
@@ -379,29 +457,36 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
     embed_input, retry_failed = cfg["embed.input"], cfg["embed.retry_failed"]
     root, max_removed = cfg["output.root"], cfg["embed.max_removed_fraction"]
-    paths = {name: tables.table_path(root, name) for name in (EMBEDDINGS, QUARANTINE, FETCH_STATE)}
+    paths = {name: tables.table_path(root, name) for name in (EMBEDDINGS, QUARANTINE, FETCH_STATE, FEATURES)}
     items, n_items = shards.assign(catalog.read_catalog(spark, cfg), cfg["index.shard_by"], cfg["index.max_shard_size"])
     if n_items == 0:
         raise catalog.CatalogError(
             f"catalog {cfg['catalog.path']} has no rows: refusing to run on an empty feed (nothing was committed)"
         )
-    version = settings_from(cfg).model_version
+    planned = settings_from(cfg)
+    version = planned.model_version
     content = catalog.CONTENT_COLUMNS[embed_input]  # image_uri, or title
     items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
     catalog_ids = items.select("item_id")
     existing = tables.read(spark, paths[EMBEDDINGS]) if tables.exists(paths[EMBEDDINGS]) else None
     n_existing = 0
-    if existing is None:
-        items = items.withColumn("known", F.lit(None).cast("string"))
-    else:
+    if existing is not None:
         # Before any inference: a feed cut short is refused at once, not after hours of work.
         n_existing = existing.count()
         leaving = existing.select("item_id").join(catalog_ids, "item_id", "left_anti").count()
         _check_removed(leaving, n_existing, max_removed, f"{leaving} of them are no longer in the catalog")
-        items = items.join(
-            existing.filter(F.col("model") == version).select("item_id", F.col("image_sha256").alias("known")),
-            "item_id",
-            "left",
+    # `known`: the sha256 of the bytes whose backbone vector is kept (unchanged bytes are not embedded again);
+    # `current`: whether the item's embedding is this model's (with this head), else it is re-derived.
+    stored = stored_features(spark, existing, paths[FEATURES], planned.backbone_version)
+    if stored is None:
+        items = items.select("*", F.lit(None).cast("string").alias("known"), F.lit(False).alias("current"))
+    else:
+        known = stored.select("item_id", F.col("image_sha256").alias("known"))
+        if existing is not None:
+            current = existing.select("item_id", (F.col("model") == version).alias("current"))
+            known = known.join(current, "item_id", "full")
+        items = items.join(known, "item_id", "left").withColumn(
+            "current", F.coalesce(F.col("current") if existing is not None else F.lit(False), F.lit(False))
         )
     quarantine_current = _quarantine_current(paths[QUARANTINE])
     items = _with_history(spark, items, paths, embed_input, quarantine_current)
@@ -443,16 +528,17 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     results = (
         items.filter(~F.col("waiting"))
         .repartition(n_partitions)
-        .select("item_id", "image_uri", "shard", embed_task(settings, counters)(content, *INPUTS).alias("r"))
-        .select("item_id", "image_uri", "shard", "r.*")
+        .select("item_id", "image_uri", "shard", "current", embed_task(settings, counters)(content, *INPUTS).alias("r"))
+        .select("item_id", "image_uri", "shard", "current", "r.*")
     )
     deferred = items.filter(F.col("waiting")).select(
         "item_id",
         "image_uri",
         "shard",
+        "current",
         *(
             (F.lit(DEFERRED) if field.name == "status" else F.lit(None)).cast(field.dataType).alias(field.name)
-            for field in results.schema.fields[3:]
+            for field in results.schema.fields[4:]
         ),
     )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_ROWS))
@@ -461,15 +547,18 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         with Progress(f"embed {run_id}", n_work, counters):
             # Runs inference once and keeps its rows; counted from them, not from the accumulators, which a
             # retried task can count twice.
-            tally = staged.groupBy("status").agg(F.count("*").alias("n"), F.sum(F.col("fetched").cast("int")))
-            by_status = {r["status"]: (r["n"], r[2] or 0) for r in tally.collect()}
-        counts = {name: by_status.get(name, (0, 0))[0] for name in STATUSES}
+            tally = staged.groupBy("status", _stale().alias("stale")).agg(
+                F.count("*").alias("n"), F.sum(F.col("fetched").cast("int")).alias("fetched")
+            )
+            tallied = tally.collect()
+        counts = {name: sum(r["n"] for r in tallied if r["status"] == name) for name in STATUSES}
+        rederived = sum(r["n"] for r in tallied if r["stale"])
         _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"], n_items, embed_input)
         if existing is not None:
             gone = _gone(existing, staged).count()
             _check_removed(gone, n_existing, max_removed, "they left the catalog or their images no longer embed")
-        fetched = sum(n for _, n in by_status.values())
-        _commit(staged, existing, catalog_ids, paths, version, run_id, fetched, quarantine_current)
+        fetched = sum(r["fetched"] or 0 for r in tallied)
+        _commit(staged, existing, catalog_ids, paths, settings, run_id, fetched, quarantine_current, stored)
     finally:
         staged.unpersist()
         items.unpersist()  # a no-op when it was not persisted
@@ -489,11 +578,14 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             run_id,
             counts[DEFERRED],
         )
-    if processed == 0:
+    if processed == 0 and rederived == 0:
         log.info("embed %s: nothing to embed, all %d images unchanged or waiting", run_id, n_items)
+    elif rederived:
+        log.info("embed %s: %d unchanged images re-derived from their stored backbone vectors", run_id, rederived)
     metrics = {
         "embedded": counts[EMBEDDED],
-        "unchanged": counts[UNCHANGED],
+        "unchanged": counts[UNCHANGED] - rederived,
+        "rederived": rederived,  # unchanged bytes given this model's vector from their stored backbone vector
         "quarantined": counts[FAILED] + counts[KEPT],
         "kept_after_failure": counts[KEPT],
         "still_quarantined": counts[STILL_FAILED],
@@ -506,4 +598,4 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         "images_per_s": round(processed / seconds, 2) if seconds else 0.0,
     }
     log.info("embed %s: %s", run_id, metrics)
-    return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED], metrics=metrics)
+    return StageResult("embed", rows_in=n_items, rows_out=counts[EMBEDDED] + rederived, metrics=metrics)

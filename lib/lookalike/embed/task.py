@@ -33,8 +33,9 @@ import pandas as pd
 
 from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.fetcher import Fetcher, FetchSettings, is_http, retry_delay_s
-from lookalike.embed.models.cache import get_embedder, load_count
+from lookalike.embed.models.cache import get_embedder, get_head, load_count
 from lookalike.embed.models.device import default_batch_size, resolve_device
+from lookalike.embed.models.head import Head, versioned
 from lookalike.embed.models.registry import model_version
 from lookalike.embed.models.vision import Embedder, to_pixels
 from lookalike.embed.reader import ImagePolicy, read
@@ -61,7 +62,7 @@ NO_TEXT = "no_text"  # the quarantine kind of a title-input row whose title is n
 OUTPUT_SCHEMA = (
     "status string, embedding array<float>, image_sha256 string, width int, height int, "
     "error_kind string, error_message string, etag string, last_modified string, fetched boolean, "
-    "attempts int, next_retry_at timestamp"
+    "attempts int, next_retry_at timestamp, feature array<float>"
 )
 _COLUMNS = [
     "status",
@@ -76,6 +77,7 @@ _COLUMNS = [
     "fetched",
     "attempts",  # failed runs in a row, this one included
     "next_retry_at",  # when a failed http(s) image is tried again (null: the next run)
+    "feature",  # with a head: the backbone's vector, kept so a new head re-embeds without the images
 ]
 _DTYPES = {"width": "Int32", "height": "Int32", "attempts": "Int32", "fetched": "boolean"}
 
@@ -99,11 +101,18 @@ class EmbedSettings:
     fetch: FetchSettings | None = None  # how http(s) images are fetched; None: the catalog has none
     retry_delay_hours: float = 20.0  # `fetch.retry_delay_hours`
     runtime: str = "auto"  # `embed.runtime`, resolved per task with its device (`device.resolve_runtime`)
+    head_root: str | None = None  # the output root whose `models/<head_version>` is the head (`model.head`)
+    head_version: str | None = None  # None: the backbone's vectors are the embeddings
+
+    @property
+    def backbone_version(self) -> str:
+        """The version of the model's own vectors (`registry.model_version`), head or not."""
+        return model_version(self.model_name, self.weights, self.image_size)
 
     @property
     def model_version(self) -> str:
-        """What every embedding row's `model` says (`registry.model_version`)."""
-        return model_version(self.model_name, self.weights, self.image_size)
+        """What every embedding row's `model` says: the backbone's version, with the head's when there is one."""
+        return versioned(self.backbone_version, self.head_version)
 
 
 class WorkRow(NamedTuple):
@@ -157,6 +166,11 @@ class TaskModel:
     @cached_property
     def batch_size(self) -> int:
         return self.settings.batch_size or default_batch_size(self.device)
+
+    @cached_property
+    def head(self) -> Head | None:
+        s = self.settings
+        return None if s.head_version is None or s.head_root is None else get_head(s.head_root, s.head_version)
 
     @cached_property
     def embedder(self) -> Embedder | TextEmbedder:
@@ -285,11 +299,15 @@ def embed_rows(work: Sequence[WorkRow], model: TaskModel, readers: Readers) -> p
     def infer() -> None:
         embedder = model.embedder
         assert isinstance(embedder, Embedder)  # rows with images are embedded by an image model
-        vectors = embedder.infer(embedder.batch([item.pixels for _, item in ready if item.pixels is not None]))
-        for (i, item), vector in zip(ready, vectors):
+        features = embedder.infer(embedder.batch([item.pixels for _, item in ready if item.pixels is not None]))
+        head = model.head
+        vectors = features if head is None else head.apply(features)
+        for row, ((i, item), vector) in enumerate(zip(ready, vectors)):
             rows[i].update(
                 status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width, height=item.height
             )
+            if head is not None:
+                rows[i]["feature"] = features[row]
         ready.clear()
 
     for i, item in enumerate(_prefetch(readers.submit, work, DECODE_AHEAD)):

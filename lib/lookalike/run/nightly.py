@@ -1,4 +1,5 @@
-"""The nightly run: embed -> index -> similar -> recommend under one run id, then the exports.
+"""The nightly run: embed -> index -> similar -> recommend under one run id, then the exports; `train` first
+when `train.schedule` says a new head is due, so the same night's embed re-derives every vector with it.
 
 Every stage is incremental on its own (unchanged images are not embedded, unchanged shards not rebuilt or
 re-queried, unchanged inputs not re-recommended) and commits atomically, so a run killed anywhere is
@@ -16,16 +17,30 @@ import time
 from pyspark.sql import SparkSession
 
 from lookalike.config import Config
+from lookalike.errors import LookalikeError
 from lookalike.results import StageResult
 from lookalike.run import export, runs, stages
 
 log = logging.getLogger(__name__)
 
 
+def _train_due(cfg: Config) -> bool:
+    """Whether `train.schedule` asks for a new head tonight (never before anything was embedded)."""
+    from lookalike.storage import tables
+    from lookalike.train.stage import due  # torch is imported only when training runs
+
+    return due(cfg) and tables.exists(tables.table_path(cfg["output.root"], "embeddings"))
+
+
 def run(cfg: Config, spark: SparkSession, run_id: str) -> list[StageResult]:
     started, clock = runs.now(), time.time()
     root = cfg["output.root"]
     results: list[StageResult] = []
+    if _train_due(cfg):
+        try:
+            results.append(stages.run_logged("train", cfg, spark, run_id))
+        except LookalikeError as err:  # the night's tables matter more than a fresh head: embed with the last one
+            log.warning("nightly %s: train failed, embedding with the previous head: %s", run_id, err)
     for name in stages.STAGES:
         if name == "recommend" and cfg["events.path"] is None:
             log.warning("nightly %s: events.path is not set, recommend skipped", run_id)

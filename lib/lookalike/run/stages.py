@@ -31,7 +31,7 @@ STAGES: dict[str, str] = {
 
 
 # Commands that run like a stage (under the lock, with a `runs` row) but not in the nightly.
-COMMANDS: dict[str, str] = {"search": "lookalike.search.batch:run"}
+COMMANDS: dict[str, str] = {"search": "lookalike.search.batch:run", "train": "lookalike.train.stage:run"}
 
 StageFn = Callable[["Config", "SparkSession", str], StageResult]
 

@@ -34,7 +34,8 @@ import pyarrow.json as pajson
 
 from lookalike.config import SCHEMA
 from lookalike.embed.decode import ImageError, decode_image
-from lookalike.embed.models import cache, registry
+from lookalike.embed.models import cache, head, registry
+from lookalike.embed.models.head import Head
 from lookalike.embed.models.vision import Embedder
 from lookalike.embed.reader import ImagePolicy, read_bytes
 from lookalike.errors import LookalikeError
@@ -43,7 +44,7 @@ from lookalike.search.filters import CatalogFilter, FilterError
 from lookalike.storage import tables
 from lookalike.storage.uri import filesystem
 
-_VERSION = re.compile(r"^(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?$")
+_VERSION = re.compile(r"^(?P<backbone>(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?)(?:\+head@(?P<head>[\w.-]+))?$")
 MAX_BYTES: int = SCHEMA["embed.max_bytes"].default  # the embed stage's limits, at their defaults
 MAX_PIXELS: int = SCHEMA["embed.max_pixels"].default
 MASKS_KEPT = 64  # filters whose masks a build keeps; a service repeats a few (in stock, per category)
@@ -71,6 +72,7 @@ class _Build:
     model: str  # the build's model version
     dim: int
     embedder: Embedder | None  # None for a searcher of vectors only (`with_model=False`)
+    head: Head | None  # the trained head the build's vectors went through, if any
     decode_size: int  # JPEGs decode at reduced scale down to this, as in the embed stage
     shards: dict[str, _Shard]
     filter: CatalogFilter | None  # the catalog's columns, for `where`
@@ -93,12 +95,22 @@ class _Build:
         return self.masks[where]
 
 
-def parse_model_version(version: str) -> tuple[str, int | None]:
-    """(model name, input size) of a `registry.model_version` string such as `efficientnet-lite0@3f2a9c1b/112px`."""
+@dataclass(frozen=True)
+class ModelVersion:
+    """A `model` column value taken apart: `efficientnet-lite0@3f2a9c1b/112px+head@20261202T010000Z-3f2a9c`."""
+
+    backbone: str  # the part `registry.model_version` gives
+    name: str
+    image_size: int | None
+    head: str | None  # the head's version (`head.versioned`)
+
+
+def parse_model_version(version: str) -> ModelVersion:
+    """The parts of a `model` version string: backbone name, input size, head."""
     match = _VERSION.match(version)
     if match is None:
-        raise SearchError(f"model version {version!r} is not name@digest[/<size>px]")
-    return match["name"], int(match["size"]) if match["size"] else None
+        raise SearchError(f"model version {version!r} is not name@digest[/<size>px][+head@<version>]")
+    return ModelVersion(match["backbone"], match["name"], int(match["size"]) if match["size"] else None, match["head"])
 
 
 class Searcher:
@@ -185,6 +197,28 @@ class Searcher:
         allowed = build.allowed(where)  # a bad predicate fails before the image is decoded
         return _search(build, _embed(build, [data]), k, None, allowed)[0]
 
+    def search_text(self, text: str, k: int = 10, where: str | None = None) -> list[Hit]:
+        """The `k` catalog items whose images best fit `text` (e.g. "white leather trainers"): its
+        all-MiniLM-L6-v2 vector through the text map `lookalike train` learned into the build's image space.
+        SearchError when the build's head has no text map (or there is no head), or `text` is blank."""
+        if k < 1:
+            raise SearchError(f"k must be >= 1, got {k}")
+        if not text.strip():
+            raise SearchError("search text is empty")
+        build = self._build
+        return _search(build, self.embed_text([text], build), k, None, build.allowed(where))[0]
+
+    def embed_text(self, texts: Sequence[str], build: _Build | None = None) -> np.ndarray:
+        """The vectors `search_text` queries with: titles' text vectors mapped into the build's image space."""
+        build = build or self._build
+        if build.head is None or not build.head.maps_text:
+            raise SearchError(
+                f"build {build.run_id} ({build.model}) has no text map: set model.head to a head trained with "
+                "train.text_map (lookalike train), then embed and index again"
+            )
+        encoder = cache.get_embedder(head.TEXT_MODEL)
+        return build.head.map_text(encoder.embed(list(texts)))
+
     def embed(self, images: Sequence[bytes | str | os.PathLike[str]]) -> np.ndarray:
         """The vectors `search` queries with for `images` (bytes, paths or URIs), one row each: the build's
         model after the embed stage's decoding. Raises ImageError for the first unusable image."""
@@ -204,7 +238,8 @@ class Searcher:
 
     def _load(self, run_id: str) -> _Build:
         summary = builds.build_summary(self.output_root, run_id)
-        name, image_size = parse_model_version(summary["model"])
+        parsed = parse_model_version(summary["model"])
+        name, image_size = parsed.name, parsed.image_size
         spec = registry.get_spec(name)
         if spec.modality != "image" or image_size is None or spec.crop_fraction is None:
             raise SearchError(f"build {run_id} holds {summary['model']!r}, not an image model: it cannot search images")
@@ -212,7 +247,13 @@ class Searcher:
             version = registry.model_version(name, self._weights, image_size)
         except (registry.ModelError, OSError) as err:
             raise SearchError(f"build {run_id}: cannot load its model {summary['model']!r}: {err}") from None
-        if version != summary["model"]:
+        trained = None
+        if parsed.head is not None:
+            try:
+                trained = head.load(self.output_root, parsed.head)
+            except head.HeadError as err:
+                raise SearchError(f"build {run_id}: {err}") from None
+        if head.versioned(version, parsed.head) != summary["model"]:
             raise SearchError(
                 f"build {run_id} was embedded with {summary['model']!r}, the weights here give {version!r}; "
                 "open the searcher with the weights file the catalog was embedded with"
@@ -236,7 +277,7 @@ class Searcher:
             catalog = read_catalog(catalog, self._catalog_format)
         decode_size = math.ceil(image_size / spec.crop_fraction)
         filters = None if catalog is None else CatalogFilter(catalog)
-        return _Build(run_id, model, dim, embedder, decode_size, loaded, filters, {})
+        return _Build(run_id, model, dim, embedder, trained, decode_size, loaded, filters, {})
 
 
 def read_catalog(path: str, fmt: str) -> pa.Table:
@@ -267,9 +308,10 @@ def _read(image: bytes | str | os.PathLike[str]) -> bytes:
 
 def _embed(build: _Build, images: list[bytes]) -> np.ndarray:
     assert build.embedder is not None  # `_require_model` was called
-    return build.embedder.embed(
+    features = build.embedder.embed(
         [decode_image(data, MAX_PIXELS, target_size=build.decode_size).image for data in images]
     )
+    return features if build.head is None else build.head.apply(features)
 
 
 def _search(

@@ -26,13 +26,19 @@ def exists(path: str) -> bool:
     return fs.get_file_info(local).type != pafs.FileType.NotFound
 
 
-def read_text(path: str) -> str | None:
-    """The file's text, or None when it does not exist."""
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
     fs, local = filesystem(path)
     if fs.get_file_info(local).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(local) as stream:
-        return stream.read().decode()
+        return stream.read()
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    data = read_bytes(path)
+    return None if data is None else data.decode()
 
 
 def read_json(path: str) -> Any:
@@ -40,18 +46,23 @@ def read_json(path: str) -> Any:
     return None if text is None else json.loads(text)
 
 
-def write_text(path: str, text: str) -> None:
-    """Replace a small file so that a reader sees the old or the new text, never a mix."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Replace a small file so that a reader sees the old or the new content, never a mix."""
     fs, local = filesystem(path)
     fs.create_dir(local.rsplit("/", 1)[0], recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{local}.tmp-{time.time_ns()}"
         with fs.open_output_stream(tmp) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         fs.move(tmp, local)  # rename(2): atomic on a local or POSIX file system
     else:
         with fs.open_output_stream(local) as stream:  # one PUT: object stores replace whole objects
-            stream.write(text.encode())
+            stream.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    """`write_bytes` of the text's UTF-8."""
+    write_bytes(path, text.encode())
 
 
 def remove_dir(path: str) -> None:

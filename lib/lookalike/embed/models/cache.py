@@ -101,6 +101,20 @@ def get_embedder(
         return _cache[key]
 
 
+_heads: dict[tuple[str, str], Any] = {}
+
+
+def get_head(output_root: str, version: str) -> Any:
+    """The process-wide `head.Head` `models/<version>` of `output_root`, loaded (and checked) on first use."""
+    from lookalike.embed.models import head
+
+    key = (output_root, version)
+    with _cache_lock:
+        if key not in _heads:
+            _heads[key] = head.load(output_root, version)
+        return _heads[key]
+
+
 def load_count() -> int:
     """How many models this process has actually loaded (cache hits do not count)."""
     return _loads

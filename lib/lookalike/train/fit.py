@@ -1,0 +1,291 @@
+"""Fitting a head on backbone vectors: NumPy arrays in, the head's tensors and its validation metrics out.
+
+No Spark and no files here (`train.stage` gathers the arrays and writes the artefact), so every case (no
+labels, one label value, nulls, behaviour only) is tested in milliseconds.
+
+The head starts as the PCA projection of the training vectors (an MLP's ReLU branch starts at zero), so
+before any step it already ranks items almost as the frozen backbone does; training moves it only as far as
+the held-out loss keeps improving, and the best epoch's weights are kept. Items (and behaviour pairs) are
+split once, seeded: the validation share stops training early and is where the metrics in `head.json` come
+from, frozen backbone against tuned head, on the same items.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lookalike.errors import LookalikeError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+BATCH = 512  # items (or pairs) per step: enough in-batch negatives for both contrastive losses
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 1e-4
+MAX_PAIR_STEPS = 500  # steps per epoch when only behaviour pairs are learned from
+EVAL_QUERIES = 2000  # validation queries of the retrieval metrics
+K = 10
+
+
+class TrainError(LookalikeError):
+    """Nothing to learn from, or settings that cannot train (a one-line reason)."""
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a head learns from: unit backbone vectors, label codes per column (-1: null) and behaviour pairs
+    (rows of two indices into `features`)."""
+
+    features: np.ndarray
+    labels: dict[str, np.ndarray]
+    pairs: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    kind: str = "linear"
+    dim: int = 256
+    loss: str = "supcon"
+    behaviour_weight: float = 0.5
+    temperature: float = 0.1
+    max_epochs: int = 40
+    patience: int = 4
+    validation_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Fitted:
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def usable_labels(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The label columns with at least two values among their non-null codes (one value teaches nothing)."""
+    kept = {}
+    for name, codes in labels.items():
+        values = np.unique(codes[codes >= 0])
+        if len(values) >= 2:
+            kept[name] = codes
+        else:
+            log.warning("train: label column %s has %d distinct value(s): ignored", name, len(values))
+    return kept
+
+
+def split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of `n` rows, the validation share at least one row when n >= 2."""
+    order = rng.permutation(n)
+    n_val = min(n - 1, max(1 if n >= 2 else 0, round(n * fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def precision_at_k(vectors: np.ndarray, codes: np.ndarray, k: int = K, queries: int = EVAL_QUERIES) -> float:
+    """Mean share of each labelled item's k nearest other items (cosine) that carry its label."""
+    labelled = np.flatnonzero(codes >= 0)
+    if len(labelled) < 2:
+        return float("nan")
+    base, base_codes = vectors[labelled], codes[labelled]
+    picks = labelled[:queries] if len(labelled) <= queries else labelled[:: math.ceil(len(labelled) / queries)]
+    rows = np.searchsorted(labelled, picks)
+    scores = base[rows] @ base.T
+    scores[np.arange(len(rows)), rows] = -np.inf
+    k = min(k, len(labelled) - 1)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float((base_codes[top] == base_codes[rows][:, None]).mean())
+
+
+def pair_recall_at_k(vectors: np.ndarray, pairs: np.ndarray, k: int = K, queries: int = EVAL_QUERIES) -> float:
+    """Share of pairs (a, b) whose b is among a's k nearest other items of the pairs' items."""
+    if len(pairs) == 0:
+        return float("nan")
+    pairs = pairs[:queries]
+    items = np.unique(pairs)
+    where = {item: i for i, item in enumerate(items)}
+    base = vectors[items]
+    a = np.array([where[i] for i in pairs[:, 0]])
+    b = np.array([where[i] for i in pairs[:, 1]])
+    scores = base[a] @ base.T
+    scores[np.arange(len(a)), a] = -np.inf
+    target = scores[np.arange(len(a)), b]
+    return float(((scores > target[:, None]).sum(axis=1) < k).mean())
+
+
+def fit(data: TrainData, options: TrainOptions) -> Fitted:
+    """Train a head; TrainError when neither labels (two values or more) nor behaviour pairs are usable."""
+    import torch
+
+    from lookalike.train import losses
+
+    started = time.perf_counter()
+    features = np.ascontiguousarray(data.features, dtype=np.float32)
+    n, d_in = features.shape
+    labels = usable_labels(data.labels)
+    pairs = data.pairs if options.behaviour_weight > 0 else np.empty((0, 2), dtype=np.int64)
+    if not labels and len(pairs) < 2:
+        raise TrainError(
+            f"nothing to learn from: no label column of train.label_columns {sorted(data.labels)} has two values "
+            f"or more, and there are {len(pairs)} behaviour pairs (events with train.behaviour_weight > 0)"
+        )
+    if options.dim > d_in:
+        raise TrainError(f"train.dim {options.dim} is larger than the backbone's {d_in} dimensions")
+    rng = np.random.default_rng(options.seed)
+    torch.manual_seed(options.seed)
+    train_items, val_items = split(n, options.validation_fraction, rng)
+    train_pairs_index, val_pairs_index = split(len(pairs), options.validation_fraction, rng)
+    val_pairs = pairs[val_pairs_index]
+    x = torch.from_numpy(features)
+    model = _Head(features[train_items], options, rng)
+    proxies = {
+        name: torch.nn.Parameter(torch.randn(int(codes.max()) + 1, options.dim) * 0.1)
+        for name, codes in labels.items()
+        if options.loss == "proxy"
+    }
+    codes = {name: torch.from_numpy(c.astype(np.int64)) for name, c in labels.items()}
+    pair_tensor = torch.from_numpy(np.asarray(pairs, dtype=np.int64))
+    optimiser = torch.optim.AdamW([*model.parameters(), *proxies.values()], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def loss_of(items: np.ndarray, pair_rows: np.ndarray) -> torch.Tensor:
+        total = torch.zeros(())
+        if labels and len(items):
+            index = torch.from_numpy(items)
+            z = model(x[index])
+            for name in labels:
+                target = codes[name][index]
+                if options.loss == "proxy":
+                    total = total + losses.proxy(z, target, proxies[name], options.temperature)
+                else:
+                    total = total + losses.supcon(z, target, options.temperature)
+            total = total / len(labels)
+        if len(pair_rows):
+            chosen = pair_tensor[torch.from_numpy(pair_rows)]
+            weight = options.behaviour_weight if labels else 1.0
+            total = total + weight * losses.pairs(model(x[chosen[:, 0]]), model(x[chosen[:, 1]]), options.temperature)
+        return total
+
+    def validation_loss() -> float:
+        with torch.no_grad():
+            chunks = max(1, min(20, math.ceil(max(len(val_items), len(val_pairs_index)) / BATCH)))
+            item_chunks = np.array_split(val_items, chunks) if labels else [np.empty(0, np.int64)] * chunks
+            pair_chunks = np.array_split(val_pairs_index, chunks)
+            return float(np.mean([loss_of(i, p) for i, p in zip(item_chunks, pair_chunks)]))
+
+    steps = (
+        math.ceil(len(train_items) / BATCH)
+        if labels
+        else min(MAX_PAIR_STEPS, math.ceil(len(train_pairs_index) / BATCH))
+    )
+    best, best_state, best_epoch, epoch = validation_loss(), model.state(), 0, 0
+    initial = best
+    for epoch in range(1, options.max_epochs + 1):
+        order = rng.permutation(train_items)
+        for step in range(steps):
+            items = order[step * BATCH : (step + 1) * BATCH] if labels else np.empty(0, np.int64)
+            pair_rows = (
+                rng.choice(train_pairs_index, size=min(BATCH, len(train_pairs_index)), replace=False)
+                if len(train_pairs_index) >= 2
+                else np.empty(0, np.int64)
+            )
+            optimiser.zero_grad()
+            loss = loss_of(items, pair_rows)
+            loss.backward()
+            optimiser.step()
+        current = validation_loss()
+        log.debug("train: epoch %d, validation loss %.4f (best %.4f)", epoch, current, best)
+        if current < best - 1e-4:
+            best, best_state, best_epoch = current, model.state(), epoch
+        elif epoch - best_epoch >= options.patience:
+            break
+    tensors = best_state
+    log.info("train: %d epochs, best %d: validation loss %.4f (%.4f before training)", epoch, best_epoch, best, initial)
+    metrics = {
+        "epochs": float(epoch),
+        "best_epoch": float(best_epoch),
+        "validation_loss": best,
+        "validation_loss_at_start": initial,
+        "train_items": float(len(train_items)),
+        "validation_items": float(len(val_items)),
+        "train_pairs": float(len(train_pairs_index)),
+        "validation_pairs": float(len(val_pairs)),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    metrics |= evaluate(features, labels, val_items, val_pairs, tensors, options.kind)
+    return Fitted(tensors, metrics)
+
+
+def evaluate(
+    features: np.ndarray,
+    labels: dict[str, np.ndarray],
+    val_items: np.ndarray,
+    val_pairs: np.ndarray,
+    tensors: dict[str, np.ndarray],
+    kind: str,
+) -> dict[str, float]:
+    """Frozen backbone against tuned head on the held-out items and pairs: precision@10 by each label,
+    recall@10 of each pair's partner."""
+    from lookalike.embed.models.head import Head
+
+    head = Head("candidate", "candidate", kind, tensors)
+    tuned = head.apply(features)
+    metrics = {}
+    for name, codes in labels.items():
+        held = np.full(len(codes), -1)
+        held[val_items] = codes[val_items]
+        metrics[f"precision_at_10_{name}_frozen"] = precision_at_k(features, held)
+        metrics[f"precision_at_10_{name}_head"] = precision_at_k(tuned, held)
+    if len(val_pairs):
+        metrics["pair_recall_at_10_frozen"] = pair_recall_at_k(features, val_pairs)
+        metrics["pair_recall_at_10_head"] = pair_recall_at_k(tuned, val_pairs)
+    return {key: round(value, 4) for key, value in metrics.items()}
+
+
+class _Head:
+    """The head being trained, as torch parameters in the artefact's layout (`head.Head`)."""
+
+    def __init__(self, sample: np.ndarray, options: TrainOptions, rng: np.random.Generator):
+        import torch
+
+        self.kind = options.kind
+        w1, b1 = _pca_init(sample, options.dim, rng)
+        self.params = {"w1": torch.nn.Parameter(torch.from_numpy(w1)), "b1": torch.nn.Parameter(torch.from_numpy(b1))}
+        if options.kind == "mlp":
+            d_in, hidden = sample.shape[1], options.dim
+            w2 = rng.standard_normal((d_in, hidden)).astype(np.float32) * math.sqrt(2.0 / d_in)
+            self.params |= {
+                "w2": torch.nn.Parameter(torch.from_numpy(w2)),
+                "b2": torch.nn.Parameter(torch.zeros(hidden)),
+                "w3": torch.nn.Parameter(torch.zeros(hidden, options.dim)),
+            }
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.params.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        p = self.params
+        out = x @ p["w1"] + p["b1"]
+        if self.kind == "mlp":
+            out = out + torch.relu(x @ p["w2"] + p["b2"]) @ p["w3"]
+        return torch.nn.functional.normalize(out, dim=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: p.detach().numpy().copy() for name, p in self.params.items()}
+
+
+def _pca_init(sample: np.ndarray, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(w, b) projecting centred vectors on their top `dim` principal axes (random ones past the sample's rank)."""
+    rows = sample[rng.choice(len(sample), size=min(len(sample), 20000), replace=False)]
+    mean = rows.mean(axis=0)
+    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    w = rng.standard_normal((sample.shape[1], dim)).astype(np.float32) * 0.01
+    rank = min(dim, vt.shape[0])
+    w[:, :rank] = vt[:rank].T
+    return w.astype(np.float32), (-mean @ w).astype(np.float32)
