@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,75 @@ def colour_photos(n: int | None = None) -> list[Image.Image]:
             if n is not None and len(photos) == n:
                 break
     return photos
+
+
+@dataclass(frozen=True)
+class Labelled:
+    image: Image.Image
+    label: str
+    title: str | None  # a human description where the source has one
+
+
+# GCompris bundles of several pictures of one subject (pieces of a painting, details of a monument) and the
+# categorisation activity's folders: the subject, or the folder, is the label.
+_GCOMPRIS_LABELLED = {
+    "paintings": "subject",
+    "details": "subject",
+    "categorization": "folder",
+    "explore_monuments": "folder",  # by country
+}
+_LABELLED_SKIP = ("alphabets", "_mirror")  # glyphs, and mirrored copies of other stamps
+MIN_PER_LABEL = 6
+
+
+def labelled_images() -> list[Labelled]:
+    """Every distinct colour image (photos and drawings) of the two packages that carries a label.
+
+    Tux Paint stamps by their folder (`animals/mammals`, `food/fruit`, `cartoon/animals`, ...; their `.txt`
+    description is the title); GCompris paintings and monument details by their subject (several crops of one
+    picture: the same product in different shots), its categorisation pictures by folder and monuments by
+    country. Labels with under MIN_PER_LABEL images are dropped."""
+    if not TUXPAINT.is_dir() or not GCOMPRIS.is_dir():
+        raise SystemExit(f"the colour images are not installed: {INSTALL}")
+    found: list[Labelled] = []
+    for path in sorted(TUXPAINT.rglob("*.png")):
+        if any(skip in str(path) for skip in _LABELLED_SKIP):
+            continue
+        image = Image.open(path).convert("RGBA")
+        if min(image.size) < 32:
+            continue
+        white = Image.new("RGBA", image.size, "white")
+        white.alpha_composite(image)
+        folder = path.parent.relative_to(TUXPAINT).parts
+        found.append(Labelled(white.convert("RGB"), "/".join(folder[:2]), _tuxpaint_title(path)))
+    for bundle, by in _GCOMPRIS_LABELLED.items():
+        for name, data in sorted(_rcc_files(GCOMPRIS / f"{bundle}.rcc")):
+            if not name.endswith((".webp", ".jpg", ".png")):
+                continue
+            stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            label = stem.rsplit("_", 1)[0] if by == "subject" else name.split("/")[-2]
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            if min(image.size) >= 32:
+                found.append(Labelled(image, f"{bundle}/{label}", None))
+    seen: set[bytes] = set()
+    distinct = []
+    for item in found:
+        item.image.thumbnail((MAX_SIDE, MAX_SIDE))
+        key = _average_hash(item.image) + item.label.encode()
+        if key not in seen:
+            seen.add(key)
+            distinct.append(item)
+    counts = Counter(item.label for item in distinct)
+    return [item for item in distinct if counts[item.label] >= MIN_PER_LABEL]
+
+
+def _tuxpaint_title(path: Path) -> str | None:
+    """The first line of a stamp's `.txt` (its English description), if any."""
+    text = path.with_suffix(".txt")
+    if not text.is_file():
+        return None
+    first = text.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    return first[0].strip() if first and first[0].strip() else None
 
 
 def _tuxpaint_photos() -> Iterator[Image.Image]:

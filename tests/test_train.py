@@ -269,6 +269,15 @@ def test_a_new_head_re_derives_every_vector_without_the_images(
     image = Path(cfg["catalog.path"]).parent / catalog.loc[item, "image_uri"]
     assert searcher.search(image.read_bytes(), k=1)[0].item_id == item
 
+    # `lookalike search --text` commits the same hits under query_id text:<the text>
+    conf = _conf_file(Path(cfg["output.root"]).parent, cfg)
+    assert cli.main(["search", "--conf", conf, "--text", "black ankle boot", "--text", "a bag"]) == 0
+    results = tables.read_arrow(tables.table_path(cfg["output.root"], "search_results")).to_pandas()
+    assert set(results["query_id"]) == {"text:black ankle boot", "text:a bag"}
+    boots = results[results["query_id"] == "text:black ankle boot"].sort_values("rank")
+    assert list(boots["item_id"]) == [h.item_id for h in searcher.search_text("black ankle boot", k=10)]
+    assert cli.main(["search", "--conf", conf, "--text", "x", "--queries", cfg["catalog.path"]]) == cli.EXIT_ERROR
+
     back = embed.run(cfg, spark, "20260101T000000Z-embed4")  # model.head: none again, still no image embedded
     assert back.metrics["rederived"] == 300 and back.metrics["embedded"] == 0
 

@@ -55,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         stage = commands.add_parser(name, help=text)
         _add_conf_args(stage)
         if name == "search":
+            stage.add_argument("--queries", help="query table: query_id, image_uri, optional category and k")
             stage.add_argument(
-                "--queries", required=True, help="query table: query_id, image_uri, optional category and k"
+                "--text",
+                action="append",
+                help='words to search the images by, e.g. "white leather trainers" (repeatable; needs a head '
+                "with a text map: docs/training.md)",
             )
             stage.add_argument(
                 "--where",
@@ -97,6 +101,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             flags.append(f"{key}={json.dumps(value)}")  # a JSON string is a YAML string: `true` stays text
+    if getattr(args, "text", None):
+        flags.append(f"search.text={json.dumps(args.text)}")  # a JSON list is a YAML list
     return [*args.overrides, *flags]
 
 

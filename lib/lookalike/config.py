@@ -287,6 +287,15 @@ SCHEMA: dict[str, Key] = {
         is_path=True,
         must_exist=True,
     ),
+    "search.text": Key(
+        list,
+        None,
+        "Words to search the catalog's images by (set by `--text`, repeatable): each text's results go to "
+        "`search_results` under `query_id` `text:<the text>`. Needs a build embedded with a head that has a "
+        "text map (docs/training.md).",
+        nullable=True,
+        item_type=str,
+    ),
     "search.queries_format": Key(
         str,
         "parquet",

@@ -77,13 +77,18 @@ def read_queries(spark: SparkSession, path: str, fmt: str) -> DataFrame:
 
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
-    path, root = cfg["search.queries"], cfg["output.root"]
-    if path is None:
-        raise QueryError("no query table: `lookalike search --queries PATH` (or set search.queries)")
+    path, root, texts = cfg["search.queries"], cfg["output.root"], cfg["search.text"]
+    if (path is None) == (texts is None):
+        raise QueryError(
+            "give `lookalike search` either --queries PATH (a table of query images) or --text WORDS, not "
+            + ("both" if path is not None else "neither")
+        )
     where = cfg["search.where"]
     if where is not None:
         filters.check_syntax(where)
     searcher = Searcher.open(root, cfg["model.weights"], with_model=False, catalog=_filter_columns(cfg, spark, where))
+    if texts is not None:
+        return _run_text(cfg, spark, run_id, searcher, texts, started)
     settings = embed.settings_from(cfg)
     version = settings.model_version
     if settings.input != "image" or version != searcher.model:
@@ -108,10 +113,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     results = spark.createDataFrame(found.assign(run_id=run_id), schema=RESULTS_SCHEMA)
     failed = spark.createDataFrame(errors.assign(run_id=run_id), schema=ERRORS_SCHEMA)
     ok_ids = spark.createDataFrame(found[["query_id"]].drop_duplicates(), "query_id string")
-    failed_ids = failed.select("query_id")
-    _add_duplicate_flags(spark, tables.table_path(root, RESULTS), cfg["search.duplicate_score"])
-    tables.replace_by_key(results, tables.table_path(root, RESULTS), "query_id", delete_keys=failed_ids)
-    tables.replace_by_key(failed, tables.table_path(root, ERRORS), "query_id", delete_keys=ok_ids)
+    _commit(spark, root, results, failed, ok_ids, cfg["search.duplicate_score"])
     metrics = {
         "queries": n_queries,
         "answered": int(found["query_id"].nunique()),
@@ -121,6 +123,49 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     }
     log.info("search %s against build %s: %s", run_id, searcher.build, metrics)
     return StageResult("search", rows_in=n_queries, rows_out=len(found), metrics=metrics)
+
+
+TEXT_PREFIX = "text:"  # the query_id of a text search is this and the text
+
+
+def _run_text(
+    cfg: Config, spark: SparkSession, run_id: str, searcher: Searcher, texts: list[str], started: float
+) -> StageResult:
+    """`--text`: each text through the build's text map, searched on the driver, committed like image queries."""
+    blank = [text for text in texts if not text.strip()]
+    if blank:
+        raise QueryError(f"search text {blank[0]!r} is blank: nothing to search (nothing was committed)")
+    found = []
+    for text in texts:
+        hits = searcher.search_text(text, cfg["search.k"], cfg["search.where"])
+        query_id = f"{TEXT_PREFIX}{text}"
+        found += [dict(query_id=query_id, rank=r, item_id=h.item_id, score=h.score) for r, h in enumerate(hits, 1)]
+        shown = ", ".join(f"{h.item_id} ({h.score:.3f})" for h in hits[:5])
+        log.info("search %r: %s%s", text, shown, ", ..." if len(hits) > 5 else "")
+    rows = pd.DataFrame(found, columns=["query_id", "rank", "item_id", "score"])
+    rows["duplicate"] = False  # a text is no image: nothing can be a copy of it
+    results = spark.createDataFrame(rows.assign(run_id=run_id), schema=RESULTS_SCHEMA)
+    ids = spark.createDataFrame(pd.DataFrame({"query_id": [f"{TEXT_PREFIX}{t}" for t in texts]}), "query_id string")
+    no_errors = spark.createDataFrame([], ERRORS_SCHEMA)
+    _commit(spark, cfg["output.root"], results, no_errors, ids, cfg["search.duplicate_score"])
+    metrics = {"queries": len(texts), "answered": len(texts), "seconds": round(time.time() - started, 3)}
+    log.info("search %s (text) against build %s: %s", run_id, searcher.build, metrics)
+    return StageResult("search", rows_in=len(texts), rows_out=len(rows), metrics=metrics)
+
+
+def _commit(
+    spark: SparkSession,
+    root: str,
+    results: DataFrame,
+    failed: DataFrame,
+    answered: DataFrame,
+    duplicate_score: float,
+) -> None:
+    """This run's rows replace its query ids' rows in both tables: answered ids leave `search_errors`,
+    failed ones leave `search_results`."""
+    _add_duplicate_flags(spark, tables.table_path(root, RESULTS), duplicate_score)
+    tables.replace_by_key(results, tables.table_path(root, RESULTS), "query_id", delete_keys=failed.select("query_id"))
+    tables.replace_by_key(failed, tables.table_path(root, ERRORS), "query_id", delete_keys=answered)
 
 
 RESULTS_SCHEMA = "query_id string, rank int, item_id string, score float, duplicate boolean, run_id string"

@@ -23,13 +23,17 @@ K = 10
 
 
 def recall_at_k(queries: np.ndarray, targets: np.ndarray, k: int = K) -> float:
-    """Share of rows i whose target row i is among the k targets nearest to query i (cosine)."""
+    """Share of rows i whose target row i is among the k targets nearest to query i (cosine).
+
+    Ties are ranked fairly: a target tied with t others counts as ranked in the middle of them (as a random
+    order among equals would on average), so identical titles do not all count as found first."""
     if len(queries) == 0:
         return float("nan")
     queries = queries[:EVAL_QUERIES]
     scores = l2_normalise(queries) @ l2_normalise(targets).T
-    own = scores[np.arange(len(queries)), np.arange(len(queries))]
-    return float(((scores > own[:, None]).sum(axis=1) < k).mean())
+    own = scores[np.arange(len(queries)), np.arange(len(queries))][:, None]
+    rank = (scores > own + 1e-6).sum(axis=1) + ((np.abs(scores - own) <= 1e-6).sum(axis=1) - 1) / 2
+    return float((rank < k).mean())
 
 
 def ridge(text: np.ndarray, image: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
