@@ -39,6 +39,7 @@ PURE = [
     "train.fit",
     "train.textmap",
     "train.losses",
+    "embed.models.fusion",
 ]
 
 

@@ -168,9 +168,19 @@ SCHEMA: dict[str, Key] = {
         str,
         "image",
         "What the embed stage embeds: `image` (each item's `image_uri`, with an image "
-        "model) or `title` (its `title` text, with the text model `all-minilm-l6-v2`; "
-        "see docs/stages.md, Text input).",
-        choices=("image", "title"),
+        "model), `title` (its `title` text, with the text model `all-minilm-l6-v2`; "
+        "see docs/stages.md, Text input), or `image+title` (one vector of both, weighted by "
+        "`embed.title_weight`; see docs/stages.md, Image and title).",
+        choices=("image", "title", "image+title"),
+    ),
+    "embed.title_weight": Key(
+        float,
+        0.3,
+        "With `embed.input: image+title`: the share of two items' cosine that comes from their titles "
+        "(the rest from their images). An item without a usable title compares on its image alone, one whose "
+        "image fails on its title alone.",
+        minimum=0.0,
+        maximum=1.0,
     ),
     "embed.device": Key(
         str,
@@ -723,7 +733,7 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
         if spec.must_exist and value is not None and uri.is_local(value) and not os.path.exists(value):
             raise ConfigError(f"{key}: path does not exist: {value}")
     _check_model(checked["model.name"], checked["embed.input"], checked["model.weights"])
-    if checked["model.head"] != "none" and checked["embed.input"] != "image":
+    if checked["model.head"] != "none" and checked["embed.input"] == "title":
         raise ConfigError(
             f"model.head is {checked['model.head']!r} but embed.input is {checked['embed.input']!r}: "
             "a head tunes image vectors; set model.head: none"
@@ -732,7 +742,7 @@ def validate(values: Mapping[str, Any], base_dir: Path, need_paths: Iterable[str
 
 
 # What each `embed.input` reads, as the model registry's `ModelSpec.modality` names it.
-_INPUT_MODALITY = {"image": "image", "title": "text"}
+_INPUT_MODALITY = {"image": "image", "title": "text", "image+title": "image"}
 
 
 def _check_model(model_name: str, embed_input: str, weights: str | None) -> None:

@@ -23,7 +23,7 @@ from lookalike.errors import LookalikeError
 from lookalike.storage import tables
 
 # The column the embed stage reads, by `embed.input`: the catalog must have it, as well as `item_id`.
-CONTENT_COLUMNS = {"image": "image_uri", "title": "title"}
+CONTENT_COLUMNS = {"image": "image_uri", "title": "title", "image+title": "image_uri"}
 # Optional contract columns: their type, and the value a row without one gets (no stock flag = in stock).
 OPTIONAL_COLUMNS = {"category": ("string", None), "title": ("string", None), "in_stock": ("boolean", True)}
 COLUMNS = ("item_id", "image_uri", *OPTIONAL_COLUMNS)

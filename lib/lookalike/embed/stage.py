@@ -27,20 +27,18 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
-import numpy as np
 import pandas as pd
 from pyspark import Accumulator, StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
 from lookalike import distributor
 from lookalike.config import Config
-from lookalike.embed import catalog, shards
+from lookalike.embed import catalog, shards, vectors
 from lookalike.embed.fetcher import Fetcher, FetchStats
 from lookalike.embed.models import head as models_head
 from lookalike.embed.models import registry
-from lookalike.embed.models.cache import get_head
 from lookalike.embed.task import (
     EMBEDDED,
     FAILED,
@@ -91,6 +89,8 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
     root = cfg["output.root"]
     backbone = registry.model_version(spec.name, cfg["model.weights"], image_size)
     head = models_head.for_backbone(root, cfg["model.head"], backbone)
+    fused = cfg["embed.input"] == "image+title"
+    text = registry.get_spec(models_head.TEXT_MODEL)
     return EmbedSettings(
         model_name=spec.name,
         weights=cfg["model.weights"],
@@ -104,14 +104,20 @@ def settings_from(cfg: Config, tasks_at_once: int = 1, partitions: int = 1) -> E
         decode_threads=cfg["embed.decode_threads"],
         input=cfg["embed.input"],
         policy=catalog.image_policy(cfg),
-        fetch=catalog.fetch_settings(cfg, tasks_at_once, partitions) if cfg["embed.input"] == "image" else None,
+        fetch=catalog.fetch_settings(cfg, tasks_at_once, partitions) if cfg["embed.input"] != "title" else None,
         retry_delay_hours=cfg["fetch.retry_delay_hours"],
         runtime=cfg["embed.runtime"],
         head_root=root if head is not None else None,
         head_version=head.version if head is not None else None,
+        title_weight=cfg["embed.title_weight"] if fused else None,
+        text_version=registry.model_version(text.name) if fused else None,
+        image_dim=head.dim if head is not None else spec.dim,
+        text_dim=text.dim if fused else None,
     )
 
 
+# The work list's columns that pass by the UDF into its rows (`vectors` reads the last four).
+PASSED = ("item_id", "image_uri", "shard", "current", "had_image", "title", "title_sha256")
 # The UDF's columns after the content, with their types (`WorkRow`'s fields after `uri`).
 INPUTS = {
     "known": "string",
@@ -187,7 +193,7 @@ def _check_bad_fraction(
     if n_items == 0 or failed / n_items <= max_fraction:
         return
     # A failed title has no URI to show: its item_id is the example.
-    what, example = ("images", "image_uri") if embed_input == "image" else ("titles", "item_id")
+    what, example = ("images", "image_uri") if embed_input != "title" else ("titles", "item_id")
     reasons = (
         staged.filter(F.col("status").isin(FAILED, KEPT))
         .groupBy("error_kind")
@@ -223,35 +229,35 @@ def _commit(
     fetched: int,
     quarantine_current: bool,
     stored: DataFrame | None,
+    titles: DataFrame | None,
 ) -> None:
-    """The run's rows into `features` (with a head), `embeddings`, `quarantine` and (when anything was
-    fetched, or it exists) `fetch_state`, each in one Delta commit. `existing` is the part of `embeddings`
-    this run worked on; `quarantine_current`: whether `quarantine` has the columns the run relied on
-    (`_quarantine_current`); `stored`: the backbone vectors known before the run (`stored_features`)."""
+    """The run's rows into `features` (`settings.keep_features`), `embeddings`, `quarantine` and (when
+    anything was fetched, or it exists) `fetch_state`, each in one Delta commit. `existing` is the part of
+    `embeddings` this run worked on; `quarantine_current`: whether `quarantine` has the columns the run relied
+    on (`_quarantine_current`); `stored`, `titles`: the backbone and title vectors kept before the run
+    (`vectors.stored_features`, `vectors.stored_titles`)."""
     now = F.current_timestamp()
-    vectors = ("item_id", "shard", "embedding", "image_sha256", "width", "height")
-    embedded = staged.filter(F.col("status") == EMBEDDED)
-    new_rows = embedded.select(*vectors)
-    stale = staged.filter(_stale()).select("item_id", "shard")
-    if stored is not None:
-        # Unchanged bytes whose vector came from another head (or none): the stored backbone vector again
-        # through this run's head, without reading the image twice or running the backbone.
-        restored = stale.join(stored, "item_id")
-        new_rows = new_rows.unionByName(restored.select(*vectors[:2], _through_head(settings), *vectors[3:]))
-        if settings.head_version is not None:
-            _commit_features(embedded, restored, existing, staged, paths[FEATURES], settings, run_id)
-    new_rows = new_rows.select(
-        *vectors[:3],
+    fresh = vectors.new_vectors(staged, stored, titles, settings)
+    if settings.keep_features:
+        # Before `embeddings`: a run killed between the two re-derives the same vectors next time.
+        gone = None if existing is None else _gone(existing, staged, settings)
+        tables.replace_by_key(vectors.feature_rows(fresh, settings, run_id), paths[FEATURES], "item_id", gone)
+    new_rows = fresh.select(
+        "item_id",
+        "shard",
+        "embedding",
         F.lit(settings.model_version).alias("model"),
-        *vectors[3:],
+        "image_sha256",
+        "width",
+        "height",
         F.lit(run_id).alias("run_id"),
         now.alias("embedded_at"),
     )
     if existing is None:
         tables.write(new_rows, paths[EMBEDDINGS], mode="overwrite")
     else:
-        # Unchanged images whose shard moved (a category grew past index.max_shard_size) keep their vector.
-        unchanged = staged.filter((F.col("status") == UNCHANGED) & F.col("current"))
+        # Items whose vector stays but whose shard moved (a category grew past index.max_shard_size) keep it.
+        unchanged = staged.filter(vectors.keeps_vector(settings))
         moved = (
             existing.join(unchanged.select("item_id", F.col("shard").alias("new_shard")), "item_id")
             .filter(F.col("shard") != F.col("new_shard"))
@@ -259,7 +265,7 @@ def _commit(
             .select(*new_rows.columns)
         )
         tables.replace_by_key(
-            new_rows.unionByName(moved), paths[EMBEDDINGS], "item_id", delete_keys=_gone(existing, staged)
+            new_rows.unionByName(moved), paths[EMBEDDINGS], "item_id", delete_keys=_gone(existing, staged, settings)
         )
 
     q_path = paths[QUARANTINE]
@@ -310,79 +316,53 @@ def _commit(
             tables.write(answered, state_path, mode="overwrite")
 
 
-def _stale() -> Column:
-    """Rows whose bytes are unchanged but whose embedding is not this run's model's (another head, or none)."""
-    return (F.col("status") == UNCHANGED) & ~F.col("current")
-
-
-def _through_head(settings: EmbedSettings) -> Column:
-    """The `embedding` column made from stored backbone vectors (`feature`): through the head, if any."""
-    if settings.head_version is None:
-        return F.col("feature").alias("embedding")  # stored backbone vectors are unit already
-    assert settings.head_root is not None
-    return head_task(settings.head_root, settings.head_version)("feature").alias("embedding")
-
-
-def head_task(output_root: str, version: str):
-    """A pandas UDF: backbone vectors through the head `models/<version>` (loaded once per Python worker)."""
-
-    @pandas_udf("array<float>")  # type: ignore[call-overload]
-    def through_head(features: pd.Series) -> pd.Series:
-        if features.empty:
-            return pd.Series([], dtype=object)
-        head = get_head(output_root, version)
-        return pd.Series(list(head.apply(np.stack(features.to_numpy()))))
-
-    return through_head
-
-
-def _commit_features(
-    embedded: DataFrame,
-    restored: DataFrame,
-    existing: DataFrame | None,
-    staged: DataFrame,
-    path: str,
-    settings: EmbedSettings,
-    run_id: str,
-) -> None:
-    """The backbone vectors behind this run's embeddings into `features`, in one commit before `embeddings`
-    (a run killed between the two re-derives the same vectors next time): the new ones, and those that
-    lived in `embeddings` while no head was used; items leaving `embeddings` leave it too."""
-    columns = ("item_id", "feature", "image_sha256", "width", "height")
-    rows = embedded.select(*columns).unionByName(restored.select(*columns))
-    rows = rows.select(
-        *columns[:2], F.lit(settings.backbone_version).alias("model"), *columns[2:], F.lit(run_id).alias("run_id")
-    )
-    tables.replace_by_key(rows, path, "item_id", delete_keys=None if existing is None else _gone(existing, staged))
-
-
-def stored_features(spark: SparkSession, existing: DataFrame | None, path: str, backbone: str) -> DataFrame | None:
-    """Every backbone vector of `backbone` kept so far (item_id, feature, image_sha256, width, height):
-    `embeddings` rows made without a head (their vector is the backbone's), else `features` rows."""
-    columns = ("feature", "image_sha256", "width", "height")
-    own = (
-        None
-        if existing is None
-        else existing.filter(F.col("model") == backbone).select(
-            "item_id", F.col("embedding").alias("feature"), *columns[1:]
-        )
-    )
-    if not tables.exists(path):
-        return own
-    kept = tables.read(spark, path).filter(F.col("model") == backbone).select("item_id", *columns)
-    return kept if own is None else own.unionByName(kept.join(own.select("item_id"), "item_id", "left_anti"))
-
-
 def _quarantine_current(q_path: str) -> bool:
     """Whether `quarantine` exists with the columns the run relies on (QUARANTINE_STATE); tables written by
     an older lookalike lack some and are rewritten by the next commit."""
     return tables.exists(q_path) and set(QUARANTINE_STATE) <= set(tables.spark_schema(q_path).names)
 
 
-def _gone(existing: DataFrame, staged: DataFrame) -> DataFrame:
+def _with_vector_history(
+    items: DataFrame, existing: DataFrame | None, stored: DataFrame | None, titles: DataFrame | None, version: str
+) -> DataFrame:
+    """`items` with `known` (the sha256 of the bytes whose backbone vector is kept: unchanged bytes are not
+    embedded again), `current` (the item's embedding is this run's model version, and with fused input of
+    its current title: else it is re-derived) and `had_image` (its embedding came from an image)."""
+    parts = []
+    if stored is not None:
+        parts.append(stored.select("item_id", F.col("image_sha256").alias("known")))
+    if existing is not None:
+        parts.append(
+            existing.select(
+                "item_id",
+                (F.col("model") == version).alias("same_model"),
+                F.col("image_sha256").isNotNull().alias("had_image"),
+            )
+        )
+    if titles is not None:
+        parts.append(titles.select("item_id", "stored_title_sha"))
+    for part in parts:
+        items = items.join(part, "item_id", "left")
+    for name, dtype in (("known", "string"), ("same_model", "boolean"), ("had_image", "boolean")):
+        if name not in items.columns:
+            items = items.withColumn(name, F.lit(None).cast(dtype))
+    same_title = F.col("title_sha256").eqNullSafe(F.col("stored_title_sha")) if titles is not None else None
+    if same_title is None:
+        # Fused input with nothing stored yet: only rows without a usable title can be current.
+        same_title = F.col("title").isNull() | F.col("title_sha256").isNull()
+    current = F.coalesce(F.col("same_model"), F.lit(False)) & same_title
+    return (
+        items.withColumn("current", current)
+        .withColumn("had_image", F.coalesce(F.col("had_image"), F.lit(False)))
+        .drop("same_model", *(["stored_title_sha"] if titles is not None else []))
+    )
+
+
+def _gone(existing: DataFrame, staged: DataFrame, settings: EmbedSettings) -> DataFrame:
     """Items of `embeddings` that leave it: gone from the catalog, or whose image no longer embeds (a
-    transient failure, or a deferred retry, keeps it)."""
-    kept = staged.filter(F.col("status").isin(EMBEDDED, UNCHANGED, KEPT, DEFERRED)).select("item_id")
+    transient failure, a deferred retry, or with fused input a usable title keeps it)."""
+    embeds = F.col("status").isin(EMBEDDED, UNCHANGED, KEPT, DEFERRED) | vectors.title_only(settings)
+    kept = staged.filter(embeds).select("item_id")
     return existing.select("item_id").join(kept, "item_id", "left_anti")
 
 
@@ -396,7 +376,7 @@ def _with_history(
     `quarantine` has the columns read here (`_quarantine_current`)."""
     null = F.lit(None)
     q_path, state_path = paths[QUARANTINE], paths[FETCH_STATE]
-    if embed_input == "image" and quarantine_current:
+    if embed_input != "title" and quarantine_current:
         quarantine = tables.read(spark, q_path).select(
             "item_id",
             F.col("image_uri").alias("q_uri"),
@@ -420,7 +400,7 @@ def _with_history(
             null.cast("int").alias("attempts"),
             null.cast("timestamp").alias("retry_at"),
         )
-    if embed_input == "image" and tables.exists(state_path):
+    if embed_input != "title" and tables.exists(state_path):
         state = tables.read(spark, state_path).select(
             "item_id",
             F.col("image_uri").alias("s_uri"),
@@ -466,7 +446,15 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     planned = settings_from(cfg)
     version = planned.model_version
     content = catalog.CONTENT_COLUMNS[embed_input]  # image_uri, or title
-    items = items.select("item_id", "image_uri", *([content] if content != "image_uri" else []), "shard")
+    fused = planned.title_weight is not None
+    null = F.lit(None).cast("string")
+    items = items.select(
+        "item_id",
+        "image_uri",
+        *([content] if content != "image_uri" else []),
+        "shard",
+        *(["title"] if fused else [null.alias("title")]),
+    ).withColumn("title_sha256", vectors.title_sha(F.col("title"), planned.text_version or "") if fused else null)
     catalog_ids = items.select("item_id")
     existing = tables.read(spark, paths[EMBEDDINGS]) if tables.exists(paths[EMBEDDINGS]) else None
     n_existing = 0
@@ -475,19 +463,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         n_existing = existing.count()
         leaving = existing.select("item_id").join(catalog_ids, "item_id", "left_anti").count()
         _check_removed(leaving, n_existing, max_removed, f"{leaving} of them are no longer in the catalog")
-    # `known`: the sha256 of the bytes whose backbone vector is kept (unchanged bytes are not embedded again);
-    # `current`: whether the item's embedding is this model's (with this head), else it is re-derived.
-    stored = stored_features(spark, existing, paths[FEATURES], planned.backbone_version)
-    if stored is None:
-        items = items.select("*", F.lit(None).cast("string").alias("known"), F.lit(False).alias("current"))
-    else:
-        known = stored.select("item_id", F.col("image_sha256").alias("known"))
-        if existing is not None:
-            current = existing.select("item_id", (F.col("model") == version).alias("current"))
-            known = known.join(current, "item_id", "full")
-        items = items.join(known, "item_id", "left").withColumn(
-            "current", F.coalesce(F.col("current") if existing is not None else F.lit(False), F.lit(False))
-        )
+    stored = vectors.stored_features(spark, existing, paths[FEATURES], planned.backbone_version)
+    titles = vectors.stored_titles(spark, paths[FEATURES]) if fused else None
+    items = _with_vector_history(items, existing, stored, titles, version)
     quarantine_current = _quarantine_current(paths[QUARANTINE])
     items = _with_history(spark, items, paths, embed_input, quarantine_current)
     if retry_failed:  # the quarantined items only; the rest of the tables stays as it is
@@ -496,7 +474,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             existing = existing.join(items.select("item_id"), "item_id", "left_semi")
     # Counting the work costs a pass over the catalog and its joins; it is needed only when something may
     # wait for its retry time (then the rows are kept for the two branches below) or with --retry-failed.
-    has_retry_times = embed_input == "image" and quarantine_current  # only then can anything wait
+    has_retry_times = embed_input != "title" and quarantine_current  # only then can anything wait
     waits = has_retry_times and not retry_failed and _any_waiting(spark, paths[QUARANTINE])
     waiting = F.coalesce(F.col("retry_at") > F.current_timestamp(), F.lit(False)) if waits else F.lit(False)
     items = items.withColumn("waiting", waiting)
@@ -506,7 +484,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     n_partitions = _partitions(spark, n_work, cfg["embed.partition_size"])
     tasks_at_once = _tasks_at_once(spark, n_partitions)
     settings = settings_from(cfg, tasks_at_once, n_partitions)
-    if embed_input == "image" and cfg["fetch.max_connections_per_host"] < tasks_at_once:
+    if embed_input != "title" and cfg["fetch.max_connections_per_host"] < tasks_at_once:
         log.warning(
             "fetch.max_connections_per_host=%d is below the %d tasks that run at once: each task keeps one "
             "connection per host, so a host may see %d (docs/fetching.md)",
@@ -528,17 +506,14 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     results = (
         items.filter(~F.col("waiting"))
         .repartition(n_partitions)
-        .select("item_id", "image_uri", "shard", "current", embed_task(settings, counters)(content, *INPUTS).alias("r"))
-        .select("item_id", "image_uri", "shard", "current", "r.*")
+        .select(*PASSED, embed_task(settings, counters)(content, *INPUTS).alias("r"))
+        .select(*PASSED, "r.*")
     )
     deferred = items.filter(F.col("waiting")).select(
-        "item_id",
-        "image_uri",
-        "shard",
-        "current",
+        *PASSED,
         *(
             (F.lit(DEFERRED) if field.name == "status" else F.lit(None)).cast(field.dataType).alias(field.name)
-            for field in results.schema.fields[4:]
+            for field in results.schema.fields[len(PASSED) :]
         ),
     )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_ROWS))
@@ -547,18 +522,19 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         with Progress(f"embed {run_id}", n_work, counters):
             # Runs inference once and keeps its rows; counted from them, not from the accumulators, which a
             # retried task can count twice.
-            tally = staged.groupBy("status", _stale().alias("stale")).agg(
-                F.count("*").alias("n"), F.sum(F.col("fetched").cast("int")).alias("fetched")
-            )
+            tally = staged.groupBy(
+                "status", vectors.stale().alias("stale"), vectors.title_only(settings).alias("title_only")
+            ).agg(F.count("*").alias("n"), F.sum(F.col("fetched").cast("int")).alias("fetched"))
             tallied = tally.collect()
         counts = {name: sum(r["n"] for r in tallied if r["status"] == name) for name in STATUSES}
         rederived = sum(r["n"] for r in tallied if r["stale"])
+        title_only = sum(r["n"] for r in tallied if r["title_only"])
         _check_bad_fraction(counts, staged, cfg["embed.max_bad_fraction"], n_items, embed_input)
         if existing is not None:
-            gone = _gone(existing, staged).count()
+            gone = _gone(existing, staged, settings).count()
             _check_removed(gone, n_existing, max_removed, "they left the catalog or their images no longer embed")
         fetched = sum(r["fetched"] or 0 for r in tallied)
-        _commit(staged, existing, catalog_ids, paths, settings, run_id, fetched, quarantine_current, stored)
+        _commit(staged, existing, catalog_ids, paths, settings, run_id, fetched, quarantine_current, stored, titles)
     finally:
         staged.unpersist()
         items.unpersist()  # a no-op when it was not persisted
@@ -586,6 +562,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         "embedded": counts[EMBEDDED],
         "unchanged": counts[UNCHANGED] - rederived,
         "rederived": rederived,  # unchanged bytes given this model's vector from their stored backbone vector
+        "title_only": title_only,  # image+title: items whose image failed, embedded by their title alone
         "quarantined": counts[FAILED] + counts[KEPT],
         "kept_after_failure": counts[KEPT],
         "still_quarantined": counts[STILL_FAILED],

@@ -35,6 +35,7 @@ from lookalike.embed.decode import ImageError, decode_image
 from lookalike.embed.fetcher import Fetcher, FetchSettings, is_http, retry_delay_s
 from lookalike.embed.models.cache import get_embedder, get_head, load_count
 from lookalike.embed.models.device import default_batch_size, resolve_device
+from lookalike.embed.models.fusion import fused_version
 from lookalike.embed.models.head import Head, versioned
 from lookalike.embed.models.registry import model_version
 from lookalike.embed.models.vision import Embedder, to_pixels
@@ -96,13 +97,17 @@ class EmbedSettings:
     max_pixels: int
     max_bytes: int
     decode_threads: int
-    input: str = "image"  # `embed.input`: "image" (rows carry image URIs) or "title" (rows carry titles)
+    input: str = "image"  # `embed.input`: "image" or "image+title" (rows carry image URIs), "title" (titles)
     policy: ImagePolicy = ImagePolicy()  # where images may come from (`catalog.image_roots`, the catalog folder)
     fetch: FetchSettings | None = None  # how http(s) images are fetched; None: the catalog has none
     retry_delay_hours: float = 20.0  # `fetch.retry_delay_hours`
     runtime: str = "auto"  # `embed.runtime`, resolved per task with its device (`device.resolve_runtime`)
     head_root: str | None = None  # the output root whose `models/<head_version>` is the head (`model.head`)
     head_version: str | None = None  # None: the backbone's vectors are the embeddings
+    title_weight: float | None = None  # `embed.title_weight` with `embed.input: image+title`, else None
+    text_version: str | None = None  # the title model's version with `embed.input: image+title`
+    image_dim: int | None = None  # the image vectors' dimension (the head's, else the model's)
+    text_dim: int | None = None  # the title vectors' dimension with `embed.input: image+title`
 
     @property
     def backbone_version(self) -> str:
@@ -110,9 +115,23 @@ class EmbedSettings:
         return model_version(self.model_name, self.weights, self.image_size)
 
     @property
-    def model_version(self) -> str:
-        """What every embedding row's `model` says: the backbone's version, with the head's when there is one."""
+    def image_version(self) -> str:
+        """The version of the image vectors: the backbone's, with the head's when there is one."""
         return versioned(self.backbone_version, self.head_version)
+
+    @property
+    def model_version(self) -> str:
+        """What every embedding row's `model` says: the image vectors' version, fused with the titles' when
+        `embed.input` is `image+title` (`fusion.fused_version`)."""
+        if self.title_weight is None or self.text_version is None:
+            return self.image_version
+        return fused_version(self.image_version, self.title_weight, self.text_version)
+
+    @property
+    def keep_features(self) -> bool:
+        """Whether the backbone's vectors are kept beside the embeddings (`features`): when the embeddings are
+        not those vectors themselves (a head, or fusion with titles)."""
+        return self.head_version is not None or self.title_weight is not None
 
 
 class WorkRow(NamedTuple):
@@ -306,7 +325,7 @@ def embed_rows(work: Sequence[WorkRow], model: TaskModel, readers: Readers) -> p
             rows[i].update(
                 status=EMBEDDED, embedding=vector, image_sha256=item.sha256, width=item.width, height=item.height
             )
-            if head is not None:
+            if model.settings.keep_features:
                 rows[i]["feature"] = features[row]
         ready.clear()
 

@@ -91,7 +91,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         return _run_text(cfg, spark, run_id, searcher, texts, started)
     settings = embed.settings_from(cfg)
     version = settings.model_version
-    if settings.input != "image" or version != searcher.model:
+    if settings.input == "title" or version != searcher.model:
         raise QueryError(
             f"index build {searcher.build} was embedded with {searcher.model!r}, this config embeds queries with "
             f"{version!r}: set model.* and embed.image_size as for that build"
@@ -214,7 +214,7 @@ def _search(
                 )[["query_id", "image_uri", "error_kind", "error_message"]]
             )
             continue
-        vectors = np.stack(group["embedding"].to_numpy()).astype(np.float32)
+        vectors = searcher.image_queries(np.stack(group["embedding"].to_numpy()).astype(np.float32))
         for query_id, hits in zip(group["query_id"], searcher.search_vectors(vectors, int(k), chosen, where)):
             found += [dict(query_id=query_id, rank=r, item_id=h.item_id, score=h.score) for r, h in enumerate(hits, 1)]
     return pd.DataFrame(found, columns=["query_id", "rank", "item_id", "score"]), pd.concat(errors, ignore_index=True)

@@ -34,7 +34,7 @@ import pyarrow.json as pajson
 
 from lookalike.config import SCHEMA
 from lookalike.embed.decode import ImageError, decode_image
-from lookalike.embed.models import cache, head, registry
+from lookalike.embed.models import cache, fusion, head, registry
 from lookalike.embed.models.head import Head
 from lookalike.embed.models.vision import Embedder
 from lookalike.embed.reader import ImagePolicy, read_bytes
@@ -44,7 +44,10 @@ from lookalike.search.filters import CatalogFilter, FilterError
 from lookalike.storage import tables
 from lookalike.storage.uri import filesystem
 
-_VERSION = re.compile(r"^(?P<backbone>(?P<name>[^@]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?)(?:\+head@(?P<head>[\w.-]+))?$")
+_VERSION = re.compile(
+    r"^(?P<backbone>(?P<name>[^@+]+)@[0-9a-f]+(?:/(?P<size>\d+)px)?)(?:\+head@(?P<head>[\w.-]+))?"
+    r"(?:\+title@(?P<weight>[0-9.e-]+):(?P<text>[^@]+@[0-9a-f]+))?$"
+)
 MAX_BYTES: int = SCHEMA["embed.max_bytes"].default  # the embed stage's limits, at their defaults
 MAX_PIXELS: int = SCHEMA["embed.max_pixels"].default
 MASKS_KEPT = 64  # filters whose masks a build keeps; a service repeats a few (in stock, per category)
@@ -73,6 +76,7 @@ class _Build:
     dim: int
     embedder: Embedder | None  # None for a searcher of vectors only (`with_model=False`)
     head: Head | None  # the trained head the build's vectors went through, if any
+    fusion: _Fusion | None  # with titles fused into the build's vectors
     decode_size: int  # JPEGs decode at reduced scale down to this, as in the embed stage
     shards: dict[str, _Shard]
     filter: CatalogFilter | None  # the catalog's columns, for `where`
@@ -103,14 +107,32 @@ class ModelVersion:
     name: str
     image_size: int | None
     head: str | None  # the head's version (`head.versioned`)
+    title_weight: float | None = None  # with titles fused in (`fusion.fused_version`)
+    text: str | None = None  # the title model's version then
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    """How a build's vectors fuse image and title parts (`models.fusion`)."""
+
+    weight: float
+    image_dim: int
+    text_dim: int
 
 
 def parse_model_version(version: str) -> ModelVersion:
     """The parts of a `model` version string: backbone name, input size, head."""
     match = _VERSION.match(version)
     if match is None:
-        raise SearchError(f"model version {version!r} is not name@digest[/<size>px][+head@<version>]")
-    return ModelVersion(match["backbone"], match["name"], int(match["size"]) if match["size"] else None, match["head"])
+        raise SearchError(f"model version {version!r} is not name@digest[/<size>px][+head@<version>][+title@...]")
+    return ModelVersion(
+        match["backbone"],
+        match["name"],
+        int(match["size"]) if match["size"] else None,
+        match["head"],
+        float(match["weight"]) if match["weight"] else None,
+        match["text"],
+    )
 
 
 class Searcher:
@@ -211,13 +233,24 @@ class Searcher:
     def embed_text(self, texts: Sequence[str], build: _Build | None = None) -> np.ndarray:
         """The vectors `search_text` queries with: titles' text vectors mapped into the build's image space."""
         build = build or self._build
-        if build.head is None or not build.head.maps_text:
+        maps = build.head is not None and build.head.maps_text
+        if not maps and build.fusion is None:
             raise SearchError(
                 f"build {build.run_id} ({build.model}) has no text map: set model.head to a head trained with "
-                "train.text_map (lookalike train), then embed and index again"
+                "train.text_map (lookalike train), or embed.input to image+title, then embed and index again"
             )
-        encoder = cache.get_embedder(head.TEXT_MODEL)
-        return build.head.map_text(encoder.embed(list(texts)))
+        titles = cache.get_embedder(head.TEXT_MODEL).embed(list(texts))
+        mapped = build.head.map_text(titles) if maps and build.head is not None else None
+        if build.fusion is None:
+            assert mapped is not None
+            return mapped
+        return fusion.text_query(titles, build.fusion.image_dim, build.fusion.weight, mapped)
+
+    def image_queries(self, vectors: np.ndarray) -> np.ndarray:
+        """Image vectors as the embed stage makes them (`embed_task`: through the head) -> the build's query
+        vectors: themselves, or with titles fused into the build, their image part only."""
+        fused = self._build.fusion
+        return vectors if fused is None else fusion.image_query(vectors, fused.text_dim)
 
     def embed(self, images: Sequence[bytes | str | os.PathLike[str]]) -> np.ndarray:
         """The vectors `search` queries with for `images` (bytes, paths or URIs), one row each: the build's
@@ -253,7 +286,14 @@ class Searcher:
                 trained = head.load(self.output_root, parsed.head)
             except head.HeadError as err:
                 raise SearchError(f"build {run_id}: {err}") from None
-        if head.versioned(version, parsed.head) != summary["model"]:
+        expected = head.versioned(version, parsed.head)
+        fused = None
+        if parsed.title_weight is not None:
+            text = registry.get_spec(head.TEXT_MODEL)
+            expected = fusion.fused_version(expected, parsed.title_weight, registry.model_version(text.name))
+            image_dim = trained.dim if trained is not None else spec.dim
+            fused = _Fusion(parsed.title_weight, image_dim, text.dim)
+        if expected != summary["model"]:
             raise SearchError(
                 f"build {run_id} was embedded with {summary['model']!r}, the weights here give {version!r}; "
                 "open the searcher with the weights file the catalog was embedded with"
@@ -277,7 +317,7 @@ class Searcher:
             catalog = read_catalog(catalog, self._catalog_format)
         decode_size = math.ceil(image_size / spec.crop_fraction)
         filters = None if catalog is None else CatalogFilter(catalog)
-        return _Build(run_id, model, dim, embedder, trained, decode_size, loaded, filters, {})
+        return _Build(run_id, model, dim, embedder, trained, fused, decode_size, loaded, filters, {})
 
 
 def read_catalog(path: str, fmt: str) -> pa.Table:
@@ -311,7 +351,8 @@ def _embed(build: _Build, images: list[bytes]) -> np.ndarray:
     features = build.embedder.embed(
         [decode_image(data, MAX_PIXELS, target_size=build.decode_size).image for data in images]
     )
-    return features if build.head is None else build.head.apply(features)
+    vectors = features if build.head is None else build.head.apply(features)
+    return vectors if build.fusion is None else fusion.image_query(vectors, build.fusion.text_dim)
 
 
 def _search(

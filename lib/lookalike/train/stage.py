@@ -2,7 +2,7 @@
 head (and its text map) under `<output.root>/models/<run_id>/`, then `models/LATEST`.
 
 Spark gathers; the driver trains. The backbone vectors are the ones the embed stage keeps (`embeddings` rows
-made without a head, else `features`: `embed.stage.stored_features`), so training never reads an image; up
+made without a head, else `features`: `embed.vectors.stored_features`), so training never reads an image; up
 to `train.max_items` of them (a seeded sample) come to the driver with their labels, 5 KB each at 1280-d.
 Behaviour pairs are two items of one user's session (events no more than `train.session_gap_minutes`
 apart), each event paired with the next `train.pair_window` of its session. The text map learns from up to
@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from lookalike.config import Config
-from lookalike.embed import catalog
+from lookalike.embed import catalog, vectors
 from lookalike.embed import stage as embed
 from lookalike.embed.models import cache, head, registry
 from lookalike.recommend.history import read_events
@@ -108,7 +108,7 @@ def gather(cfg: Config, spark: SparkSession, backbone: str) -> tuple[pd.DataFram
     root = cfg["output.root"]
     paths = {name: tables.table_path(root, name) for name in (embed.EMBEDDINGS, embed.FEATURES)}
     existing = tables.read(spark, paths[embed.EMBEDDINGS]) if tables.exists(paths[embed.EMBEDDINGS]) else None
-    stored = embed.stored_features(spark, existing, paths[embed.FEATURES], backbone)
+    stored = vectors.stored_features(spark, existing, paths[embed.FEATURES], backbone)
     if stored is None:
         raise fit.TrainError(f"no backbone vectors of {backbone} under {root}: run `lookalike embed` first")
     label_columns = list(cfg["train.label_columns"])
