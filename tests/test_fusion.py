@@ -17,7 +17,7 @@ from lookalike.demo_data import FASHION_MNIST_DIR, build_demo_data
 from lookalike.embed import stage as embed
 from lookalike.embed.models import fusion
 from lookalike.embed.models.head import l2_normalise
-from lookalike.index import stage as index
+from lookalike.run import nightly
 from lookalike.search.searcher import Searcher, parse_model_version
 from lookalike.storage import tables
 from tests.conftest import make_config
@@ -130,7 +130,11 @@ def test_edited_titles_and_weights_re_derive_without_images(
     heavier = embed.run(cfg.with_overrides({"embed.title_weight": 0.6}), spark, "20260101T000000Z-fuse04").metrics
     assert (heavier["embedded"], heavier["rederived"], heavier["model_loads"]) == (0, 146, 0)
 
-    index.run(cfg.with_overrides({"embed.title_weight": 0.6}), spark, "20260101T000000Z-fuse05")
+    # the rest of the night on fused vectors: index, similar (no events: no recommend), exports
+    stages = nightly.run(cfg.with_overrides({"embed.title_weight": 0.6}), spark, "20260101T000000Z-fuse05")
+    assert [r.stage for r in stages] == ["embed", "index", "similar"]
+    similar = _table(cfg, "similar_items")
+    assert catalog["item_id"][7] in set(similar.index)  # a title-only item has neighbours too
     searcher = Searcher.open(cfg["output.root"])
     categories = pd.read_parquet(Path(cfg["catalog.path"]).parent / "catalog.parquet").set_index("item_id")["category"]
     hits = searcher.search_text("black ankle boot", k=5)

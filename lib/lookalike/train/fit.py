@@ -141,21 +141,23 @@ def fit(data: TrainData, options: TrainOptions) -> Fitted:
     train_items, val_items = split(n, options.validation_fraction, rng)
     train_pairs_index, val_pairs_index = split(len(pairs), options.validation_fraction, rng)
     val_pairs = pairs[val_pairs_index]
-    x = torch.from_numpy(features)
-    model = _Head(features[train_items], options, rng)
+    # The head is small: a GPU, when the driver has one, only shortens the matrix products.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.from_numpy(features).to(device)
+    model = _Head(features[train_items], options, rng, device)
     proxies = {
-        name: torch.nn.Parameter(torch.randn(int(codes.max()) + 1, options.dim) * 0.1)
+        name: torch.nn.Parameter(torch.randn(int(codes.max()) + 1, options.dim, device=device) * 0.1)
         for name, codes in labels.items()
         if options.loss == "proxy"
     }
-    codes = {name: torch.from_numpy(c.astype(np.int64)) for name, c in labels.items()}
-    pair_tensor = torch.from_numpy(np.asarray(pairs, dtype=np.int64))
+    codes = {name: torch.from_numpy(c.astype(np.int64)).to(device) for name, c in labels.items()}
+    pair_tensor = torch.from_numpy(np.asarray(pairs, dtype=np.int64)).to(device)
     optimiser = torch.optim.AdamW([*model.parameters(), *proxies.values()], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
     def loss_of(items: np.ndarray, pair_rows: np.ndarray) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         if labels and len(items):
-            index = torch.from_numpy(items)
+            index = torch.from_numpy(items).to(device)
             z = model(x[index])
             for name in labels:
                 target = codes[name][index]
@@ -165,7 +167,7 @@ def fit(data: TrainData, options: TrainOptions) -> Fitted:
                     total = total + losses.supcon(z, target, options.temperature)
             total = total / len(labels)
         if len(pair_rows):
-            chosen = pair_tensor[torch.from_numpy(pair_rows)]
+            chosen = pair_tensor[torch.from_numpy(pair_rows).to(device)]
             weight = options.behaviour_weight if labels else 1.0
             total = total + weight * losses.pairs(model(x[chosen[:, 0]]), model(x[chosen[:, 1]]), options.temperature)
         return total
@@ -249,20 +251,17 @@ def evaluate(
 class _Head:
     """The head being trained, as torch parameters in the artefact's layout (`head.Head`)."""
 
-    def __init__(self, sample: np.ndarray, options: TrainOptions, rng: np.random.Generator):
+    def __init__(self, sample: np.ndarray, options: TrainOptions, rng: np.random.Generator, device: torch.device):
         import torch
 
         self.kind = options.kind
         w1, b1 = _pca_init(sample, options.dim, rng)
-        self.params = {"w1": torch.nn.Parameter(torch.from_numpy(w1)), "b1": torch.nn.Parameter(torch.from_numpy(b1))}
+        tensors = {"w1": torch.from_numpy(w1), "b1": torch.from_numpy(b1)}
         if options.kind == "mlp":
             d_in, hidden = sample.shape[1], options.dim
             w2 = rng.standard_normal((d_in, hidden)).astype(np.float32) * math.sqrt(2.0 / d_in)
-            self.params |= {
-                "w2": torch.nn.Parameter(torch.from_numpy(w2)),
-                "b2": torch.nn.Parameter(torch.zeros(hidden)),
-                "w3": torch.nn.Parameter(torch.zeros(hidden, options.dim)),
-            }
+            tensors |= {"w2": torch.from_numpy(w2), "b2": torch.zeros(hidden), "w3": torch.zeros(hidden, options.dim)}
+        self.params = {name: torch.nn.Parameter(tensor.to(device)) for name, tensor in tensors.items()}
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.params.values())
@@ -277,7 +276,7 @@ class _Head:
         return torch.nn.functional.normalize(out, dim=1)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {name: p.detach().numpy().copy() for name, p in self.params.items()}
+        return {name: p.detach().cpu().numpy().copy() for name, p in self.params.items()}
 
 
 def _pca_init(sample: np.ndarray, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
