@@ -173,8 +173,11 @@ def test_the_schedule_says_when_a_head_is_due(tmp_path: Path) -> None:
 def test_a_head_needs_image_input(tmp_path: Path) -> None:
     from lookalike.config import ConfigError
 
+    titles = {"embed.input": "title", "model.name": "all-minilm-l6-v2"}
     with pytest.raises(ConfigError, match="model.head is 'latest' but embed.input is 'title'"):
-        make_config(tmp_path, **{"model.head": "latest", "embed.input": "title", "model.name": "all-minilm-l6-v2"})
+        make_config(tmp_path, **{"model.head": "latest", **titles})
+    with pytest.raises(fit.TrainError, match="tunes image vectors, but embed.input is 'title'"):
+        train.run(make_config(tmp_path, **titles), None, "20260101T000000Z-title1")  # type: ignore[arg-type]
 
 
 # ---- end to end on the demo catalog ------------------------------------------------------------------------

@@ -174,6 +174,8 @@ def learn_text_map(cfg: Config, titles: pd.Series, tuned: np.ndarray) -> tuple[d
 
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
+    if cfg["embed.input"] == "title":
+        raise fit.TrainError("lookalike train tunes image vectors, but embed.input is 'title': nothing to train on")
     root = cfg["output.root"]
     backbone = backbone_version(cfg)
     frame, features, data = gather(cfg, spark, backbone)
