@@ -448,13 +448,11 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     content = catalog.CONTENT_COLUMNS[embed_input]  # image_uri, or title
     fused = planned.title_weight is not None
     null = F.lit(None).cast("string")
-    items = items.select(
-        "item_id",
-        "image_uri",
-        *([content] if content != "image_uri" else []),
-        "shard",
-        *(["title"] if fused else [null.alias("title")]),
-    ).withColumn("title_sha256", vectors.title_sha(F.col("title"), planned.text_version or "") if fused else null)
+    # `title` rides along for fusion (with title input it is the content itself); otherwise it is null
+    title = ["title"] if fused or content == "title" else [null.alias("title")]
+    items = items.select("item_id", "image_uri", "shard", *title).withColumn(
+        "title_sha256", vectors.title_sha(F.col("title"), planned.text_version or "") if fused else null
+    )
     catalog_ids = items.select("item_id")
     existing = tables.read(spark, paths[EMBEDDINGS]) if tables.exists(paths[EMBEDDINGS]) else None
     n_existing = 0
