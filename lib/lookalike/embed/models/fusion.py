@@ -3,11 +3,11 @@ title's text vector, weighted by `embed.title_weight` (w).
 
 The fused vector is the concatenation `[sqrt(1 - w) * image, sqrt(w) * title]` of the two unit vectors, so the
 cosine of two fused items is exactly `(1 - w) * image cosine + w * title cosine`: the weight says how much of
-the similarity comes from the words, and each part stays readable from the vector (`parts`). An item whose
-title is missing or blank is `[image, 0]`, one whose image cannot be used `[0, title]`: each compares on what
-it has, scaled by the weight of that part (an image-only item scores at most sqrt(1 - w) against a full one).
-Queries follow the same rule: a query image is `[image, 0]`, a query text `[0, title]`, or with a head's text
-map `[sqrt(1 - w) * mapped, sqrt(w) * title]`. Pure NumPy.
+the similarity comes from the words, and each part stays readable from the vector (its first and last
+dimensions). An item whose title is missing or blank is `[image, 0]`, one whose image cannot be used
+`[0, title]`: each compares on what it has, scaled by the weight of that part (an image-only item scores at
+most sqrt(1 - w) against a full one). Queries follow the same rule: a query image is `[image, 0]`, a query
+text `[0, title]`, or with a head's text map `[sqrt(1 - w) * mapped, sqrt(w) * title]`. Pure NumPy.
 """
 
 from __future__ import annotations
@@ -33,12 +33,6 @@ def fuse(image: np.ndarray, title: np.ndarray, weight: float) -> np.ndarray:
     a = np.where(both, np.sqrt(1.0 - weight), 1.0).astype(np.float32)
     b = np.where(both, np.sqrt(weight), 1.0).astype(np.float32)
     return l2_normalise(np.concatenate([a * image, b * title], axis=1))
-
-
-def parts(fused: np.ndarray, image_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unit image part, unit title part) of fused rows; a missing part is a row of zeros."""
-    fused = np.asarray(fused, dtype=np.float32)
-    return l2_normalise(fused[:, :image_dim]), l2_normalise(fused[:, image_dim:])
 
 
 def image_query(image: np.ndarray, title_dim: int) -> np.ndarray:

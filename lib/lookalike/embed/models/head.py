@@ -27,7 +27,6 @@ from lookalike.storage import files, published
 
 MODELS = "models"
 TENSORS, METADATA = "head.safetensors", "head.json"
-HEAD_SETTINGS = ("none", "latest")  # `model.head`, besides a version name
 KINDS = ("linear", "mlp")
 TEXT_MODEL = "all-minilm-l6-v2"  # the registry text model whose title vectors a text map reads
 FORMAT = 1  # head.json's layout; a newer one is refused rather than misread
