@@ -63,7 +63,7 @@ def test_a_head_learns_what_labels_with_nulls_say(loss: str, kind: str) -> None:
     )
     m = fitted.metrics
     assert m["precision_at_10_category_head"] > m["precision_at_10_category_frozen"] + 0.1
-    assert m["best_epoch"] >= 1 and m["validation_loss"] < m["validation_loss_at_start"]
+    assert m["best_epoch"] >= 1 and m["validation_score"] < m["validation_score_at_start"]
     assert {"w1", "b1"} <= set(fitted.tensors) and (kind == "linear") == ("w3" not in fitted.tensors)
 
 
@@ -312,3 +312,25 @@ def test_nightly_trains_when_the_schedule_says(spark: SparkSession, trained: tup
     assert [r.stage for r in results][:2] == ["train", "embed"]
     newest = head.resolve_version(cfg["output.root"], "latest")
     assert newest == "20260102T000000Z-night1" and results[1].metrics["rederived"] == 300
+
+
+def test_batches_give_every_labelled_item_partners_even_with_thousands_of_values() -> None:
+    rng = np.random.default_rng(0)
+    codes = np.repeat(np.arange(3000), 4)  # 3,000 product types of 4 items: random batches hold almost no pair
+    codes[::7] = -1
+    batches = fit.Batches(codes, np.arange(len(codes)))
+    drawn = batches.draw(rng)
+    values, counts = np.unique(codes[drawn], return_counts=True)
+    assert len(drawn) >= fit.BATCH // 2 and (counts[values >= 0] >= 2).all()
+    few = fit.Batches(np.arange(1000) % 3, np.arange(1000))  # three values: large groups fill the batch
+    assert len(few.draw(rng)) >= fit.BATCH - 3
+
+
+def test_a_head_worse_than_the_frozen_backbone_is_not_published() -> None:
+    # isotropic classes: the frozen vectors are already the best metric, and 8 of their 64 dimensions lose it
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 400, 6000)
+    x = rng.standard_normal((400, 64))[labels] * 0.5 + rng.standard_normal((6000, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    with pytest.raises(fit.TrainError, match="ranks held-out items worse than the frozen backbone .* not published"):
+        fit.fit(fit.TrainData(x, {"category": labels}, NO_PAIRS), fit.TrainOptions(dim=8, max_epochs=3))

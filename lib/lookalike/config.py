@@ -534,9 +534,10 @@ SCHEMA: dict[str, Key] = {
     ),
     "train.text_map": Key(
         str,
-        "ridge",
-        "How titles are mapped into the image space for `search --text`: `ridge` (closed-form ridge regression "
-        "from all-MiniLM-L6-v2 vectors), `contrastive` (a linear map trained with InfoNCE), or `none`.",
+        "contrastive",
+        "How titles are mapped into the image space for `search --text`: `contrastive` (a linear map trained "
+        "with InfoNCE from the ridge solution), `ridge` (closed-form ridge regression from all-MiniLM-L6-v2 "
+        "vectors), or `none`.",
         choices=("ridge", "contrastive", "none"),
     ),
     "train.text_pairs": Key(

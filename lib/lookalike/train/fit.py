@@ -32,6 +32,7 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 MAX_PAIR_STEPS = 500  # steps per epoch when only behaviour pairs are learned from
 EVAL_QUERIES = 2000  # validation queries of the retrieval metrics
+EVAL_DATABASE = 50_000  # training items the held-out queries search while choosing the epoch
 K = 10
 
 
@@ -102,6 +103,19 @@ def precision_at_k(vectors: np.ndarray, codes: np.ndarray, k: int = K, queries: 
     return float((base_codes[top] == base_codes[rows][:, None]).mean())
 
 
+def precision_against(
+    queries: np.ndarray, query_codes: np.ndarray, base: np.ndarray, base_codes: np.ndarray, k: int = K
+) -> float:
+    """Mean share of each labelled query's k nearest `base` rows that carry its label (queries not in base)."""
+    labelled = np.flatnonzero(query_codes >= 0)[:EVAL_QUERIES]
+    if len(labelled) == 0 or len(base) == 0:
+        return float("nan")
+    k = min(k, len(base))
+    scores = queries[labelled] @ base.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float((base_codes[top] == query_codes[labelled][:, None]).mean())
+
+
 def pair_recall_at_k(vectors: np.ndarray, pairs: np.ndarray, k: int = K, queries: int = EVAL_QUERIES) -> float:
     """Share of pairs (a, b) whose b is among a's k nearest other items of the pairs' items."""
     if len(pairs) == 0:
@@ -146,7 +160,7 @@ def fit(data: TrainData, options: TrainOptions) -> Fitted:
     x = torch.from_numpy(features).to(device)
     model = _Head(features[train_items], options, rng, device)
     proxies = {
-        name: torch.nn.Parameter(torch.randn(int(codes.max()) + 1, options.dim, device=device) * 0.1)
+        name: torch.nn.Parameter(torch.from_numpy(_class_means(model, x, codes, train_items)).to(device))
         for name, codes in labels.items()
         if options.loss == "proxy"
     }
@@ -179,17 +193,32 @@ def fit(data: TrainData, options: TrainOptions) -> Fitted:
             pair_chunks = np.array_split(val_pairs_index, chunks)
             return float(np.mean([loss_of(i, p) for i, p in zip(item_chunks, pair_chunks)]))
 
+    primary = next(iter(labels.values()), None)
+    known = train_items if primary is None else train_items[primary[train_items] >= 0]
+    database = np.sort(rng.choice(known, size=min(len(known), EVAL_DATABASE), replace=False))
+
+    def validation_score() -> float:
+        """What epochs are chosen by, lower is better: with labels, minus the held-out items' precision@10
+        by the first label column against the training items (what a new item of the catalog will see);
+        else the held-out pairs' loss. A label loss can fall while retrieval gets worse."""
+        if primary is None:
+            return validation_loss()
+        with torch.no_grad():
+            queries = model(x[torch.from_numpy(val_items).to(device)]).cpu().numpy()
+            base = model(x[torch.from_numpy(database).to(device)]).cpu().numpy()
+        return -precision_against(queries, primary[val_items], base, primary[database])
+
     steps = (
         math.ceil(len(train_items) / BATCH)
         if labels
         else min(MAX_PAIR_STEPS, math.ceil(len(train_pairs_index) / BATCH))
     )
-    best, best_state, best_epoch, epoch = validation_loss(), model.state(), 0, 0
+    best, best_state, best_epoch, epoch = validation_score(), model.state(), 0, 0
     initial = best
+    batches = Batches(next(iter(labels.values()))[train_items], train_items) if labels else None
     for epoch in range(1, options.max_epochs + 1):
-        order = rng.permutation(train_items)
-        for step in range(steps):
-            items = order[step * BATCH : (step + 1) * BATCH] if labels else np.empty(0, np.int64)
+        for _ in range(steps):
+            items = batches.draw(rng) if batches is not None else np.empty(0, np.int64)
             pair_rows = (
                 rng.choice(train_pairs_index, size=min(BATCH, len(train_pairs_index)), replace=False)
                 if len(train_pairs_index) >= 2
@@ -199,53 +228,105 @@ def fit(data: TrainData, options: TrainOptions) -> Fitted:
             loss = loss_of(items, pair_rows)
             loss.backward()
             optimiser.step()
-        current = validation_loss()
-        log.debug("train: epoch %d, validation loss %.4f (best %.4f)", epoch, current, best)
+        current = validation_score()
+        log.debug("train: epoch %d, validation score %.4f (best %.4f)", epoch, current, best)
         if current < best - 1e-4:
             best, best_state, best_epoch = current, model.state(), epoch
         elif epoch - best_epoch >= options.patience:
             break
     tensors = best_state
-    log.info("train: %d epochs, best %d: validation loss %.4f (%.4f before training)", epoch, best_epoch, best, initial)
+    log.info(
+        "train: %d epochs, best %d: validation score %.4f (%.4f before training)", epoch, best_epoch, best, initial
+    )
     metrics = {
         "epochs": float(epoch),
         "best_epoch": float(best_epoch),
-        "validation_loss": best,
-        "validation_loss_at_start": initial,
+        "validation_score": best,  # minus precision@10 by the first label, or the pairs' loss (`validation_score`)
+        "validation_score_at_start": initial,
         "train_items": float(len(train_items)),
         "validation_items": float(len(val_items)),
         "train_pairs": float(len(train_pairs_index)),
         "validation_pairs": float(len(val_pairs)),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    metrics |= evaluate(features, labels, val_items, val_pairs, tensors, options.kind)
+    metrics |= evaluate(features, labels, val_items, database, val_pairs, tensors, options.kind)
+    judged = int((primary[val_items] >= 0).sum()) if primary is not None else len(val_pairs)
+    _refuse_if_worse(metrics, next(iter(labels), None), min(judged, EVAL_QUERIES))
     return Fitted(tensors, metrics)
+
+
+def _refuse_if_worse(metrics: dict[str, float], primary: str | None, queries: int) -> None:
+    """A TrainError when the head ranks held-out items clearly worse than the frozen backbone (by the first
+    label's precision@10, else the pairs' recall@10): publishing it would make every vector worse. Clearly:
+    by more than two standard errors of the measure over its `queries` (and at least 0.01), so a small
+    validation share does not refuse a head by chance."""
+    key = f"precision_at_10_{primary}" if primary is not None else "pair_recall_at_10"
+    frozen, tuned = metrics.get(f"{key}_frozen"), metrics.get(f"{key}_head")
+    if frozen is None or tuned is None or math.isnan(frozen) or math.isnan(tuned) or queries == 0:
+        return
+    margin = max(0.01, 2 * math.sqrt(frozen * (1 - frozen) / queries))
+    if tuned >= frozen - margin:
+        return
+    raise TrainError(
+        f"the trained head ranks held-out items worse than the frozen backbone ({key} {tuned:.4f} < "
+        f"{frozen:.4f}): not published. More labelled items per value, or a larger train.dim, may help"
+    )
 
 
 def evaluate(
     features: np.ndarray,
     labels: dict[str, np.ndarray],
     val_items: np.ndarray,
+    database: np.ndarray,
     val_pairs: np.ndarray,
     tensors: dict[str, np.ndarray],
     kind: str,
 ) -> dict[str, float]:
-    """Frozen backbone against tuned head on the held-out items and pairs: precision@10 by each label,
-    recall@10 of each pair's partner."""
+    """Frozen backbone against tuned head on held-out data: each held-out item's precision@10 by each label
+    among the `database` training items (what a new item of the catalog meets), and each held-out pair's
+    recall@10."""
     from lookalike.embed.models.head import Head
 
-    head = Head("candidate", "candidate", kind, tensors)
-    tuned = head.apply(features)
+    tuned = Head("candidate", "candidate", kind, tensors).apply(features)
     metrics = {}
     for name, codes in labels.items():
-        held = np.full(len(codes), -1)
-        held[val_items] = codes[val_items]
-        metrics[f"precision_at_10_{name}_frozen"] = precision_at_k(features, held)
-        metrics[f"precision_at_10_{name}_head"] = precision_at_k(tuned, held)
+        for what, vectors in (("frozen", features), ("head", tuned)):
+            metrics[f"precision_at_10_{name}_{what}"] = precision_against(
+                vectors[val_items], codes[val_items], vectors[database], codes[database]
+            )
     if len(val_pairs):
         metrics["pair_recall_at_10_frozen"] = pair_recall_at_k(features, val_pairs)
         metrics["pair_recall_at_10_head"] = pair_recall_at_k(tuned, val_pairs)
     return {key: round(value, 4) for key, value in metrics.items()}
+
+
+class Batches:
+    """Class-balanced batches for the label losses: P label values, K items of each (the usual sampler of
+    metric learning). Random batches of a catalog with thousands of product types hold almost no two items
+    of one type, so an in-batch contrastive loss would have nothing to pull together; here every drawn item
+    has K - 1 partners. K grows when there are few values, so a batch still holds about BATCH items. Items
+    whose label is null, or whose value has a single item, are drawn uniformly to fill the batch: they add
+    negatives (and, with behaviour, their pairs still teach)."""
+
+    K_MIN = 4
+
+    def __init__(self, codes: np.ndarray, items: np.ndarray):
+        order = np.argsort(codes, kind="stable")
+        values, starts, counts = np.unique(codes[order], return_index=True, return_counts=True)
+        keep = (values >= 0) & (counts >= 2)
+        self.groups = [items[order[s : s + c]] for s, c, k in zip(starts, counts, keep) if k]
+        self.k = max(self.K_MIN, BATCH // max(1, len(self.groups)))
+        self.p = max(1, BATCH // self.k)
+        self.items = items
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        chosen = rng.choice(len(self.groups), size=min(self.p, len(self.groups)), replace=False)
+        parts = [rng.choice(self.groups[g], size=min(self.k, len(self.groups[g])), replace=False) for g in chosen]
+        drawn = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if len(drawn) < BATCH // 2:  # few or no repeated values: fill with random items as negatives
+            fill = rng.choice(self.items, size=min(len(self.items), BATCH - len(drawn)), replace=False)
+            drawn = np.unique(np.concatenate([drawn, fill]))
+        return drawn.astype(np.int64)
 
 
 class _Head:
@@ -277,6 +358,21 @@ class _Head:
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: p.detach().cpu().numpy().copy() for name, p in self.params.items()}
+
+
+def _class_means(model: _Head, x: torch.Tensor, codes: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Each label value's proxy to start from: the mean of its training items under the initial head (random
+    for a value without any), so the proxy loss starts where the items are instead of pulling them apart."""
+    import torch
+
+    labelled = items[codes[items] >= 0]
+    with torch.no_grad():
+        z = model(x[torch.from_numpy(labelled).to(x.device)]).cpu().numpy()
+    sums = np.zeros((int(codes.max()) + 1, z.shape[1]), dtype=np.float32)
+    np.add.at(sums, codes[labelled], z)
+    empty = np.linalg.norm(sums, axis=1) == 0
+    sums[empty] = np.random.default_rng(0).standard_normal((int(empty.sum()), z.shape[1]))
+    return sums / np.linalg.norm(sums, axis=1, keepdims=True)
 
 
 def _pca_init(sample: np.ndarray, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
