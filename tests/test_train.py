@@ -165,6 +165,10 @@ def test_the_schedule_says_when_a_head_is_due(tmp_path: Path) -> None:
     saved_head(Path(cfg["output.root"]))
     assert not train.due(cfg)
     assert train.due(cfg, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=7))
+    newest = Path(cfg["output.root"]) / "models" / "20261202T000000Z-aaaaaa" / head.METADATA
+    newest.write_text("{not json")
+    assert train.due(cfg)  # a broken newest head is replaced, not a crash of the nightly
+    saved_head(Path(cfg["output.root"]))
     assert not train.due(
         cfg.with_overrides({"train.schedule": "never"}), now=dt.datetime.now(dt.UTC) + dt.timedelta(days=99)
     )

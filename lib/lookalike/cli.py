@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--text",
                 action="append",
                 help='words to search the images by, e.g. "white leather trainers" (repeatable; needs a head '
-                "with a text map: docs/training.md)",
+                "with a text map or image+title vectors: docs/training.md)",
             )
             stage.add_argument(
                 "--where",

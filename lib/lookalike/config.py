@@ -302,7 +302,7 @@ SCHEMA: dict[str, Key] = {
         None,
         "Words to search the catalog's images by (set by `--text`, repeatable): each text's results go to "
         "`search_results` under `query_id` `text:<the text>`. Needs a build embedded with a head that has a "
-        "text map (docs/training.md).",
+        "text map, or with `embed.input: image+title` (docs/training.md).",
         nullable=True,
         item_type=str,
     ),

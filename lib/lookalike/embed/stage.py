@@ -346,10 +346,10 @@ def _with_vector_history(
     for name, dtype in (("known", "string"), ("same_model", "boolean"), ("had_image", "boolean")):
         if name not in items.columns:
             items = items.withColumn(name, F.lit(None).cast(dtype))
-    same_title = F.col("title_sha256").eqNullSafe(F.col("stored_title_sha")) if titles is not None else None
-    if same_title is None:
-        # Fused input with nothing stored yet: only rows without a usable title can be current.
-        same_title = F.col("title").isNull() | F.col("title_sha256").isNull()
+    if titles is not None:
+        same_title = F.col("title_sha256").eqNullSafe(F.col("stored_title_sha"))
+    else:  # no title vector kept (or titles not fused, where title_sha256 is null): only a titleless row matches
+        same_title = F.col("title_sha256").isNull()
     current = F.coalesce(F.col("same_model"), F.lit(False)) & same_title
     return (
         items.withColumn("current", current)

@@ -78,7 +78,7 @@ _COLUMNS = [
     "fetched",
     "attempts",  # failed runs in a row, this one included
     "next_retry_at",  # when a failed http(s) image is tried again (null: the next run)
-    "feature",  # with a head: the backbone's vector, kept so a new head re-embeds without the images
+    "feature",  # with a head or fusion (`keep_features`): the backbone's vector, kept to re-derive without images
 ]
 _DTYPES = {"width": "Int32", "height": "Int32", "attempts": "Int32", "fetched": "boolean"}
 

@@ -131,21 +131,18 @@ TEXT_PREFIX = "text:"  # the query_id of a text search is this and the text
 def _run_text(
     cfg: Config, spark: SparkSession, run_id: str, searcher: Searcher, texts: list[str], started: float
 ) -> StageResult:
-    """`--text`: each text through the build's text map, searched on the driver, committed like image queries."""
-    blank = [text for text in texts if not text.strip()]
-    if blank:
-        raise QueryError(f"search text {blank[0]!r} is blank: nothing to search (nothing was committed)")
+    """`--text`: each text as `Searcher.search_text` searches it, on the driver, committed like image queries."""
+    query_ids = [f"{TEXT_PREFIX}{text}" for text in texts]
     found = []
-    for text in texts:
+    for text, query_id in zip(texts, query_ids):  # a blank text is a SearchError before anything is committed
         hits = searcher.search_text(text, cfg["search.k"], cfg["search.where"])
-        query_id = f"{TEXT_PREFIX}{text}"
         found += [dict(query_id=query_id, rank=r, item_id=h.item_id, score=h.score) for r, h in enumerate(hits, 1)]
         shown = ", ".join(f"{h.item_id} ({h.score:.3f})" for h in hits[:5])
         log.info("search %r: %s%s", text, shown, ", ..." if len(hits) > 5 else "")
     rows = pd.DataFrame(found, columns=["query_id", "rank", "item_id", "score"])
     rows["duplicate"] = False  # a text is no image: nothing can be a copy of it
     results = spark.createDataFrame(rows.assign(run_id=run_id), schema=RESULTS_SCHEMA)
-    ids = spark.createDataFrame(pd.DataFrame({"query_id": [f"{TEXT_PREFIX}{t}" for t in texts]}), "query_id string")
+    ids = spark.createDataFrame(pd.DataFrame({"query_id": query_ids}), "query_id string")
     no_errors = spark.createDataFrame([], ERRORS_SCHEMA)
     _commit(spark, cfg["output.root"], results, no_errors, ids, cfg["search.duplicate_score"])
     metrics = {"queries": len(texts), "answered": len(texts), "seconds": round(time.time() - started, 3)}

@@ -221,8 +221,9 @@ class Searcher:
 
     def search_text(self, text: str, k: int = 10, where: str | None = None) -> list[Hit]:
         """The `k` catalog items whose images best fit `text` (e.g. "white leather trainers"): its
-        all-MiniLM-L6-v2 vector through the text map `lookalike train` learned into the build's image space.
-        SearchError when the build's head has no text map (or there is no head), or `text` is blank."""
+        all-MiniLM-L6-v2 vector through the text map `lookalike train` learned into the build's image space,
+        and with image+title vectors against their titles too (`embed_text`). SearchError when the build has
+        neither a head with a text map nor titles, or `text` is blank."""
         if k < 1:
             raise SearchError(f"k must be >= 1, got {k}")
         if not text.strip():

@@ -30,7 +30,7 @@ from lookalike.embed import stage as embed
 from lookalike.embed.models import cache, head, registry
 from lookalike.recommend.history import read_events
 from lookalike.results import StageResult
-from lookalike.storage import files, published, tables
+from lookalike.storage import tables
 from lookalike.train import fit, textmap
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,21 @@ def backbone_version(cfg: Config) -> str:
 
 def due(cfg: Config, now: dt.datetime | None = None) -> bool:
     """Whether `nightly` should train first: `train.schedule` is not `never`, and the newest head is older
-    than its period (or there is none)."""
+    than its period (or there is none, or it cannot be used)."""
     schedule = cfg["train.schedule"]
     if schedule == "never":
         return False
-    latest = published.latest(head.models_folder(cfg["output.root"]))
-    meta = (
-        None
-        if latest is None
-        else files.read_json(f"{head.models_folder(cfg['output.root'])}/{latest}/{head.METADATA}")
-    )
-    if not meta or "trained_at" not in meta:
+    latest = head.resolve_version(cfg["output.root"], "latest")
+    if latest is None:
         return True
-    trained = dt.datetime.fromisoformat(meta["trained_at"])
+    try:
+        trained_at = head.load(cfg["output.root"], latest).metadata.get("trained_at")
+    except head.HeadError as err:  # a broken newest head is replaced by training a new one
+        log.warning("train: the newest head cannot be used, training a new one: %s", err)
+        return True
+    if trained_at is None:
+        return True
+    trained = dt.datetime.fromisoformat(trained_at)
     return (now or dt.datetime.now(dt.UTC)) - trained >= dt.timedelta(days=SCHEDULE_DAYS[schedule]) - SCHEDULE_SLACK
 
 
