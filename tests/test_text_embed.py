@@ -7,6 +7,7 @@ workers' first load), then the model itself, the catalog contract and the config
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,11 @@ def minilm(one_torch_thread):
 
 def test_titles_embed_end_to_end_and_incrementally(spark: SparkSession, tmp_path: Path) -> None:
     titles = dict(TITLES)
-    cfg = config(tmp_path, write_catalog(tmp_path, titles))
+    # The packaged weights, as a file of this test's own: the loads counted below are this test's, whatever an
+    # earlier test (image+title fusion loads the same text model) left cached in the reused Python workers.
+    own = tmp_path / "minilm.safetensors"
+    shutil.copyfile(registry.weights_file(MODEL), own)
+    cfg = config(tmp_path, write_catalog(tmp_path, titles), **{"model.weights": str(own)})
     first = embed.run(cfg, spark, "r1")
     emb = embeddings(tmp_path / "out")
     assert set(emb.index) == set(titles) and first.rows_out == len(titles)
@@ -106,7 +111,7 @@ def test_titles_embed_end_to_end_and_incrementally(spark: SparkSession, tmp_path
 
     # One title changes: exactly that item is embedded again.
     titles["bag-1"] = "Canvas beach tote bag"
-    cfg = config(tmp_path, write_catalog(tmp_path, titles))
+    cfg = config(tmp_path, write_catalog(tmp_path, titles), **{"model.weights": str(own)})
     third = embed.run(cfg, spark, "r3")
     after = embeddings(tmp_path / "out")
     assert third.rows_out == 1 and third.metrics["unchanged"] == len(titles) - 1
