@@ -7,6 +7,10 @@ task i, whose body reads its own partition (`read_staged`) and yields Arrow reco
 `groupBy().applyInPandas`, this keeps the plan on the driver (how many tasks, which unit where) and lets a
 task read only the columns and rows it needs.
 
+Per-key work (every user's rows, say) runs over partitions sorted by that key (`key_groups`): one Python
+call per batch of many keys, NumPy slices per key, instead of one pandas call and DataFrame per key as
+`groupBy().applyInPandas` makes.
+
 A reused Python worker keeps this module between tasks, so `worker_cached` holds the one expensive thing a
 worker has loaded (a FAISS shard and its vectors) for the next task that asks for the same key. Units are
 sorted by that key, so a worker loads each about once and never holds two.
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -79,6 +84,42 @@ def worker_cached(key: Hashable, load: Callable[[], T]) -> tuple[T, bool]:
     _worker_cache.clear()
     _worker_cache[key] = load()
     return _worker_cache[key], True
+
+
+def by_key(df: DataFrame, key: str, *then: str) -> DataFrame:
+    """`df` with each `key`'s rows in one partition, sorted by `key` then `then`: the input `key_groups`
+    expects from a `mapInArrow` body."""
+    return df.repartition(key).sortWithinPartitions(key, *then)
+
+
+def key_groups(batches: Iterable[pa.RecordBatch], key: str) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Rows sorted by `key` (a partition after `sortWithinPartitions(key)`) as tables of whole groups, each
+    with its group bounds (group g is rows `bounds[g]:bounds[g + 1]`).
+
+    Spark cuts a partition into batches wherever the row count says, so the last group of a batch may go
+    on in the next: it is held back and joined to what follows, and every group reaches the caller whole.
+    """
+    pending: pa.Table | None = None
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if pending is not None:
+            table = pa.concat_tables([pending, table])
+        if table.num_rows == 0:
+            continue
+        bounds = group_bounds(table.column(key))
+        last = int(bounds[-2])
+        if last > 0:
+            yield table.slice(0, last), bounds[:-1]
+        pending = table.slice(last)
+    if pending is not None and pending.num_rows:
+        yield pending, group_bounds(pending.column(key))
+
+
+def group_bounds(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Where each run of equal keys starts, then the end: `[0, ..., len(keys)]`."""
+    values = keys.to_numpy(zero_copy_only=False)
+    changes = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return np.concatenate(([0], changes, [len(values)])).astype(np.int64)
 
 
 def stage(df: DataFrame, path: str, partition_by: list[str]) -> DataFrame:

@@ -17,15 +17,18 @@ sqrt(users of i * users of j), the usual cosine damping that stops best-sellers 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from lookalike import distributor
 from lookalike.errors import LookalikeError
+from lookalike.recommend import covisit
 from lookalike.storage.uri import filesystem
 
 EVENT_COLUMNS = {"user_id": "string", "item_id": "string", "event_type": "string", "ts": "timestamp"}
@@ -40,6 +43,8 @@ EPOCH_SECONDS = (10**8, 10**10)
 # Spark refuses INT64 TIMESTAMP(NANOS) Parquet (pandas' default) unless this reads it as its integer value.
 NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 NANOS = "timestamp(nanoseconds)"
+PAIR_ARROW_SCHEMA = pa.schema([("item_id", pa.string()), ("other_id", pa.string()), ("count", pa.float64())])
+PAIR_SCHEMA = "item_id string, other_id string, count double"
 
 
 class EventsError(LookalikeError):
@@ -185,16 +190,13 @@ def popularity(events: DataFrame) -> DataFrame:
 
 
 def covisitation(history: DataFrame, neighbours: int) -> DataFrame:
-    """(item_id, other_id, covisit): each item's `neighbours` most co-visited items (module docstring)."""
-    sized = history.withColumn("damp", 1.0 / F.log2(2.0 + F.count("*").over(Window.partitionBy("user_id"))))
-    left = sized.select("user_id", "item_id", "damp")
-    right = sized.select("user_id", F.col("item_id").alias("other_id"))
-    pairs = (
-        left.join(right, "user_id")
-        .filter(F.col("item_id") != F.col("other_id"))
-        .groupBy("item_id", "other_id")
-        .agg(F.sum("damp").alias("count"))
-    )
+    """(item_id, other_id, covisit): each item's `neighbours` most co-visited items (module docstring).
+
+    Each user's pairs are generated and summed in NumPy inside the tasks (`covisit.pair_counts`), so Spark
+    shuffles distinct pairs per block of users, not every pair of every history."""
+    by_user = history.select("user_id", "item_id").repartition("user_id").sortWithinPartitions("user_id")
+    counted = by_user.mapInArrow(pair_counts_task(), PAIR_SCHEMA)
+    pairs = counted.groupBy("item_id", "other_id").agg(F.sum("count").alias("count"))
     users = history.groupBy("item_id").agg(F.count("*").alias("users"))
     scored = (
         pairs.join(users, "item_id")
@@ -207,6 +209,21 @@ def covisitation(history: DataFrame, neighbours: int) -> DataFrame:
         .filter(F.col("_n") <= neighbours)
         .select("item_id", "other_id", "covisit")
     )
+
+
+def pair_counts_task() -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The `mapInArrow` body of `covisitation`: users' rows, sorted by user, to summed (item, other) pairs."""
+
+    def count_pairs(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for table, bounds in distributor.key_groups(batches, "user_id"):
+            items = pc.dictionary_encode(table.column("item_id").combine_chunks())
+            for item, other, count in covisit.pair_counts(items.indices.to_numpy(), bounds):
+                yield pa.record_batch(
+                    [items.dictionary.take(pa.array(item)), items.dictionary.take(pa.array(other)), pa.array(count)],
+                    schema=PAIR_ARROW_SCHEMA,
+                )
+
+    return count_pairs
 
 
 def covisit_candidates(history: DataFrame, covisits: DataFrame, per_user: int, because: int) -> DataFrame:

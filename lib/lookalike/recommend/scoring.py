@@ -1,13 +1,13 @@
 """The recommend stage's per-user math on plain arrays: a user's interests as profile rows, each candidate's
-best interest and its `because` members, and one user's ranked list (steps 2, 4 and 5 of
-`lookalike.recommend.stage`)."""
+best interest and its `because` members, and one user's ranked list with its reasons (steps 2, 4 and 5 of
+`lookalike.recommend.stage`). The stage calls these once per user inside tasks that hold many users' rows."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from lookalike.recommend import taste
 
@@ -20,7 +20,8 @@ multiply the work by the number of shards."""
 def profile_rows(
     user_id: str, items: list[str], weights: np.ndarray, shard_of: list[str], vectors: np.ndarray, max_interests: int
 ) -> list[dict[str, Any]]:
-    """A user's interests as PROFILE_SCHEMA rows (see `taste.interests`)."""
+    """A user's interests as profile rows (see `taste.interests`); `items` in `item_id` order, so that each
+    interest's members are too."""
     centroids, labels, shares = taste.interests(vectors, weights, max_interests)
     rows = []
     for k in range(len(centroids)):
@@ -53,41 +54,50 @@ def score_user(
     because: int,
 ) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[np.ndarray]]:
     """Each candidate vector's best interest, its cosine to it, and the members of that interest with the
-    largest weight * cosine to the candidate (names and contributions, largest first)."""
+    largest weight * cosine to the candidate (names and contributions, largest first, ties by name)."""
     sims = candidates @ interests.T
     best = np.argmax(sims, axis=1)
     visual = sims[np.arange(len(candidates)), best]
-    names, contribs = [], []
-    for row, k in enumerate(best):
-        parts = member_weights[k] * (member_vectors[k] @ candidates[row])
-        order = sorted(range(len(parts)), key=lambda i: (-parts[i], members[k][i]))[:because]
-        names.append([members[k][i] for i in order])
-        contribs.append(parts[order].astype(np.float32))
+    names: list[list[str]] = [[] for _ in range(len(candidates))]
+    contribs: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(candidates)
+    for k in np.unique(best):
+        rows = np.flatnonzero(best == k)
+        by_name = np.argsort(np.asarray(members[k], dtype=object), kind="stable")
+        parts = (candidates[rows] @ member_vectors[k][by_name].T) * member_weights[k][by_name]
+        order = np.argsort(-parts, axis=1, kind="stable")[:, :because]
+        for row, picked, values in zip(rows, by_name[order], np.take_along_axis(parts, order, axis=1)):
+            names[row] = [members[k][i] for i in picked]
+            contribs[row] = values.astype(np.float32)
     return best, visual, names, contribs
 
 
-def rank_user(frame: pd.DataFrame, shares: np.ndarray, n: int, covisit_weight: float, because: int) -> pd.DataFrame:
-    """One user's candidates (one row per item) to their top n: blend, fair merge, `because`."""
-    covisit = frame["covisit"].fillna(0.0).to_numpy(dtype=np.float64)
-    score = taste.blend(frame["visual"].to_numpy(dtype=np.float64), covisit, covisit_weight)
-    keep = taste.fair_merge(frame["interest"].to_numpy(), score, shares, n)
-    top = covisit.max() if len(covisit) else 0.0
-    reasons = []
-    for p in keep:
-        parts: dict[str, float] = {}
-        for name, value in zip(frame["visual_because"].iat[p], frame["visual_contrib"].iat[p]):
-            parts[name] = parts.get(name, 0.0) + (1.0 - covisit_weight) * float(value)
-        if top > 0 and frame["covisit_because"].iat[p] is not None:
-            for name, value in zip(frame["covisit_because"].iat[p], frame["covisit_contrib"].iat[p]):
-                parts[name] = parts.get(name, 0.0) + covisit_weight * float(value) / top
-        names = sorted(parts)
-        reasons.append(taste.top_contributors(names, np.array([parts[x] for x in names]), because))
-    return pd.DataFrame(
-        {
-            "user_id": frame["user_id"].iat[0] if len(frame) else None,
-            "rank": np.arange(1, len(keep) + 1, dtype=np.int32),
-            "item_id": frame["item_id"].to_numpy()[keep],
-            "score": score[keep],
-            "because": reasons,
-        }
-    )
+def rank_user(
+    interest: np.ndarray, visual: np.ndarray, covisit: np.ndarray, shares: np.ndarray, n: int, covisit_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's candidates (one per item, in `item_id` order) to their top n: positions in rank order and
+    blended scores (`taste.blend`, `taste.fair_merge`)."""
+    score = taste.blend(visual, covisit, covisit_weight)
+    keep = taste.fair_merge(interest, score, shares, n)
+    return keep, score[keep]
+
+
+def reasons(
+    visual_because: Sequence[str],
+    visual_contrib: Sequence[float],
+    covisit_because: Sequence[str] | None,
+    covisit_contrib: Sequence[float] | None,
+    covisit_top: float,
+    covisit_weight: float,
+    because: int,
+) -> list[str]:
+    """One recommendation's `because`: the history items with the largest blended contributions, the visual
+    ones weighted as the score weights looks, the co-visited ones scaled by the user's best co-visitation
+    (`covisit_top`) as `taste.blend` scales them."""
+    parts: dict[str, float] = {}
+    for name, value in zip(visual_because, visual_contrib):
+        parts[name] = parts.get(name, 0.0) + (1.0 - covisit_weight) * float(value)
+    if covisit_top > 0 and covisit_because is not None and covisit_contrib is not None:
+        for name, value in zip(covisit_because, covisit_contrib):
+            parts[name] = parts.get(name, 0.0) + covisit_weight * float(value) / covisit_top
+    names = sorted(parts)
+    return taste.top_contributors(names, np.array([parts[x] for x in names]), because)

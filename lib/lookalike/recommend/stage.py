@@ -6,18 +6,21 @@ Flow (Spark unless named otherwise):
    co-visitation pairs; items a user bought (any type in `recommend.exclude_events`) are remembered so that
    they are never offered back. Only items with a vector in `embeddings` can shape a taste; every item a
    user touched still counts for co-visitation.
-2. Profiles: per user (`applyInPandas`), the history's vectors become up to `recommend.max_interests`
-   interest vectors (`taste.interests`), each with its weight share, its member items and the shards its
-   members live in (the shards it will search: a taste for sneakers searches the shoe shard).
-3. Co-visitation candidates: items co-visited with the user's history (`history.covisit_candidates`).
+2. Profiles: per user (in tasks over partitions sorted by user, `distributor.key_groups`: one Python call
+   per batch of users, not one pandas DataFrame per user), the history's vectors become up to
+   `recommend.max_interests` interest vectors (`taste.interests`), each with its weight share, its member
+   items and the shards its members live in (the shards it will search: a taste for sneakers searches the
+   shoe shard).
+3. Co-visitation candidates: items co-visited with the user's history (`history.covisit_candidates`); each
+   user's pairs are counted in NumPy inside the tasks (`covisit.pair_counts`), not as Spark rows.
 4. Scoring units (shard, user chunk), one per Spark task (`mapInArrow`), sorted by shard so that a reused
    Python worker keeps one FAISS shard loaded (the one-entry cache of the similar stage's design): every
    interest that targets the shard asks it for `recommend.candidates` items (index search, exact re-rank);
    every candidate, found there or co-visited and living there, gets its cosine to each of the user's
    interests, joins the best one, and names the members of that interest that resemble it most.
-5. Per user (`applyInPandas`): purchased and out-of-stock items are gone (joins), the visual cosine and the
-   co-visitation score are blended (`taste.blend`) and the interests share the list (`taste.fair_merge`).
-   `because` holds the history items with the largest blended contributions.
+5. Per user (again over partitions sorted by user): purchased and out-of-stock items are gone (joins), the
+   visual cosine and the co-visitation score are blended (`taste.blend`) and the interests share the list
+   (`taste.fair_merge`). `because` holds the history items with the largest blended contributions.
 6. Users with no usable history, or fewer than n candidates left, are filled from the most popular items
    they have not bought, with an empty `because`.
 The table is recomputed and replaced in one commit: a user's list depends on everyone's events. A run whose
@@ -32,16 +35,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from lookalike import distributor
 from lookalike.config import Config
@@ -49,16 +52,24 @@ from lookalike.embed import catalog, shards
 from lookalike.errors import LookalikeError
 from lookalike.index import builds, shard_index
 from lookalike.recommend import history
-from lookalike.recommend.scoring import profile_rows, rank_user, score_user
+from lookalike.recommend.scoring import profile_rows, rank_user, reasons, score_user
 from lookalike.results import StageResult
 from lookalike.storage import files, tables
 
 log = logging.getLogger(__name__)
 
 RECOMMENDATIONS, EMBEDDINGS = "recommendations", "embeddings"
-PROFILE_SCHEMA = (
-    "user_id string, interest int, share double, vector array<float>, targets array<string>, "
-    "members array<string>, member_weights array<float>, member_vectors array<float>"
+PROFILE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("interest", pa.int32()),
+        ("share", pa.float64()),
+        ("vector", pa.list_(pa.float32())),
+        ("targets", pa.list_(pa.string())),
+        ("members", pa.list_(pa.string())),
+        ("member_weights", pa.list_(pa.float32())),
+        ("member_vectors", pa.list_(pa.float32())),
+    ]
 )
 PROFILE_COLUMNS = ["user_id", "interest", "vector", "targets", "members", "member_weights", "member_vectors"]
 CANDIDATE_SCHEMA = pa.schema(
@@ -71,7 +82,15 @@ CANDIDATE_SCHEMA = pa.schema(
         ("visual_contrib", pa.list_(pa.float32())),
     ]
 )
-RESULT_SCHEMA = "user_id string, rank int, item_id string, score float, because array<string>"
+RESULT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("rank", pa.int32()),
+        ("item_id", pa.string()),
+        ("score", pa.float32()),
+        ("because", pa.list_(pa.string())),
+    ]
+)
 MAX_POPULAR = 10_000
 """Most popular items broadcast for the fill: a user who excluded more than this many of them may end short."""
 
@@ -163,8 +182,11 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
             if position is not None:  # always, for an index built from the current embeddings
                 found.setdefault(user, set()).add(position)
     columns: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
-    for user, rows in profiles[profiles["user_id"].isin(found.keys())].groupby("user_id", sort=True):
-        rows = rows.sort_values("interest")
+    asking = profiles[profiles["user_id"].isin(found.keys())].sort_values(["user_id", "interest"])
+    users = asking["user_id"].to_numpy()
+    bounds = distributor.group_bounds(pa.array(users, type=pa.string())) if len(users) else np.zeros(1, np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        user, rows = users[a], asking.iloc[a:b]
         positions = np.array(sorted(found[user]), dtype=np.int64)
         best, visual, names, contribs = score_user(
             np.stack(rows["vector"].to_numpy()).astype(np.float32),
@@ -179,7 +201,7 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
         columns["interest"] += best.tolist()
         columns["visual"] += visual.tolist()
         columns["visual_because"] += names
-        columns["visual_contrib"] += [c.tolist() for c in contribs]
+        columns["visual_contrib"] += contribs
     return pa.record_batch([pa.array(columns[f.name], type=f.type) for f in CANDIDATE_SCHEMA], schema=CANDIDATE_SCHEMA)
 
 
@@ -192,27 +214,65 @@ def score_task(job: Job) -> Callable[[Unit], Iterator[pa.RecordBatch]]:
     return score_unit
 
 
-def profiles_task(max_interests: int, dim: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def profiles(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame.sort_values("item_id")
-        rows = profile_rows(
-            frame["user_id"].iat[0],
-            frame["item_id"].tolist(),
-            frame["weight"].to_numpy(dtype=np.float64),
-            frame["shard"].tolist(),
-            np.stack(frame["embedding"].to_numpy()).astype(np.float32).reshape(-1, dim),
-            max_interests,
-        )
-        return pd.DataFrame(rows)
+def profiles_task(max_interests: int, dim: int) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The `mapInArrow` body of step 2: usable history rows sorted by user and item -> PROFILE_SCHEMA rows."""
+
+    def profiles(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for table, bounds in distributor.key_groups(batches, "user_id"):
+            users, items = table.column("user_id").to_pylist(), table.column("item_id").to_pylist()
+            weights = table.column("weight").to_numpy().astype(np.float64)
+            shard_of = table.column("shard").to_pylist()
+            vectors = shard_index.matrix(table.column("embedding"), dim)
+            rows = [
+                row
+                for a, b in zip(bounds[:-1], bounds[1:])
+                for row in profile_rows(users[a], items[a:b], weights[a:b], shard_of[a:b], vectors[a:b], max_interests)
+            ]
+            yield pa.RecordBatch.from_pylist(rows, schema=PROFILE_SCHEMA)
 
     return profiles
 
 
-def rank_task(settings: Settings) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def rank(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame.sort_values("item_id").reset_index(drop=True)
-        shares = np.asarray(frame["shares"].iat[0], dtype=np.float64)
-        return rank_user(frame, shares, settings.n, settings.covisit_weight, settings.because)
+def rank_task(settings: Settings) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The `mapInArrow` body of step 5: scored candidates sorted by user and item -> RESULT_SCHEMA rows."""
+    weight = settings.covisit_weight
+
+    def rank(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for table, bounds in distributor.key_groups(batches, "user_id"):
+            interest = table.column("interest").to_numpy()
+            visual = table.column("visual").to_numpy().astype(np.float64)
+            covisit = table.column("covisit").fill_null(0.0).to_numpy().astype(np.float64)
+            shares = table.column("shares")
+            kept, scores, ranks, tops = [], [], [], []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                keep, score = rank_user(
+                    interest[a:b], visual[a:b], covisit[a:b], np.asarray(shares[int(a)].as_py()), settings.n, weight
+                )
+                kept.append(a + keep)
+                scores.append(score)
+                ranks.append(np.arange(1, len(keep) + 1, dtype=np.int32))
+                tops.append(np.full(len(keep), covisit[a:b].max()))
+            rows = table.take(pa.array(np.concatenate(kept)))
+            because = [
+                reasons(v_names, v_parts, c_names, c_parts, float(top), weight, settings.because)
+                for v_names, v_parts, c_names, c_parts, top in zip(
+                    rows.column("visual_because").to_pylist(),
+                    rows.column("visual_contrib").to_pylist(),
+                    rows.column("covisit_because").to_pylist(),
+                    rows.column("covisit_contrib").to_pylist(),
+                    np.concatenate(tops),
+                )
+            ]
+            yield pa.record_batch(
+                [
+                    rows.column("user_id").combine_chunks(),
+                    pa.array(np.concatenate(ranks)),
+                    rows.column("item_id").combine_chunks(),
+                    pa.array(np.concatenate(scores), type=pa.float32()),
+                    pa.array(because, type=pa.list_(pa.string())),
+                ],
+                schema=RESULT_SCHEMA,
+            )
 
     return rank
 
@@ -335,7 +395,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     long_history = history.limit_history(pairs, max(settings.history_limit, settings.covisit_history))
     vectors = embeddings.select("item_id", "shard", "embedding")
     usable = limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
-    profiles = usable.groupBy("user_id").applyInPandas(profiles_task(settings.max_interests, dim), PROFILE_SCHEMA)
+    profiles = distributor.by_key(usable, "user_id", "item_id").mapInArrow(
+        profiles_task(settings.max_interests, dim), from_arrow_schema(PROFILE_SCHEMA)
+    )
     covisits = history.covisitation(long_history, settings.covisit_neighbours)
     requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
         vectors.select("item_id", "shard"), "item_id"
@@ -395,7 +457,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             .join(items.select("item_id"), "item_id")
             .join(shares, "user_id")
         )
-        ranked = scored.groupBy("user_id").applyInPandas(rank_task(settings), RESULT_SCHEMA)
+        ranked = distributor.by_key(scored, "user_id", "item_id").mapInArrow(
+            rank_task(settings), from_arrow_schema(RESULT_SCHEMA)
+        )
         ranked.write.parquet(f"{staging}/ranked")
         ranked = spark.read.parquet(f"{staging}/ranked")
         # Enough popular items that every user has n left after their own exclusions and their list.
