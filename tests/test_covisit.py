@@ -34,7 +34,7 @@ def test_pair_counts_sum_every_users_damped_pairs_whatever_the_blocks(max_pairs:
     bounds = np.concatenate(([0], np.cumsum([len(h) for h in histories])))
     got: dict[tuple[int, int], float] = defaultdict(float)
     blocks = 0
-    for item, other, count in covisit.pair_counts(codes, bounds, max_pairs):
+    for item, other, count in covisit.pair_counts(codes, bounds, max_pairs=max_pairs):
         blocks += 1
         for i, j, c in zip(item, other, count):
             got[int(i), int(j)] += float(c)
@@ -47,9 +47,30 @@ def test_pair_counts_sum_every_users_damped_pairs_whatever_the_blocks(max_pairs:
         assert blocks >= sum(len(h) > 1 for h in histories)  # every user with a pair alone in a block
 
 
-def test_pair_counts_of_histories_too_short_for_a_pair_are_empty() -> None:
-    [(item, other, count)] = covisit.pair_counts(np.array([3, 4], dtype=np.int64), np.array([0, 1, 2]))
-    assert len(item) == len(other) == len(count) == 0
+def test_pair_counts_hand_on_the_running_sum_when_it_holds_too_many_pairs() -> None:
+    histories = _histories(np.random.default_rng(9), users=200, items=300)
+    codes = np.concatenate(histories).astype(np.int64)
+    bounds = np.concatenate(([0], np.cumsum([len(h) for h in histories])))
+    parts = list(covisit.pair_counts(codes, bounds, max_pairs=500))
+    assert len(parts) > 1
+    assert all(len(item) > 0 for item, _, _ in parts)
+
+
+def test_top_pairs_sum_partials_and_keep_each_items_best_ties_by_name() -> None:
+    # codes 0..3 name "d", "c", "b", "a": name_rank orders them by name
+    name_rank = np.array([3, 2, 1, 0])
+    item = np.array([0, 0, 0, 0, 1, 1, 0])
+    other = np.array([1, 2, 3, 1, 0, 2, 3])
+    count = np.array([1.0, 2.0, 1.0, 1.0, 4.0, 8.0, 1.0])
+    users = np.array([16, 16, 16, 16, 16, 16, 16])  # the product of the two items' user counts
+    items, others, scores = covisit.top_pairs(item, other, count, users, name_rank, neighbours=2)
+    rows = list(zip(items.tolist(), others.tolist(), scores.tolist()))
+    # item 0: other 1 -> 2 / 4, other 2 -> 2 / 4 ("b"), other 3 -> 2 / 4 ("a"): the tie goes to "a", "b"
+    assert rows == [(0, 3, 0.5), (0, 2, 0.5), (1, 2, 2.0), (1, 0, 1.0)]
+
+
+def test_pair_counts_of_histories_too_short_for_a_pair_yield_nothing() -> None:
+    assert list(covisit.pair_counts(np.array([3, 4], dtype=np.int64), np.array([0, 1, 2]))) == []
 
 
 @pytest.mark.parametrize("batch_rows", [1, 2, 3, 7, 100])

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from lookalike import distributor
 from lookalike.errors import LookalikeError
@@ -43,8 +45,10 @@ EPOCH_SECONDS = (10**8, 10**10)
 # Spark refuses INT64 TIMESTAMP(NANOS) Parquet (pandas' default) unless this reads it as its integer value.
 NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 NANOS = "timestamp(nanoseconds)"
-PAIR_ARROW_SCHEMA = pa.schema([("item_id", pa.string()), ("other_id", pa.string()), ("count", pa.float64())])
-PAIR_SCHEMA = "item_id string, other_id string, count double"
+PAIR_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("other_id", pa.string()), ("count", pa.float64()), ("users", pa.int64())]
+)
+COVISIT_SCHEMA = pa.schema([("item_id", pa.string()), ("other_id", pa.string()), ("covisit", pa.float64())])
 
 
 class EventsError(LookalikeError):
@@ -192,38 +196,67 @@ def popularity(events: DataFrame) -> DataFrame:
 def covisitation(history: DataFrame, neighbours: int) -> DataFrame:
     """(item_id, other_id, covisit): each item's `neighbours` most co-visited items (module docstring).
 
-    Each user's pairs are generated and summed in NumPy inside the tasks (`covisit.pair_counts`), so Spark
-    shuffles distinct pairs per block of users, not every pair of every history."""
-    by_user = history.select("user_id", "item_id").repartition("user_id").sortWithinPartitions("user_id")
-    counted = by_user.mapInArrow(pair_counts_task(), PAIR_SCHEMA)
-    pairs = counted.groupBy("item_id", "other_id").agg(F.sum("count").alias("count"))
+    Two tasks in NumPy (`covisit`): over partitions of users, their pairs summed, with the product of the
+    two items' user counts; over partitions of items, the parts added up, divided, and each item's best
+    kept."""
     users = history.groupBy("item_id").agg(F.count("*").alias("users"))
-    scored = (
-        pairs.join(users, "item_id")
-        .join(users.select(F.col("item_id").alias("other_id"), F.col("users").alias("other_users")), "other_id")
-        .withColumn("covisit", F.col("count") / F.sqrt(F.col("users") * F.col("other_users")))
-    )
-    best = Window.partitionBy("item_id").orderBy(F.desc("covisit"), "other_id")
-    return (
-        scored.withColumn("_n", F.row_number().over(best))
-        .filter(F.col("_n") <= neighbours)
-        .select("item_id", "other_id", "covisit")
-    )
+    rows = history.join(users, "item_id").select("user_id", "item_id", "users")
+    counted = distributor.by_key(rows, "user_id").mapInArrow(pair_counts_task(), from_arrow_schema(PAIR_SCHEMA))
+    return counted.repartition("item_id").mapInArrow(top_pairs_task(neighbours), from_arrow_schema(COVISIT_SCHEMA))
 
 
 def pair_counts_task() -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The `mapInArrow` body of `covisitation`: users' rows, sorted by user, to summed (item, other) pairs."""
+    """The `mapInArrow` body that counts pairs: a partition of users' rows (history rows, few per user,
+    held whole), sorted by user, to their summed pairs and the pairs' user count products."""
 
     def count_pairs(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for table, bounds in distributor.key_groups(batches, "user_id"):
-            items = pc.dictionary_encode(table.column("item_id").combine_chunks())
-            for item, other, count in covisit.pair_counts(items.indices.to_numpy(), bounds):
-                yield pa.record_batch(
-                    [items.dictionary.take(pa.array(item)), items.dictionary.take(pa.array(other)), pa.array(count)],
-                    schema=PAIR_ARROW_SCHEMA,
-                )
+        held = list(batches)
+        table = pa.Table.from_batches(held) if held else None
+        if table is None or not table.num_rows:
+            return
+        items = pc.dictionary_encode(table.column("item_id").combine_chunks())
+        codes = items.indices.to_numpy()
+        users = np.zeros(len(items.dictionary), dtype=np.int64)
+        users[codes] = table.column("users").to_numpy()
+        bounds = distributor.group_bounds(table.column("user_id"))
+        for item, other, count in covisit.pair_counts(codes, bounds):
+            yield pa.record_batch(
+                [
+                    items.dictionary.take(pa.array(item)),
+                    items.dictionary.take(pa.array(other)),
+                    pa.array(count),
+                    pa.array(users[item] * users[other]),
+                ],
+                schema=PAIR_SCHEMA,
+            )
 
     return count_pairs
+
+
+def top_pairs_task(neighbours: int) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The `mapInArrow` body that ranks co-visitors: a partition holding every part of its items' pairs
+    (summed in memory: `spark.shuffle_partitions` sizes the partitions) to each item's best."""
+
+    def top(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        held = list(batches)
+        table = pa.Table.from_batches(held) if held else None
+        if table is None or not table.num_rows:
+            return
+        names = pc.dictionary_encode(
+            pa.concat_arrays([table.column(c).combine_chunks() for c in ("item_id", "other_id")])
+        )
+        codes, dictionary = names.indices.to_numpy(), names.dictionary
+        rank = np.empty(len(dictionary), dtype=np.int64)
+        rank[pc.sort_indices(dictionary).to_numpy()] = np.arange(len(dictionary))
+        n = table.num_rows
+        item, other, score = covisit.top_pairs(
+            codes[:n], codes[n:], table.column("count").to_numpy(), table.column("users").to_numpy(), rank, neighbours
+        )
+        yield pa.record_batch(
+            [dictionary.take(pa.array(item)), dictionary.take(pa.array(other)), pa.array(score)], schema=COVISIT_SCHEMA
+        )
+
+    return top
 
 
 def covisit_candidates(history: DataFrame, covisits: DataFrame, per_user: int, because: int) -> DataFrame:
