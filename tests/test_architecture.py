@@ -34,6 +34,7 @@ PURE = [
     "similar.plan",
     "recommend.taste",
     "recommend.scoring",
+    "recommend.covisit",
     "embed.decode",
     "embed.fetcher",
     "train.fit",

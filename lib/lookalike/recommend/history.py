@@ -1,4 +1,5 @@
-"""Interaction events -> weighted user histories, item popularity and co-visitation, all in Spark.
+"""Interaction events -> weighted user histories, item popularity and co-visitation, in Spark (co-visitation's
+pair counting and ranking in NumPy inside its tasks, `covisit`).
 
 Every event gets a weight: its `event_type`'s weight (`recommend.event_weights`) halved every
 `recommend.half_life_days` of age. Age is counted from the newest event in the data, not the wall clock, so
