@@ -86,10 +86,11 @@ def worker_cached(key: Hashable, load: Callable[[], T]) -> tuple[T, bool]:
     return _worker_cache[key], True
 
 
-def by_key(df: DataFrame, key: str, *then: str) -> DataFrame:
-    """`df` with each `key`'s rows in one partition, sorted by `key` then `then`: the input `key_groups`
-    expects from a `mapInArrow` body."""
-    return df.repartition(key).sortWithinPartitions(key, *then)
+def by_key(df: DataFrame, partitions: int, key: str, *then: str) -> DataFrame:
+    """`df` in `partitions` partitions, each `key`'s rows in one, sorted by `key` then `then`: the input
+    `key_groups` expects from a `mapInArrow` body. The count is the caller's: one Python task has a fixed
+    cost, so small work wants about as many tasks as cores, not `spark.sql.shuffle.partitions`."""
+    return df.repartition(partitions, key).sortWithinPartitions(key, *then)
 
 
 def key_groups(batches: Iterable[pa.RecordBatch], key: str) -> Iterator[tuple[pa.Table, np.ndarray]]:

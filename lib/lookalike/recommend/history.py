@@ -194,15 +194,16 @@ def popularity(events: DataFrame) -> DataFrame:
     return events.groupBy("item_id").agg(F.sum("weight").alias("popularity"))
 
 
-def covisitation(history: DataFrame, neighbours: int) -> DataFrame:
+def covisitation(history: DataFrame, neighbours: int, partitions: int) -> DataFrame:
     """(item_id, other_id, covisit): each item's `neighbours` most co-visited items (module docstring).
 
     Two tasks in NumPy (`covisit`): over partitions of users, their pairs summed, with the product of the
     two items' user counts; over partitions of items, the parts added up, divided, and each item's best
-    kept."""
+    kept. The users' rows go to `partitions` tasks."""
     users = history.groupBy("item_id").agg(F.count("*").alias("users"))
     rows = history.join(users, "item_id").select("user_id", "item_id", "users")
-    counted = distributor.by_key(rows, "user_id").mapInArrow(pair_counts_task(), from_arrow_schema(PAIR_SCHEMA))
+    by_user = distributor.by_key(rows, partitions, "user_id")
+    counted = by_user.mapInArrow(pair_counts_task(), from_arrow_schema(PAIR_SCHEMA))
     return counted.repartition("item_id").mapInArrow(top_pairs_task(neighbours), from_arrow_schema(COVISIT_SCHEMA))
 
 

@@ -388,22 +388,6 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             run_id,
             unknown,
         )
-    weighted = history.weighted(events, settings.event_weights, settings.half_life_days).cache()
-    pairs = history.user_items(weighted, settings.exclude_events).cache()
-    excluded = pairs.filter("excluded").select("user_id", "item_id")
-    limited = history.limit_history(pairs, settings.history_limit).cache()
-    long_history = history.limit_history(pairs, max(settings.history_limit, settings.covisit_history))
-    vectors = embeddings.select("item_id", "shard", "embedding")
-    usable = limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
-    profiles = distributor.by_key(usable, "user_id", "item_id").mapInArrow(
-        profiles_task(settings.max_interests, dim), from_arrow_schema(PROFILE_SCHEMA)
-    )
-    covisits = history.covisitation(long_history, settings.covisit_neighbours)
-    requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
-        vectors.select("item_id", "shard"), "item_id"
-    )
-
-    staging = files.staging_dir(root, run_id, "recommend")
     users = events.select("user_id").distinct().cache()
     n_users = users.count()
     n_chunks = max(
@@ -411,6 +395,22 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         math.ceil(n_users / settings.chunk_size),
         min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)),
     )
+    weighted = history.weighted(events, settings.event_weights, settings.half_life_days).cache()
+    pairs = history.user_items(weighted, settings.exclude_events).cache()
+    excluded = pairs.filter("excluded").select("user_id", "item_id")
+    limited = history.limit_history(pairs, settings.history_limit).cache()
+    long_history = history.limit_history(pairs, max(settings.history_limit, settings.covisit_history))
+    vectors = embeddings.select("item_id", "shard", "embedding")
+    usable = limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
+    profiles = distributor.by_key(usable, n_chunks, "user_id", "item_id").mapInArrow(
+        profiles_task(settings.max_interests, dim), from_arrow_schema(PROFILE_SCHEMA)
+    )
+    covisits = history.covisitation(long_history, settings.covisit_neighbours, n_chunks)
+    requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
+        vectors.select("item_id", "shard"), "item_id"
+    )
+
+    staging = files.staging_dir(root, run_id, "recommend")
     chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
     try:
         staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
@@ -457,7 +457,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             .join(items.select("item_id"), "item_id")
             .join(shares, "user_id")
         )
-        ranked = distributor.by_key(scored, "user_id", "item_id").mapInArrow(
+        ranked = distributor.by_key(scored, n_chunks, "user_id", "item_id").mapInArrow(
             rank_task(settings), from_arrow_schema(RESULT_SCHEMA)
         )
         ranked.write.parquet(f"{staging}/ranked")

@@ -36,9 +36,8 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def _centroids(vectors: np.ndarray, weights: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    sums = np.zeros((k, vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, vectors * weights[:, None])
-    return _normalise(sums)
+    members = labels[None, :] == np.arange(k)[:, None]  # (k, items)
+    return _normalise(members @ (vectors * weights[:, None]))
 
 
 def _kmeans(vectors: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +92,8 @@ def interests(
     weights = np.asarray(weights, dtype=np.float64)
     labels = np.zeros(len(vectors), dtype=np.int64)
     centroids = _centroids(vectors, weights, labels, 1)
-    distinct = len(np.unique(np.round(vectors, 6), axis=0))
+    # Rows told apart by their bytes (+ 0.0 makes -0.0 into 0.0): np.unique(axis=0) took 80% of a profile's time.
+    distinct = len({row.tobytes() for row in np.round(vectors, 6) + 0.0})
     if distinct > 2 and max_interests > 1:
         distances = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
         best = MIN_SILHOUETTE
