@@ -165,44 +165,56 @@ def _load_target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndar
 def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     """Candidates of one chunk's users in one shard (module docstring, step 4)."""
     (loaded, vectors), _ = distributor.worker_cached(job.cache_key(unit.shard), lambda: _load_target(job, unit.shard))
-    profiles = distributor.read_staged(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS).to_pandas()
+    profiles = distributor.read_staged(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS)
     requests = distributor.read_staged_if_any(
         f"{job.staging}/requests/shard_dir={shards.folder_name(unit.shard)}/chunk={unit.chunk}", ["user_id", "item_id"]
     )
     found: dict[str, set[int]] = {}
-    asks = profiles[profiles["targets"].map(lambda t: unit.shard in list(t))]
-    if len(asks):
-        queries = np.stack(asks["vector"].to_numpy()).astype(np.float32)
+    asks = profiles.filter(_targets(profiles, unit.shard))
+    if asks.num_rows:
+        queries = shard_index.matrix(asks.column("vector"), job.dim)
         _, ids = loaded.search(vectors, queries, min(job.candidates, len(vectors)))
-        for user, row in zip(asks["user_id"], ids):
-            found.setdefault(user, set()).update(int(i) for i in row if i >= 0)
+        for user, row in zip(asks.column("user_id").to_pylist(), ids):
+            found.setdefault(user, set()).update(row[row >= 0].tolist())
     if requests is not None:
         positions = pc.index_in(requests["item_id"], value_set=loaded.item_ids)
         for user, position in zip(requests["user_id"].to_pylist(), positions.to_pylist()):
             if position is not None:  # always, for an index built from the current embeddings
                 found.setdefault(user, set()).add(position)
+    asking = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=pa.array(list(found), pa.string())))
+    asking = asking.sort_by([("user_id", "ascending"), ("interest", "ascending")])
+    users, members = asking.column("user_id").to_pylist(), asking.column("members").to_pylist()
+    interests = shard_index.matrix(asking.column("vector"), job.dim)
+    weights = [np.asarray(w, dtype=np.float32) for w in asking.column("member_weights").to_pylist()]
+    member_vectors = [
+        np.asarray(v, dtype=np.float32).reshape(-1, job.dim) for v in asking.column("member_vectors").to_pylist()
+    ]
     columns: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
-    asking = profiles[profiles["user_id"].isin(found.keys())].sort_values(["user_id", "interest"])
-    users = asking["user_id"].to_numpy()
-    bounds = distributor.group_bounds(pa.array(users, type=pa.string())) if len(users) else np.zeros(1, np.int64)
+    positions_of: list[np.ndarray] = []
+    bounds = distributor.group_bounds(asking.column("user_id"))
     for a, b in zip(bounds[:-1], bounds[1:]):
-        user, rows = users[a], asking.iloc[a:b]
-        positions = np.array(sorted(found[user]), dtype=np.int64)
+        positions = np.array(sorted(found[users[a]]), dtype=np.int64)
         best, visual, names, contribs = score_user(
-            np.stack(rows["vector"].to_numpy()).astype(np.float32),
-            [list(m) for m in rows["members"]],
-            [np.asarray(w, dtype=np.float32) for w in rows["member_weights"]],
-            [np.asarray(v, dtype=np.float32).reshape(-1, job.dim) for v in rows["member_vectors"]],
-            vectors[positions],
-            job.because,
+            interests[a:b], members[a:b], weights[a:b], member_vectors[a:b], vectors[positions], job.because
         )
-        columns["user_id"] += [user] * len(positions)
-        columns["item_id"] += loaded.item_ids.take(pa.array(positions)).to_pylist()
+        positions_of.append(positions)
+        columns["user_id"] += [users[a]] * len(positions)
         columns["interest"] += best.tolist()
         columns["visual"] += visual.tolist()
         columns["visual_because"] += names
         columns["visual_contrib"] += contribs
+    taken = np.concatenate(positions_of) if positions_of else np.zeros(0, dtype=np.int64)
+    columns["item_id"] = loaded.item_ids.take(pa.array(taken))
     return pa.record_batch([pa.array(columns[f.name], type=f.type) for f in CANDIDATE_SCHEMA], schema=CANDIDATE_SCHEMA)
+
+
+def _targets(profiles: pa.Table, shard: str) -> pa.Array:
+    """A mask of the profile rows whose `targets` hold `shard`."""
+    targets = profiles.column("targets").combine_chunks()
+    hits = pc.list_parent_indices(targets).to_numpy()[pc.equal(pc.list_flatten(targets), shard).to_numpy(False)]
+    mask = np.zeros(profiles.num_rows, dtype=bool)
+    mask[hits] = True
+    return pa.array(mask)
 
 
 def score_task(job: Job) -> Callable[[Unit], Iterator[pa.RecordBatch]]:
