@@ -2,12 +2,13 @@
 
 The driver runs one Spark task per shard to build (`distributor.run_tasks`), which reads the shard's rows with
 Arrow straight from the files of the `embeddings` version the driver read (`tables.read_files`: no staged copy,
-no Python object per row), chooses parameters from the shard's size (`index.params`), builds, tunes and saves
-the index (`index.shard_index`). Fewer shards to build than cores: each task's FAISS gets the cores the idle
-ones would have had (`faiss_threads`), so one big shard does not train on one core. The driver writes a
-build summary and only then `indexes/LATEST`, so readers only ever see complete builds; a build that dies
-leaves `LATEST` on the previous one, and its partial folder is removed by a later run's pruning. Builds older
-than the newest `index.keep_builds` are removed.
+no Python object per row; like the similar stage's loads, it decodes the row groups its shard may be in),
+chooses parameters from the shard's size (`index.params`), builds, tunes and saves the index
+(`index.shard_index`). Fewer shards to build than cores: each task's FAISS gets the cores the idle ones would
+have had (`faiss_threads`), so one big shard does not train on one core. The driver writes a build summary and
+only then `indexes/LATEST`, so readers only ever see complete builds; a build that dies leaves `LATEST` on the
+previous one, and its partial folder is removed by a later run's pruning. Builds older than the newest
+`index.keep_builds` are removed.
 
 Incremental: each shard's summary row records `members` (`members_digest`: its items, their vectors, the
 index settings). A shard whose members are unchanged since the latest build is not rebuilt: its files are
