@@ -17,6 +17,7 @@ from lookalike.index.params import (
     PQ_TRAIN_POINTS,
     RERANK_K,
     TARGET_RECALL,
+    TRAIN_POINTS_PER_LIST,
     choose_params,
 )
 
@@ -42,7 +43,7 @@ def test_50k_by_256() -> None:
     params = choose_params(50_000, 256)
     assert params.kind == "ivfpq"
     assert params.factory == f"RR256,IVF{params.nlist},PQ{params.m}np"
-    # ~4 sqrt(n) = 894, as a power of two, with >= 39 training points per list.
+    # ~4 sqrt(n) = 894, as a power of two, with >= 39 points per list in the shard.
     assert params.nlist in (512, 1024)
     assert params.nlist & (params.nlist - 1) == 0
     assert 50_000 / params.nlist >= MIN_POINTS_PER_CENTROID
@@ -50,7 +51,7 @@ def test_50k_by_256() -> None:
     assert params.bytes_ratio <= MAX_BYTES_RATIO
     assert params.nbits == 8 and params.out_dim == 256
     assert params.target_recall == TARGET_RECALL and params.rerank_k == RERANK_K
-    assert MIN_POINTS_PER_CENTROID * params.nlist <= params.train_size <= 50_000
+    assert TRAIN_POINTS_PER_LIST * params.nlist <= params.train_size <= 50_000
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -43,10 +44,18 @@ def test_tables_round_trip(spark: SparkSession, tmp_path: Path, name: str) -> No
     assert {r["item_id"]: r["value"] for r in tables.read(spark, path).collect()} == expected
     assert dict(DeltaTable(path).to_pandas()[["item_id", "value"]].values.tolist()) == expected  # any Delta reader
     assert tables.read_arrow(path).num_rows == len(expected)
+    # Tasks' own reads and writes: a version's files read with Arrow, Arrow rows written and committed.
+    read = tables.read_files(tables.current_files(path), ["item_id", "value"])
+    assert dict(zip(read["item_id"].to_pylist(), read["value"].to_pylist())) == expected
+    folder = tables.files_folder(path)
+    written = pa.table({"item_id": ["i10"], "value": ["v4"]}, schema=tables.arrow_schema(tables.spark_schema(path)))
+    tables.commit_files(path, folder, [tables.write_file(folder, written)], written.schema, mode="append")
+    expected["i10"] = "v4"
+    assert {r["item_id"]: r["value"] for r in tables.read(spark, path).collect()} == expected
     # The same table through its file: URI (percent-encoded, RFC 8089) is the same folder, not a new one.
     uri = Path(path).as_uri()
     tables.write(frame(spark, [9], "v3"), uri, mode="append")
-    assert tables.version(path) == tables.version(uri) == 3
+    assert tables.version(path) == tables.version(uri) == 4
     assert len(tables.read(spark, uri).collect()) == len(expected) + 1
 
 

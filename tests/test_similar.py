@@ -335,7 +335,7 @@ def flat_target(vectors: np.ndarray, keys: np.ndarray, eligible: np.ndarray, tmp
     folder = tmp_path / "shard"
     shard_index.save(shard_index.build(vectors, params), folder, ids=[str(i) for i in range(len(vectors))], model=MODEL)
     loaded = shard_index.load(folder, expected_dim=DIM, expected_model=MODEL)
-    return similar.TargetShard(loaded, vectors, keys, eligible)
+    return similar.TargetShard(loaded, vectors, keys, eligible, chunks=np.zeros(len(vectors), dtype=np.int32))
 
 
 def test_widening_fills_k_when_few_items_are_eligible(tmp_path: Path) -> None:

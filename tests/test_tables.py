@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
@@ -101,6 +103,27 @@ def test_replace_by_key_rewrites_only_touched_files(spark: SparkSession, tmp_pat
     # Nothing touched, nothing committed.
     empty = spark.createDataFrame([], "item_id string, value string, vec array<float>")
     assert tables.replace_by_key(empty, path, "item_id").version == result.version
+
+
+def test_files_tasks_wrote_are_committed_and_read_without_spark(spark: SparkSession, tmp_path: Path) -> None:
+    path = str(tmp_path / "t")
+    tables.write(frame(spark, range(5), partitions=1), path)
+    schema = tables.arrow_schema(tables.spark_schema(path))
+    written = {
+        i: pa.table({"item_id": [f"j{i}"], "value": ["task"], "vec": [[float(i), 0.0]]}, schema=schema)
+        for i in range(3)
+    }
+    folder = tables.files_folder(path)
+    names = [tables.write_file(folder, rows) for rows in written.values()]
+    result = tables.commit_files(path, folder, names[:2], schema, mode="overwrite")  # the third: a failed attempt
+    assert result.version == 1 and result.rows_added == 2 and result.files_removed == 1
+    assert rows(spark, path) == {"j0": "task", "j1": "task"}
+    assert len(tables.current_files(path)) == 2 and len(tables.current_files(path, version=0)) == 1
+    read = tables.read_files(tables.current_files(path), ["item_id", "vec"], pc.field("item_id") == "j1")
+    assert read.to_pylist() == [{"item_id": "j1", "vec": [1.0, 0.0]}]
+    assert tables.read(spark, path, version=0).count() == 5
+    with pytest.raises(TableError, match=r"missing column\(s\) \['vec'\]"):
+        tables.commit_files(path, folder, [], pa.schema([("item_id", pa.string()), ("value", pa.int64())]), "append")
 
 
 def test_schema_drift_is_refused(spark: SparkSession, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ gives the index size before building, the manifest's `bytes` after):
 
 - Index stage (`build` + `save`): the shard's vectors, 4*n*d, plus while training three copies of the
   training sample (the sample, its rotation, its residuals), 3 * 4*train_size*d with train_size =
-  max(39*nlist, 32,768) capped at n, then the index and batches of 65,536 rotated vectors being added.
+  max(20*nlist, 32,768) capped at n, then the index and batches of 65,536 rotated vectors being added.
   A Flat shard instead needs 2 * 4*n*d (its index copies the vectors). Any copy the caller still holds
   (an Arrow column beside its NumPy array) comes on top.
 - Search stages (`load` + `search`): the index plus the shard's vectors for re-ranking, 4*n*d (in the
@@ -55,7 +55,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lookalike.index.params import RECALL_K, IndexParams, flat_params
+from lookalike.index.params import (
+    PQ_CENTROIDS,
+    PQ_TRAIN_POINTS,
+    RECALL_K,
+    TRAIN_POINTS_PER_LIST,
+    IndexParams,
+    flat_params,
+)
 from lookalike.storage.uri import filesystem
 
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
@@ -226,6 +233,8 @@ def build(
             # faiss's bundled stubs miss most of its SWIG API (fields, search parameters, callback IO).
             ivf.cp.seed = seed  # type: ignore[attr-defined]
             ivf.pq.cp.seed = seed  # type: ignore[attr-defined]
+            ivf.cp.min_points_per_centroid = TRAIN_POINTS_PER_LIST  # type: ignore[attr-defined]
+            ivf.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS // PQ_CENTROIDS  # type: ignore[attr-defined]
             index.train(vectors[sample])
             baseline = quantization_error(index, vectors, seed)
             update = {**update, "reused": False, "trained_in": None, "quantization_error": baseline}

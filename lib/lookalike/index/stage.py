@@ -1,9 +1,12 @@
 """The index stage: `embeddings` -> one FAISS index per shard under `indexes/<run_id>/`, then `LATEST`.
 
-The driver stages the vectors of the shards to build as Parquet partitioned by shard and runs one Spark
-task per shard (`distributor.run_tasks`), which chooses parameters from the shard's size (`index.params`),
-builds, tunes and saves the index (`index.shard_index`). The driver writes a build summary and only then
-`indexes/LATEST`, so readers only ever see complete builds; a build that dies leaves `LATEST` on the
+The driver runs one Spark task per shard to build (`distributor.run_tasks`), which reads the shard's rows with
+Arrow straight from the files of the `embeddings` version the driver read (`tables.read_files`: no staged copy,
+no Python object per row; like the similar stage's loads, it decodes the row groups its shard may be in),
+chooses parameters from the shard's size (`index.params`), builds, tunes and saves the index
+(`index.shard_index`). Fewer shards to build than cores: each task's FAISS gets the cores the idle ones would
+have had (`faiss_threads`), so one big shard does not train on one core. The driver writes a build summary and
+only then `indexes/LATEST`, so readers only ever see complete builds; a build that dies leaves `LATEST` on the
 previous one, and its partial folder is removed by a later run's pruning. Builds older than the newest
 `index.keep_builds` are removed.
 
@@ -19,9 +22,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -56,24 +59,33 @@ SHARD_FILES = (shard_index.INDEX_FILE, shard_index.IDS_FILE, shard_index.MANIFES
 
 
 def build_task(
-    staging: str, build_dir: str, run_id: str, cfg: Config, updatable: Mapping[str, str]
+    embeddings: tuple[str, ...],
+    dim: int,
+    threads: int,
+    build_dir: str,
+    run_id: str,
+    cfg: Config,
+    updatable: Mapping[str, str],
 ) -> Callable[[str], Iterator[pa.RecordBatch]]:
-    """The per-shard task body: the shard's staged rows in, its index saved, its summary row out. `updatable`
-    maps shards to their folder in the previous build, whose training `shard_index.build` may reuse. Closes
-    over plain values only."""
+    """The per-shard task body: the shard's rows of the `embeddings` files in, its index saved (FAISS on
+    `threads` threads), its summary row out. `updatable` maps shards to their folder in the previous build,
+    whose training `shard_index.build` may reuse. Closes over plain values only."""
     flat_below, reduce_dim = cfg["index.flat_below"], cfg["index.reduce_dim"]
     target_recall, exact_fallback = cfg["index.target_recall"], cfg["index.exact_fallback"]
     max_drift = cfg["index.update_max_drift"]
 
     def build_shard(shard: str) -> Iterator[pa.RecordBatch]:
-        staged = distributor.read_staged(
-            f"{staging}/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding", "model"]
-        )
-        pdf = staged.to_pandas().sort_values("item_id", ignore_index=True)  # FAISS ids stable for the same members
-        models_seen = pdf["model"].unique()
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        rows = tables.read_files(embeddings, ["item_id", "embedding", "model"], pc.field("shard") == shard)
+        models_seen = pc.unique(rows["model"]).to_pylist()
         if len(models_seen) != 1:
-            raise ValueError(f"shard {shard!r} mixes models {list(models_seen)}; re-run embed")
-        vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32, copy=False)
+            raise ValueError(f"shard {shard!r} mixes models {models_seen}; re-run embed")
+        order = pc.sort_indices(rows["item_id"]).to_numpy()  # FAISS ids stable for the same members
+        vectors = shard_index.matrix(rows["embedding"], dim)[order]
+        item_ids = rows["item_id"].take(order)
+        del rows
         params = index_params.choose_params(
             len(vectors), vectors.shape[1], flat_below=flat_below, reduce_dim=reduce_dim, target_recall=target_recall
         )
@@ -90,12 +102,26 @@ def build_task(
         )
         folder = f"{build_dir}/{shards.folder_name(shard)}"
         manifest = shard_index.save(
-            built, folder, ids=pdf["item_id"].tolist(), model=models_seen[0], extra={"shard": shard, "run_id": run_id}
+            built, folder, ids=item_ids, model=models_seen[0], extra={"shard": shard, "run_id": run_id}
         )
         row = {"shard": shard, "folder": folder, **{name: manifest[name] for name in SUMMARY_SCHEMA.names[2:]}}
         yield pa.RecordBatch.from_pylist([row], schema=SUMMARY_SCHEMA)
 
     return build_shard
+
+
+def faiss_threads(spark: SparkSession, tasks: int) -> int:
+    """FAISS threads for each of `tasks` concurrent build tasks: a task's cores (`spark.task.cpus`), or more
+    where there are fewer tasks than cores, up to one executor's cores (all of them in local mode; on a
+    cluster `spark.executor.cores`, 1 when unset). The scheduler hands tasks without a preferred location to
+    executors round-robin, so a task that takes its idle neighbours' cores does not oversubscribe a machine."""
+    conf = spark.sparkContext.getConf()
+    task_cpus = int(conf.get("spark.task.cpus", "1"))
+    cores = spark.sparkContext.defaultParallelism
+    executor_cores = (
+        cores if str(spark.sparkContext.master).startswith("local") else int(conf.get("spark.executor.cores", "1"))
+    )
+    return max(task_cpus, min(executor_cores, cores // max(1, tasks)))
 
 
 def members_digest(embeddings: DataFrame, settings: str) -> dict[str, str]:
@@ -147,7 +173,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
     root = cfg["output.root"]
     emb_path = tables.table_path(root, "embeddings")
-    embeddings = tables.read(spark, emb_path).select("item_id", "shard", "embedding", "model", "run_id")
+    version = tables.version(emb_path)  # tasks read the files of the version Spark reads
+    embeddings = tables.read(spark, emb_path, version).select("item_id", "shard", "embedding", "model", "run_id")
     model_dims = embeddings.select("model", F.size("embedding").alias("dim")).distinct().collect()
     if len(model_dims) != 1:
         raise IndexBuildError(
@@ -180,18 +207,16 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         _copy_shard(row["folder"], folder)
         rows.append({**row, "folder": folder})
     if to_build:
-        staging = files.staging_dir(root, run_id, "index")
-        try:
-            distributor.stage(
-                shards.with_folder(spark, embeddings.filter(F.col("shard").isin(to_build)), to_build),
-                staging,
-                ["shard_dir"],
-            )
-            built: pd.DataFrame = distributor.run_tasks(
-                spark, to_build, build_task(staging, build_dir, run_id, cfg, updatable), SUMMARY_SCHEMA
-            ).toPandas()
-        finally:
-            files.remove_dir(staging)
+        task = build_task(
+            tuple(tables.current_files(emb_path, version)),
+            dim,
+            faiss_threads(spark, len(to_build)),
+            build_dir,
+            run_id,
+            cfg,
+            updatable,
+        )
+        built: pd.DataFrame = distributor.run_tasks(spark, to_build, task, SUMMARY_SCHEMA).toPandas()
         rows += built.assign(members=built["shard"].map(members)).to_dict("records")
     summary = pd.DataFrame(rows).sort_values("shard", ignore_index=True)
     for row in summary.itertuples():

@@ -1,14 +1,25 @@
 """The similar stage: every item in `embeddings` -> its `similar.k` most similar items in `similar_items`.
 
-Work layout. The driver stages the vectors of the shards to (re)compute once, as Parquet partitioned by shard
-and query chunk (`<output.root>/staging/<run_id>/similar/items/shard_dir=<folder>/chunk=<c>/`), and plans
-work units (target shard, query shard, chunk). One Spark task runs a few consecutive units: for each it
-takes the target shard from the one-entry per-worker cache `distributor.worker_cached` (index from the latest
-build, vectors read from the staged folder, put in FAISS id order and checked by `LoadedShard.align`),
-reads the query chunk and searches. Units are sorted by target, so a reused Python worker loads each
-shard about once and never holds two. With `similar.scope: shard` an item's only target is its own
-shard; with `all` every (target, chunk) pair is a unit and Spark merges the per-target top-k lists by
-score. That merge is exact: a target's own top k holds everything it can contribute to the global top k.
+Work layout. The driver stages each item's exclusion key, eligibility and query chunk (small columns, no
+vectors) as Parquet partitioned by shard and chunk (`<output.root>/staging/<run_id>/similar/items/
+shard_dir=<folder>/chunk=<c>/`), and plans work units (target shard, query shard, chunk). One Spark task runs
+a few consecutive units: for each it takes the target shard from the one-entry per-worker cache
+`distributor.worker_cached`: the index from the latest build, the shard's vectors read with Arrow straight
+from the files of the `embeddings` version the driver read (`tables.read_files`, no Spark copy of them),
+put in FAISS id order and checked by `LoadedShard.align`, and its staged columns in the same order. (A
+load decodes every row group whose statistics do not rule its shard out: all of them where `embeddings`' files
+mix shards, so each shard's load reads the table's vectors once; one Spark copy of them cost more than that
+for a few shards.) A unit's queries are a chunk of the target's own rows. Units are sorted by target, so a
+reused Python worker loads each shard about once and never holds two. With `similar.scope: shard` an item's
+only target is its own shard; with `all` every (target, chunk) pair is a unit, the staged chunks also carry
+vectors (a unit's queries may come from another shard), and Spark merges the per-target top-k lists by score.
+That merge is exact: a target's own top k holds everything it can contribute to the global top k.
+
+Writing. With scope shard each task writes its rows, as Arrow, into one Parquet file and reports its name.
+When every shard was computed those files go into a fresh folder of `similar_items` and the driver commits
+exactly the reported ones as the table's new version (`tables.commit_files`): the rows are written once. An
+incremental run stages them instead and replaces its items' rows by key. Scope all writes the merged rows
+through Spark.
 
 Search. The index proposes candidates and they are re-scored exactly (`shard_index.search`), so `score` is a
 true cosine. Candidates that may not be neighbours are filtered after the search: the item itself, items
@@ -55,7 +66,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,6 +76,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from lookalike import distributor
 from lookalike.config import Config
@@ -87,6 +100,10 @@ from lookalike.storage import files, tables
 log = logging.getLogger(__name__)
 
 SIMILAR_ITEMS, DUPLICATES, EMBEDDINGS = "similar_items", "duplicates", "embeddings"
+TABLE_SCHEMA = RESULT_SCHEMA.append(pa.field("run_id", pa.string()))
+"""`similar_items` as DESIGN.md fixes it: what the tasks write, and what Spark's writer records for it."""
+FILES_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
+"""What a writing task reports: the Parquet file it wrote and its rows."""
 TASK_ERROR = "lookalike-stale-index:"
 """Prefix of the message a task fails with when its shard's vectors do not match the index, so that the
 driver can find it in Spark's wrapped exception and raise `StaleIndexError` with it."""
@@ -94,21 +111,26 @@ driver can find it in Spark's wrapped exception and raise `StaleIndexError` with
 
 @dataclass(frozen=True)
 class Job(builds.SearchJob):
-    """What every task needs, as plain values pickled into the task's closure."""
+    """What every task needs, as plain values pickled into the task's closure: `embeddings` lists the files
+    of the `embeddings` version the driver read, `run_id` goes into every row a task writes."""
 
     k: int
     min_score: float | None
+    embeddings: tuple[str, ...]
+    run_id: str
 
 
 @dataclass(frozen=True)
 class TargetShard:
-    """One shard as a worker searches it: the index, the vectors in FAISS id order (re-rank and exhaustive
-    scoring), and per FAISS id the exclusion key and whether the item may be a neighbour."""
+    """One shard as a worker searches it: the index, the vectors in FAISS id order (queries, re-rank and
+    exhaustive scoring), and per FAISS id the exclusion key, whether the item may be a neighbour and its
+    query chunk."""
 
     loaded: shard_index.LoadedShard
     vectors: np.ndarray
     keys: np.ndarray
     eligible: np.ndarray
+    chunks: np.ndarray
 
     def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """`fetch` re-ranked candidates per query, with the candidate budget the index was tuned for."""
@@ -127,26 +149,42 @@ class TargetShard:
 
 
 def _load_target(job: Job, shard: str) -> TargetShard:
-    """The shard's index and its staged rows in FAISS id order; vectors that differ from the build's fail
-    the task with `TASK_ERROR`. At its peak this holds the vectors twice (as read and as aligned)."""
-    item_ids, vectors, keys, eligible = _read_staged(job, f"shard_dir={shards.folder_name(shard)}")
+    """The shard's index, its vectors from the `embeddings` files in FAISS id order and its staged columns
+    in the same order; vectors that differ from the build's fail the task with `TASK_ERROR`. At its peak this
+    holds the vectors three times (Arrow, as read, aligned)."""
+    rows = tables.read_files(job.embeddings, ["item_id", "embedding"], pc.field("shard") == shard)
+    staged = distributor.read_staged(
+        f"{job.staging}/shard_dir={shards.folder_name(shard)}", ["item_id", "dup_key", "eligible", "chunk"]
+    )
     try:
         loaded = builds.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
-        aligned = loaded.align(item_ids, vectors)
+        aligned = loaded.align(rows["item_id"], shard_index.matrix(rows["embedding"], job.dim))
     except (ValueError, builds.IndexBuildError) as err:
         raise RuntimeError(f"{TASK_ERROR} shard {shard!r} of index build {job.build}: {err}") from err
-    positions = pc.index_in(loaded.item_ids, value_set=item_ids).to_numpy()
-    return TargetShard(loaded=loaded, vectors=aligned, keys=keys[positions], eligible=eligible[positions])
+    positions = pc.index_in(loaded.item_ids, value_set=staged["item_id"].combine_chunks()).to_numpy()
+    return TargetShard(
+        loaded=loaded,
+        vectors=aligned,
+        keys=staged["dup_key"].to_numpy()[positions],
+        eligible=staged["eligible"].to_numpy()[positions],
+        chunks=staged["chunk"].to_numpy()[positions],
+    )
 
 
-def _read_staged(job: Job, relative: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
-    """Item ids, vectors, exclusion keys and eligibility of a staged folder: a shard, or one query chunk."""
-    table = distributor.read_staged(f"{job.staging}/{relative}", ["item_id", "embedding", "dup_key", "eligible"])
+def _queries(job: Job, unit: Unit, target: TargetShard) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """A unit's query ids, vectors and exclusion keys: a chunk of the target's own rows, or (scope all) a
+    staged chunk of another shard."""
+    if unit.source == unit.target:
+        rows = np.flatnonzero(target.chunks == unit.chunk)
+        return target.loaded.item_ids.take(rows), target.vectors[rows], target.keys[rows]
+    table = distributor.read_staged(
+        f"{job.staging}/shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}",
+        ["item_id", "embedding", "dup_key"],
+    )
     return (
         table["item_id"].combine_chunks(),
         shard_index.matrix(table["embedding"], job.dim),
         table["dup_key"].to_numpy(),
-        table["eligible"].to_numpy(),
     )
 
 
@@ -154,9 +192,7 @@ def _search_unit(job: Job, unit: Unit, counters: Mapping[str, Any]) -> pa.Record
     """One unit's rows. A function of its own so that no reference to the target outlives it: the next
     unit's target then replaces it in memory instead of joining it."""
     target, loaded = distributor.worker_cached(job.cache_key(unit.target), lambda: _load_target(job, unit.target))
-    query_ids, queries, query_keys, _ = _read_staged(
-        job, f"shard_dir={shards.folder_name(unit.source)}/chunk={unit.chunk}"
-    )
+    query_ids, queries, query_keys = _queries(job, unit, target)
     ids, scores, scored = neighbours(target, queries, query_keys, job.k, job.min_score)
     counters["shard_loads"].add(int(loaded))
     counters["exhaustive"].add(scored)
@@ -173,12 +209,26 @@ def search_task(job: Job, counters: Mapping[str, Any]):
     return search_units
 
 
+def write_task(job: Job, counters: Mapping[str, Any], folder: str):
+    """The task body for `distributor.run_tasks` that writes: its units' rows, with the run id, as one
+    Parquet file in `folder`; yields the file's name and rows (nothing when no unit found a neighbour)."""
+    search_units = search_task(job, counters)
+
+    def write_units(units: list[Unit]) -> Iterator[pa.RecordBatch]:
+        found = pa.Table.from_batches(list(search_units(units)), schema=RESULT_SCHEMA)
+        if found.num_rows:
+            name = tables.write_file(folder, found.append_column("run_id", pa.repeat(job.run_id, found.num_rows)))
+            yield pa.record_batch([pa.array([name]), pa.array([found.num_rows], pa.int64())], schema=FILES_SCHEMA)
+
+    return write_units
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def _items(spark: SparkSession, cfg: Config, settings: Settings) -> DataFrame:
-    """`embeddings` with each item's exclusion key and whether it may be a neighbour."""
-    items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS)).select(
+def _items(spark: SparkSession, cfg: Config, settings: Settings, version: int | None) -> DataFrame:
+    """`embeddings` (at `version`) with each item's exclusion key and whether it may be a neighbour."""
+    items = tables.read(spark, tables.table_path(cfg["output.root"], EMBEDDINGS), version).select(
         "item_id", "shard", "embedding", "model", "image_sha256", "run_id"
     )
     by_item = F.xxhash64(F.lit("item"), F.col("item_id"))
@@ -264,10 +314,15 @@ def _commit_duplicates(
 
 
 def _stage(
-    spark: SparkSession, items: DataFrame, counts: Mapping[str, int], chunk_size: int, staging: str
+    spark: SparkSession,
+    items: DataFrame,
+    counts: Mapping[str, int],
+    chunk_size: int,
+    staging: str,
+    with_vectors: bool,
 ) -> dict[str, dict[int, int]]:
-    """Write the vectors of `counts`' shards partitioned by shard folder and query chunk; returns the
-    queries per (shard, chunk) that were written.
+    """Write the exclusion keys and eligibility (`with_vectors`: and vectors) of `counts`' shards partitioned
+    by shard folder and query chunk; returns the queries per (shard, chunk) that were written.
 
     Chunks follow the exclusion key, so that a duplicate group lands in one chunk and is searched once.
     """
@@ -277,7 +332,7 @@ def _stage(
     )
     staged = items.join(F.broadcast(plan), "shard").select(
         "item_id",
-        "embedding",
+        *(["embedding"] if with_vectors else []),
         "dup_key",
         "eligible",
         "shard_dir",
@@ -314,36 +369,66 @@ def _fingerprints(root: str, build: str, stats: Mapping[str, tuple[int, str, lis
     }
 
 
-def _search(spark: SparkSession, job: Job, tasks: list[list[Unit]], scope: str, run_id: str, out: str) -> dict:
-    """Run the tasks and write their rows (merged across targets for scope all) to `out`; returns the
-    executors' counters. A task that found its shard stale fails the run with `StaleIndexError`."""
-    counters = {name: spark.sparkContext.accumulator(0) for name in ("shard_loads", "exhaustive")}
-    found = distributor.run_tasks(spark, tasks, search_task(job, counters), RESULT_SCHEMA)
-    if scope == "all":
-        best_first = Window.partitionBy("item_id").orderBy(F.desc("score"), "similar_item_id")
-        found = (
-            found.withColumn("rank", F.row_number().over(best_first))
-            .filter(F.col("rank") <= job.k)
-            .select(*RESULT_SCHEMA.names)
-        )
+@contextmanager
+def _stale_tasks() -> Iterator[None]:
+    """A task that found its shard stale fails the run with `StaleIndexError`, not Spark's wrapped error."""
     try:
-        found.withColumn("run_id", F.lit(run_id)).write.parquet(out)
+        yield
     except Exception as err:
         stale = _stale_error(err)
         if stale is None:
             raise
         raise stale from err
-    return {name: counter.value for name, counter in counters.items()}
 
 
-def _commit(
-    spark: SparkSession, items: DataFrame, results: DataFrame, path: str, changed: set[str], every_shard: bool
+def _search_and_commit(
+    spark: SparkSession,
+    job: Job,
+    tasks: list[list[Unit]],
+    scope: str,
+    items: DataFrame,
+    changed: set[str],
+    every_shard: bool,
+    staging: str,
+) -> tuple[dict[str, int], int]:
+    """Run the tasks and commit their rows to `similar_items` ("Writing"); returns the executors' counters
+    and the rows written.
+
+    Every shard computed: the table is overwritten. Else the changed shards' items' rows are replaced by key
+    and every other item that is not in an unchanged shard (it left `embeddings`) is deleted. Scope all always
+    computes every shard (`changed_shards`).
+    """
+    counters = {name: spark.sparkContext.accumulator(0) for name in ("shard_loads", "exhaustive")}
+    path = tables.table_path(job.output_root, SIMILAR_ITEMS)
+    with _stale_tasks():
+        if scope == "shard":
+            folder = tables.files_folder(path) if every_shard else f"{staging}/results"
+            written = distributor.run_tasks(spark, tasks, write_task(job, counters, folder), FILES_SCHEMA).collect()
+            names, rows = [str(row["file"]) for row in written], sum(int(row["rows"]) for row in written)
+            if every_shard:
+                tables.commit_files(path, folder, names, TABLE_SCHEMA, mode="overwrite")
+            else:
+                _replace(spark, items, path, folder, names, changed)
+        else:
+            found = distributor.run_tasks(spark, tasks, search_task(job, counters), RESULT_SCHEMA)
+            best_first = Window.partitionBy("item_id").orderBy(F.desc("score"), "similar_item_id")
+            merged = (
+                found.withColumn("rank", F.row_number().over(best_first))
+                .filter(F.col("rank") <= job.k)
+                .select(*RESULT_SCHEMA.names)
+            )
+            rows = tables.write(merged.withColumn("run_id", F.lit(job.run_id)), path, mode="overwrite").rows_added
+    return {name: counter.value for name, counter in counters.items()}, rows
+
+
+def _replace(
+    spark: SparkSession, items: DataFrame, path: str, folder: str, names: Iterable[str], changed: set[str]
 ) -> None:
-    """Overwrite the table when every shard was computed; else replace the changed shards' items by key
-    and delete every other item that is not in an unchanged shard (it left `embeddings`)."""
-    if every_shard:
-        tables.write(results, path, mode="overwrite")
-        return
+    """Replace the changed shards' items by the staged rows in `folder`'s files `names`, and delete every item
+    that is neither among them nor in an unchanged shard (it left `embeddings`)."""
+    schema = from_arrow_schema(TABLE_SCHEMA)
+    files = [f"{folder}/{name}" for name in names]
+    results = spark.read.schema(schema).parquet(*files) if files else spark.createDataFrame([], schema)
     keep = items.filter(~F.col("shard").isin(sorted(changed))).select("item_id")
     leaving = tables.read(spark, path).select("item_id").distinct().join(keep, "item_id", "left_anti")
     tables.replace_by_key(results, path, "item_id", delete_keys=leaving)
@@ -355,7 +440,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     root = cfg["output.root"]
     build = builds.latest_build(root)
     summary = builds.build_summary(root, build)
-    items = _items(spark, cfg, settings)
+    embeddings = tables.table_path(root, EMBEDDINGS)
+    version = tables.version(embeddings)  # tasks read the files of the version Spark reads
+    items = _items(spark, cfg, settings, version)
     stats = _shard_stats(items)
     _check_fresh(stats, summary, build)
     n_items = sum(n for n, _, _ in stats.values())
@@ -403,6 +490,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         staging=f"{staging}/items",
         k=settings.k,
         min_score=settings.min_score,
+        embeddings=tuple(tables.current_files(embeddings, version)),
+        run_id=run_id,
     )
     n_queries = sum(stats[shard][0] for shard in changed)
     size = task_size(
@@ -412,7 +501,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         spark.sparkContext.defaultParallelism,
     )
     try:
-        sizes = _stage(spark, items, {shard: stats[shard][0] for shard in targets}, size, job.staging)
+        counts = {shard: stats[shard][0] for shard in targets}
+        sizes = _stage(spark, items, counts, size, job.staging, with_vectors=settings.scope == "all")
         tasks = pack(plan_units({shard: sizes[shard] for shard in changed}, targets, settings.scope), size)
         log.info(
             "similar %s: %d of %d shards to compute (scope %s, build %s): %d queries in %d tasks",
@@ -424,10 +514,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             n_queries,
             len(tasks),
         )
-        counters = _search(spark, job, tasks, settings.scope, run_id, f"{staging}/results")
-        results = spark.read.parquet(f"{staging}/results")
-        _commit(spark, items, results, path, changed, every_shard=changed == set(stats))
-        rows_out = results.count()
+        every_shard = changed == set(stats)
+        counters, rows_out = _search_and_commit(spark, job, tasks, settings.scope, items, changed, every_shard, staging)
     finally:
         files.remove_dir(staging)
     finish()

@@ -8,7 +8,12 @@ a version. Reads always go through the table's current file list, never a direct
 old versions and of failed writes live in the same folders.
 
 Three write modes cover the pipeline: append, overwrite, and replace-rows-by-key (copy-on-write of only the
-files that hold a replaced or deleted key, committed as remove + add actions in one transaction).
+files that hold a replaced or deleted key, committed as remove + add actions in one transaction). A stage whose
+tasks already hold their rows as Arrow writes them itself: each task writes one Parquet file into a folder of
+the table (`files_folder`, `write_file`) and reports its name, and the driver commits exactly the reported
+files (`commit_files`), so the rows are written once, without a second pass through Spark's writer. Tasks
+also read a table without Spark: the driver lists a version's files (`current_files`) and a task reads the
+rows it needs from them (`read_files`).
 
 Every commit ends with `vacuum`: files that no kept version references (old versions' files beyond
 `tables.keep_versions`, what crashed writes left) are deleted once they are older than a safety margin, so a
@@ -22,11 +27,14 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema, write_deltalake
@@ -154,19 +162,42 @@ def parquet_writer(df: DataFrame) -> DataFrameWriter:
     return writer
 
 
-def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
-    """Executors write `df` into a fresh folder of the table; returns the folder and its add actions."""
+def files_folder(path: str) -> str:
+    """A fresh folder inside table `path` for one write's files: Spark's writer fills it (`write`), or tasks do
+    (`write_file`) before the driver commits what they reported (`commit_files`)."""
     write_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-    rel_dir = f"{DATA_DIR}/{write_id}"
-    folder = f"{_location(path).rstrip('/')}/{rel_dir}"
-    parquet_writer(df).mode("errorifexists").parquet(folder)
+    return f"{_location(path).rstrip('/')}/{DATA_DIR}/{write_id}"
+
+
+def write_file(folder: str, rows: pa.Table) -> str:
+    """Executor side: `rows` as one Parquet file of its own name in `folder` (from `files_folder`); returns the
+    name for the driver to commit. A task attempt that dies, or loses to a retry, leaves a file no commit
+    names: invisible to readers, and removed by a later `vacuum`."""
+    fs, root = filesystem(folder)
+    fs.create_dir(root, recursive=True)
+    name = f"part-{uuid.uuid4().hex}.snappy.parquet"
+    pq.write_table(rows, f"{root}/{name}", filesystem=fs, compression="snappy")
+    return name
+
+
+def _add_actions(path: str, folder: str, names: Sequence[str] | None = None) -> tuple[list[AddAction], int]:
+    """Add actions for the Parquet files `names` of `folder` (a write folder of the table; None: every Parquet
+    file in it), with their row counts from the footers, and the rows in all."""
+    root = _location(path).rstrip("/")
+    if not folder.startswith(f"{root}/{DATA_DIR}/"):
+        raise ValueError(f"{folder} is not a write folder of table {path}")
+    rel_dir = folder[len(root) + 1 :]
     fs, fs_folder = filesystem(folder)
-    infos = fs.get_file_info(pafs.FileSelector(fs_folder, recursive=False))
+    if names is None:
+        found = fs.get_file_info(pafs.FileSelector(fs_folder, recursive=False))
+        infos = [i for i in found if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
+    else:
+        infos = fs.get_file_info([f"{fs_folder}/{name}" for name in names])
     actions: list[AddAction] = []
     rows = 0
     for info in sorted(infos, key=lambda i: i.path):
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
-            continue  # _SUCCESS, .crc checksums
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{path}: {rel_dir}/{info.base_name} was reported written but is not there")
         with fs.open_input_file(info.path) as handle:
             num_records = pq.ParquetFile(handle).metadata.num_rows
         rows += num_records
@@ -180,7 +211,15 @@ def _write_files(df: DataFrame, path: str) -> tuple[str, list[AddAction], int]:
                 stats=json.dumps({"numRecords": num_records}),
             )
         )
-    return rel_dir, actions, rows
+    return actions, rows
+
+
+def _write_files(df: DataFrame, path: str) -> tuple[list[AddAction], int]:
+    """Executors write `df` into a fresh folder of the table; returns its add actions and rows (the folder's
+    _SUCCESS and .crc checksums are not table files)."""
+    folder = files_folder(path)
+    parquet_writer(df).mode("errorifexists").parquet(folder)
+    return _add_actions(path, folder)
 
 
 def write(df: DataFrame, path: str, mode: str = "append", replace_schema: bool = False) -> CommitResult:
@@ -189,15 +228,38 @@ def write(df: DataFrame, path: str, mode: str = "append", replace_schema: bool =
     `replace_schema` (overwrite only) lets the new rows bring new columns: the stage that owns the table uses
     it once when its contract grew, instead of refusing the table as drifted.
     """
+    schema = arrow_schema(df.schema)
+    table = _writable(path, mode, schema, replace_schema)
+    actions, rows = _write_files(df, path)
+    return _commit_adds(path, table, schema, actions, rows, mode)
+
+
+def commit_files(path: str, folder: str, names: Sequence[str], schema: pa.Schema, mode: str) -> CommitResult:
+    """Append or overwrite (as `write`) with the files `names` that tasks wrote into `folder` (`files_folder`
+    of this table, `write_file`), all holding `schema`, in one atomic commit. Only the named files are
+    committed: what failed task attempts left in the folder stays invisible."""
+    table = _writable(path, mode, schema, replace_schema=False)
+    actions, rows = _add_actions(path, folder, names)
+    return _commit_adds(path, table, schema, actions, rows, mode)
+
+
+def _writable(path: str, mode: str, schema: pa.Schema, replace_schema: bool) -> DeltaTable | None:
+    """The table a write of `schema` goes to (None: the write creates it), schema drift refused before any
+    file is written."""
     if mode not in ("append", "overwrite"):
         raise ValueError(f"mode must be append or overwrite, got {mode!r}")
     if replace_schema and mode != "overwrite":
         raise ValueError("replace_schema needs mode='overwrite'")
-    schema = arrow_schema(df.schema)
     table = _open(path) if exists(path) else None
     if table is not None and not replace_schema:
         _check_schema(path, table, schema)
-    _, actions, rows = _write_files(df, path)
+    return table
+
+
+def _commit_adds(
+    path: str, table: DeltaTable | None, schema: pa.Schema, actions: list[AddAction], rows: int, mode: str
+) -> CommitResult:
+    """Commit written files: the table's first version, or an append or overwrite of it."""
     if table is None:
         create_table_with_add_actions(_location(path), Schema.from_arrow(schema), actions, mode="error")
         vacuum(path)  # what a crashed first write left behind
@@ -252,7 +314,7 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
             spark.read.schema(df.schema).parquet(*_spark_paths(path, touched_files)).join(touched, key, "left_anti")
         )
     new_rows = df if survivors is None else survivors.unionByName(df)
-    _, adds, rows = _write_files(new_rows, path)
+    adds, rows = _write_files(new_rows, path)
     now_ms = int(time.time() * 1000)
     removes = [RemoveAction(rel, True, now_ms) for rel in touched_files]
     table.create_write_transaction([*removes, *adds], mode="append", schema=schema)
@@ -292,14 +354,34 @@ def _relative(path: str, file_name: str) -> str:
     return posixpath.relpath(unquote(urlsplit(file_name).path), root_path)
 
 
-def read(spark: SparkSession, path: str) -> DataFrame:
-    """The table's current version as a DataFrame, from its committed file list."""
+def read(spark: SparkSession, path: str, version: int | None = None) -> DataFrame:
+    """The table's current version (or `version`) as a DataFrame, from its committed file list."""
     table = _open(path)
+    if version is not None:
+        table.load_as_version(version)
     schema = from_arrow_schema(pa.schema(table.schema().to_arrow()))
     files = _current_files(table)
     if not files:
         return spark.createDataFrame([], schema)
     return spark.read.schema(schema).parquet(*_spark_paths(path, files))
+
+
+def current_files(path: str, version: int | None = None) -> list[str]:
+    """The files of the table's current version (or `version`), as paths `read_files` reads: the driver
+    lists them once, and tasks read their own rows from them without Spark."""
+    table = _open(path)
+    if version is not None:
+        table.load_as_version(version)
+    root = _location(path).rstrip("/")
+    return [f"{root}/{rel}" for rel in _current_files(table)]
+
+
+def read_files(files: Sequence[str], columns: list[str], where: pc.Expression | None = None) -> pa.Table:
+    """Executor side: `columns` of the rows of `files` (from `current_files`, at least one) that `where` keeps.
+    Row groups whose statistics rule `where` out are skipped; the others are decoded whole."""
+    fs, _ = filesystem(files[0])
+    dataset = ds.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns, filter=where)
 
 
 def read_arrow(path: str, columns: list[str] | None = None) -> pa.Table:
