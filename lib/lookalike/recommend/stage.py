@@ -417,7 +417,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     profiles = distributor.by_key(usable, n_chunks, "user_id", "item_id").mapInArrow(
         profiles_task(settings.max_interests, dim), from_arrow_schema(PROFILE_SCHEMA)
     )
-    covisits = history.covisitation(long_history, settings.covisit_neighbours, n_chunks)
+    covisits = history.covisitation(long_history, settings.covisit_neighbours, spark.sparkContext.defaultParallelism)
     requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
         vectors.select("item_id", "shard"), "item_id"
     )
@@ -426,11 +426,13 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
     try:
         staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
+        log.info("recommend %s: %d users' interests staged (%.1f s in)", run_id, n_users, time.time() - started)
         staged_requests = distributor.stage(
             shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
             f"{staging}/requests",
             ["shard_dir", "chunk"],
         )
+        log.info("recommend %s: co-visited candidates staged (%.1f s in)", run_id, time.time() - started)
         asked = (
             staged.select(F.explode("targets").alias("shard"), "chunk")
             .unionByName(staged_requests.select("shard", "chunk"))
@@ -458,6 +460,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         )
         distributor.run_tasks(spark, units, score_task(job), CANDIDATE_SCHEMA).write.parquet(f"{staging}/candidates")
         candidates = spark.read.parquet(f"{staging}/candidates")
+        log.info("recommend %s: candidates scored (%.1f s in)", run_id, time.time() - started)
         shares = staged.groupBy("user_id").agg(
             F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"]).alias(
                 "shares"
@@ -474,6 +477,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
         )
         ranked.write.parquet(f"{staging}/ranked")
         ranked = spark.read.parquet(f"{staging}/ranked")
+        log.info("recommend %s: lists ranked (%.1f s in)", run_id, time.time() - started)
         # Enough popular items that every user has n left after their own exclusions and their list.
         most_excluded = _only_row(excluded.groupBy("user_id").count().agg(F.max("count")))[0] or 0
         popular = _popular(weighted, items.select("item_id"), 2 * settings.n + min(most_excluded, MAX_POPULAR))
