@@ -1,11 +1,12 @@
 """Units of work as Spark tasks: the one way the index, similar and recommend stages spread shard-sized work
 over executors, and the staged Parquet those tasks read.
 
-The driver plans a list of units (a shard to build, a (shard, query chunk) pair to search, ...), writes the
-rows they need once as Parquet partitioned by unit (`stage`), and `run_tasks` turns unit number i into Spark
-task i, whose body reads its own partition (`read_staged`) and yields Arrow record batches. Compared with a
-`groupBy().applyInPandas`, this keeps the plan on the driver (how many tasks, which unit where) and lets a
-task read only the columns and rows it needs.
+The driver plans a list of units (a shard to build, a (shard, query chunk) pair to search, ...) and
+`run_tasks` turns unit number i into Spark task i, which yields Arrow record batches. A task reads what its
+unit needs: a shard's vectors straight from the `embeddings` files (index, similar), or rows the driver
+wrote once as Parquet partitioned by unit (`stage`, `read_staged`: recommend's profiles and requests,
+similar's keys). Compared with a `groupBy().applyInPandas`, this keeps the plan on the driver (how many
+tasks, which unit where) and lets a task read only the columns and rows it needs.
 
 Per-key work (every user's rows, say) runs over partitions sorted by that key (`key_groups`): one Python
 call per batch of many keys, NumPy slices per key, instead of one pandas call and DataFrame per key as

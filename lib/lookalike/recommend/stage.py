@@ -14,10 +14,11 @@ Flow (Spark unless named otherwise):
 3. Co-visitation candidates: items co-visited with the user's history (`history.covisit_candidates`); each
    user's pairs are counted in NumPy inside the tasks (`covisit.pair_counts`), not as Spark rows.
 4. Scoring units (shard, user chunk), one per Spark task (`mapInArrow`), sorted by shard so that a reused
-   Python worker keeps one FAISS shard loaded (the one-entry cache of the similar stage's design): every
-   interest that targets the shard asks it for `recommend.candidates` items (index search, exact re-rank);
-   every candidate, found there or co-visited and living there, gets its cosine to each of the user's
-   interests, joins the best one, and names the members of that interest that resemble it most.
+   Python worker keeps one FAISS shard loaded (the one-entry cache of the similar stage's design; its vectors
+   read straight from the files of the `embeddings` version the driver read): every interest that targets
+   the shard asks it for `recommend.candidates` items (index search, exact re-rank); every candidate, found
+   there or co-visited and living there, gets its cosine to each of the user's interests, joins the best
+   one, and names the members of that interest that resemble it most.
 5. Per user (again over partitions sorted by user): purchased and out-of-stock items are gone (joins), the
    visual cosine and the co-visitation score are blended (`taste.blend`) and the interests share the list
    (`taste.fair_merge`). `because` holds the history items with the largest blended contributions.
@@ -136,10 +137,12 @@ class Settings:
 
 @dataclass(frozen=True)
 class Job(builds.SearchJob):
-    """What every scoring task needs, pickled into its closure."""
+    """What every scoring task needs, pickled into its closure: `embeddings` lists the files of the
+    `embeddings` version the driver read."""
 
     candidates: int
     because: int
+    embeddings: tuple[str, ...]
 
 
 @dataclass(frozen=True, order=True)
@@ -154,10 +157,9 @@ class Unit:
 
 
 def _load_target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndarray]:
-    """A shard's index and its staged vectors in FAISS id order, for `distributor.worker_cached`."""
-    table = distributor.read_staged(
-        f"{job.staging}/items/shard_dir={shards.folder_name(shard)}", ["item_id", "embedding"]
-    )
+    """A shard's index and its vectors, read from the `embeddings` files, in FAISS id order, for
+    `distributor.worker_cached`."""
+    table = tables.read_files(job.embeddings, ["item_id", "embedding"], pc.field("shard") == shard)
     loaded = builds.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
     return loaded, loaded.align(table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim))
 
@@ -369,7 +371,9 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     build = builds.latest_build(root)
     summary = builds.build_summary(root, build)
     dim = summary["dim"]
-    embeddings = tables.read(spark, tables.table_path(root, EMBEDDINGS))
+    embeddings_path = tables.table_path(root, EMBEDDINGS)
+    embeddings_version = tables.version(embeddings_path)  # the scoring tasks read this version's files
+    embeddings = tables.read(spark, embeddings_path, embeddings_version)
     per_shard = embeddings.groupBy("shard").agg(F.count("*").alias("n"), F.collect_set("model").alias("models"))
     stats = per_shard.collect()
     shard_names = sorted(r["shard"] for r in stats)
@@ -440,8 +444,6 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             .collect()
         )
         units = sorted(Unit(r["shard"], r["chunk"]) for r in asked)
-        needed = sorted({u.shard for u in units})
-        distributor.stage(shards.with_folder(spark, vectors, needed), f"{staging}/items", ["shard_dir"])
         job = Job(
             output_root=root,
             build=build,
@@ -450,6 +452,7 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             staging=staging,
             candidates=settings.candidates,
             because=settings.because,
+            embeddings=tuple(tables.current_files(embeddings_path, embeddings_version)),
         )
         log.info(
             "recommend %s: %d users in %d chunks, %d (shard, chunk) scoring tasks",
