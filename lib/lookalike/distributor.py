@@ -117,6 +117,14 @@ def key_groups(batches: Iterable[pa.RecordBatch], key: str) -> Iterator[tuple[pa
         yield pending, group_bounds(pending.column(key))
 
 
+def whole_partition(batches: Iterable[pa.RecordBatch]) -> pa.Table | None:
+    """A `mapInArrow` body's whole partition as one table, or None when it holds no row: for work that
+    needs every row of a partition at once (summing parts of the same key that arrive in any order)."""
+    held = list(batches)
+    table = pa.Table.from_batches(held) if held else None
+    return table if table is not None and table.num_rows else None
+
+
 def group_bounds(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Where each run of equal keys starts, then the end: `[0, ..., len(keys)]`."""
     values = keys.to_numpy(zero_copy_only=False)

@@ -208,13 +208,13 @@ def covisitation(history: DataFrame, neighbours: int, partitions: int) -> DataFr
 
 
 def pair_counts_task() -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The `mapInArrow` body that counts pairs: a partition of users' rows (history rows, few per user,
-    held whole), sorted by user, to their summed pairs and the pairs' user count products."""
+    """The `mapInArrow` body that counts pairs: a partition of users' rows (at most
+    `recommend.covisit_history` a user, held whole), sorted by user, to their summed pairs and the pairs'
+    user count products."""
 
     def count_pairs(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        held = list(batches)
-        table = pa.Table.from_batches(held) if held else None
-        if table is None or not table.num_rows:
+        table = distributor.whole_partition(batches)
+        if table is None:
             return
         items = pc.dictionary_encode(table.column("item_id").combine_chunks())
         codes = items.indices.to_numpy()
@@ -240,9 +240,8 @@ def top_pairs_task(neighbours: int) -> Callable[[Iterable[pa.RecordBatch]], Iter
     (summed in memory: `spark.shuffle_partitions` sizes the partitions) to each item's best."""
 
     def top(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        held = list(batches)
-        table = pa.Table.from_batches(held) if held else None
-        if table is None or not table.num_rows:
+        table = distributor.whole_partition(batches)
+        if table is None:
             return
         names = pc.dictionary_encode(
             pa.concat_arrays([table.column(c).combine_chunks() for c in ("item_id", "other_id")])
