@@ -8,6 +8,8 @@ pattern that crosses categories. Indexes are real FAISS shards built by `index.r
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,99 @@ def test_event_weights_and_half_life_decay(spark: SparkSession) -> None:
     assert bool(pairs.loc["a", "excluded"]) and not bool(pairs.loc["b", "excluded"])
     undecayed = history.weighted(history.validate(events, "test"), {"view": 1.0, "cart": 3.0}, None)
     assert sorted(undecayed.toPandas()["weight"]) == [1.0, 3.0]  # the purchase has no weight here
+
+
+# ------------------------------------------------------------------------------------ incremental runs
+
+
+def fresh_copy(world: tuple[Path, pd.DataFrame], folder: Path) -> Path:
+    """The world's inputs, embeddings and index in `folder`, with no recommendations or state yet."""
+    shutil.copytree(world[0], folder)
+    shutil.rmtree(folder / "out" / "tables" / "recommendations", ignore_errors=True)
+    shutil.rmtree(folder / "out" / "state", ignore_errors=True)
+    return folder
+
+
+def read_table(folder: Path) -> pd.DataFrame:
+    rows = tables.read_arrow(tables.table_path(str(folder / "out"), "recommendations")).to_pandas()
+    return rows.sort_values(["user_id", "rank"]).reset_index(drop=True)
+
+
+def incremental_against_scratch(
+    spark: SparkSession, folder: Path, change: Callable[[Path], None]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Recommend, change the inputs, recommend again incrementally; and that second run from scratch
+    (`recommend.incremental: false`) over a copy of the changed inputs."""
+    recommend.run(config(folder), spark, "r1")
+    change(folder)
+    scratch = folder.parent / f"{folder.name}-scratch"
+    shutil.copytree(folder, scratch)
+    result = recommend.run(config(folder), spark, "r2")
+    recommend.run(config(scratch, **{"recommend.incremental": False}), spark, "r2")
+    return read_table(folder), read_table(scratch), result.metrics
+
+
+def assert_same_lists(incremental_rows: pd.DataFrame, scratch_rows: pd.DataFrame) -> None:
+    assert incremental_rows[["user_id", "rank", "item_id"]].equals(scratch_rows[["user_id", "rank", "item_id"]])
+    np.testing.assert_allclose(incremental_rows["score"], scratch_rows["score"], atol=1e-5)
+    assert [list(b) for b in incremental_rows["because"]] == [list(b) for b in scratch_rows["because"]]
+
+
+def test_incremental_run_after_a_moved_vector_equals_a_run_from_scratch(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    def move(folder: Path) -> None:
+        # Shoe-039 now looks like what u_shoes shops for (re-embedded by run e2): it should lead their list.
+        path = tables.table_path(str(folder / "out"), "embeddings")
+        embeddings = tables.read_arrow(path).to_pandas()
+        moved = embeddings["item_id"] == "Shoe-039"
+        taste = np.mean(list(embeddings[embeddings["item_id"].isin(["Shoe-001", "Shoe-002"])]["embedding"]), axis=0)
+        vector = (taste / np.linalg.norm(taste)).astype(np.float32)
+        embeddings.loc[moved, "embedding"] = pd.Series([vector], index=embeddings.index[moved])
+        embeddings.loc[moved, "run_id"] = "e2"
+        tables.write(spark.createDataFrame(embeddings, tables.spark_schema(path)), path, mode="overwrite")
+        index.run(config(folder), spark, "b2")
+
+    rows, scratch, metrics = incremental_against_scratch(spark, fresh_copy(world, tmp_path / "moved"), move)
+    assert_same_lists(rows, scratch)
+    assert "Shoe-039" in set(rows[rows["user_id"] == "u_shoes"]["item_id"])  # the change did reach a list
+    assert 0 < metrics["users_recomputed"] < metrics["users"]
+    assert set(rows[rows["run_id"] == "r2"]["user_id"]) < set(rows["user_id"])  # the others' lists kept
+
+
+def test_incremental_run_after_new_and_gone_events_and_stock_equals_a_run_from_scratch(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    def shop(folder: Path) -> None:
+        # A new shopper, one more view for u_shoes, a co-visitor who left, and u_two's top pick sold out.
+        events = pd.read_parquet(folder / "events.parquet")
+        events = pd.concat(
+            [
+                events[events["user_id"] != "pair07"],
+                pd.DataFrame([event("u_new", "Pan-001"), event("u_shoes", "Shoe-010")]),
+            ]
+        )
+        write_events(events, folder / "events.parquet")
+        sold = read_table(folder).query("user_id == 'u_two' and rank == 1")["item_id"].iloc[0]
+        catalog = pd.read_parquet(folder / "catalog.parquet")
+        catalog.loc[catalog["item_id"] == sold, "in_stock"] = False
+        catalog.to_parquet(folder / "catalog.parquet")
+
+    rows, scratch, metrics = incremental_against_scratch(spark, fresh_copy(world, tmp_path / "shop"), shop)
+    assert_same_lists(rows, scratch)
+    assert "pair07" not in set(rows["user_id"]) and "u_new" in set(rows["user_id"])
+    assert {"u_new", "u_shoes", "u_two"} <= set(rows[rows["run_id"] == "r2"]["user_id"])
+    assert 0 < metrics["users_recomputed"] < metrics["users"]
+
+
+def test_incremental_state_is_ignored_when_the_table_was_changed_behind_its_back(
+    spark: SparkSession, world: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    folder = fresh_copy(world, tmp_path / "edited")
+    recommend.run(config(folder), spark, "r1")
+    path = tables.table_path(str(folder / "out"), "recommendations")
+    tables.write(spark.createDataFrame(read_table(folder).head(3)), path, mode="overwrite")
+    write_events(pd.concat([world_events(), pd.DataFrame([event("u_new", "Pan-001")])]), folder / "events.parquet")
+    result = recommend.run(config(folder), spark, "r2")
+    assert result.metrics["users_recomputed"] == result.metrics["users"]
+    assert set(read_table(folder)["user_id"]) == set(world_events()["user_id"]) | {"u_new"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.recommend import taste
+from lookalike.recommend import scoring, taste
 
 
 def _unit(*values: float) -> np.ndarray:
@@ -86,3 +86,27 @@ def test_top_contributors_largest_positive_first_ties_by_name() -> None:
     names = ["b", "a", "c", "d"]
     assert taste.top_contributors(names, np.array([0.5, 0.5, 0.9, -0.1]), 3) == ["c", "a", "b"]
     assert taste.top_contributors(names, np.array([0.0, -1.0, 0.2, 0.0]), 3) == ["c"]
+
+
+def test_entry_score_is_the_last_kept_score_unless_any_newcomer_would_get_in() -> None:
+    interest = np.array([0, 0, 0, 1, 1, 1])
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=np.float32)
+    keep = taste.fair_merge(interest, score, [0.5, 0.5], 4)
+    assert scoring.entry_score(interest, score[keep], np.array([0.5, 0.5]), 4) == pytest.approx(0.5)
+    # The second interest has one candidate for its two slots: a newcomer of it gets in whatever its score.
+    short = np.array([0, 0, 0, 0, 0, 1])
+    keep = taste.fair_merge(short, score, [0.5, 0.5], 4)
+    assert scoring.entry_score(short, score[keep], np.array([0.5, 0.5]), 4) == -np.inf
+    # A list shorter than n takes anything.
+    assert scoring.entry_score(interest[:2], score[:2], np.array([1.0]), 4) == -np.inf
+
+
+def test_could_enter_only_through_a_searched_shard_and_above_the_entry_score() -> None:
+    interests = np.stack([_unit(1, 0, 0), _unit(0, 1, 0)])
+    targets = [["Shoe"], ["Bag"]]
+    near, far = _unit(1, 0.1, 0)[None, :], _unit(0, 0, 1)[None, :]
+    assert scoring.could_enter(interests, targets, 0.4, near, ["Shoe"], 0.5)  # 0.5 x 0.995 >= 0.4
+    assert not scoring.could_enter(interests, targets, 0.6, near, ["Shoe"], 0.5)  # its visual half is < 0.6
+    assert not scoring.could_enter(interests, targets, 0.1, far, ["Shoe"], 0.5)  # looks like nothing they like
+    assert not scoring.could_enter(interests, targets, -np.inf, near, ["Pan"], 0.5)  # a shard no interest searches
+    assert scoring.could_enter(interests, targets, -np.inf, far, ["Bag"], 0.5)  # an open list takes anything

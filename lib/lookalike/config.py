@@ -481,6 +481,12 @@ SCHEMA: dict[str, Key] = {
     "recommend.chunk_size": Key(
         int, 5000, "Users per scoring task (fewer when that would leave a core without two tasks).", minimum=1
     ),
+    "recommend.incremental": Key(
+        bool,
+        True,
+        "Recompute only the users whose history, candidates or stock changed since the last run and keep the "
+        "others' lists (docs/stages.md); false: every user on every run that has anything to do.",
+    ),
     "train.label_columns": Key(
         list,
         ["category"],

@@ -11,6 +11,8 @@ import numpy as np
 
 from lookalike.recommend import taste
 
+ENTRY_SLACK = 1e-5
+"""Float32 room in `could_enter`'s comparison: a candidate that might tie the last kept score counts."""
 TARGETS_PER_INTEREST = 2
 """Shards an interest searches: those holding most of its members' weight. An interest is a cluster of
 similar items, which rarely spans more than a category or two; searching every shard for every user would
@@ -79,6 +81,40 @@ def rank_user(
     score = taste.blend(visual, covisit, covisit_weight)
     keep = taste.fair_merge(interest, score, shares, n)
     return keep, score[keep]
+
+
+def entry_score(interest: np.ndarray, kept_scores: np.ndarray, shares: np.ndarray, n: int) -> float:
+    """The blended score a new candidate must reach to change this ranked list (`rank_user`'s scores), or
+    -inf when any candidate would: the list is short, or an interest has fewer candidates than its quota (a
+    newcomer of that interest takes a slot whatever its score). Otherwise each interest's picks are its best
+    and the rest of the list is the best left, so a candidate under every kept score changes nothing."""
+    counts = np.bincount(interest, minlength=len(shares))
+    if len(kept_scores) < n or np.any(counts < np.asarray(taste.quotas(shares, n))):
+        return -np.inf
+    return float(kept_scores.min())
+
+
+def could_enter(
+    interests: np.ndarray,
+    targets: list[list[str]],
+    entry: float,
+    vectors: np.ndarray,
+    shards: list[str],
+    covisit_weight: float,
+) -> bool:
+    """Whether any of these new or changed item vectors could enter the list of a user whose interests (one
+    row each, with the shards each searches) and `entry_score` were recorded: the item lives in a shard an
+    interest searches, and its visual share of the blend, (1 - weight) x its best cosine to an interest,
+    reaches the entry score (its co-visitation share is 0 for users whose history nobody co-visited it with;
+    the others are recomputed anyway). An upper bound: the index might not even propose it."""
+    searched = {s for shard_list in targets for s in shard_list}
+    reachable = np.array([s in searched for s in shards], dtype=bool)
+    if not reachable.any():
+        return False
+    if not np.isfinite(entry):
+        return True
+    best = (vectors[reachable] @ interests.T).max(axis=1)
+    return bool(np.any((1.0 - covisit_weight) * best >= entry - ENTRY_SLACK))
 
 
 def reasons(

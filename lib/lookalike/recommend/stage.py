@@ -24,10 +24,11 @@ Flow (Spark unless named otherwise):
    (`taste.fair_merge`). `because` holds the history items with the largest blended contributions.
 6. Users with no usable history, or fewer than n candidates left, are filled from the most popular items
    they have not bought, with an empty `because`.
-The table is recomputed and replaced in one commit: a user's list depends on everyone's events. A run whose
-inputs are unchanged since the last one (the events and catalog files, the `embeddings` table version and
-the settings, recorded in `<output.root>/state/recommendations.json` with the table version it wrote) does
-nothing.
+A run whose inputs are unchanged since the last one (the events and catalog files, the `embeddings` table
+version and the settings, recorded in `<output.root>/state/recommendations.json` with the table version it
+wrote) does nothing. Otherwise only the users whose list may have changed are recomputed (`incremental`
+says which; everyone on a first run) and their rows replaced by `user_id` in one commit; the state that
+decides the next run is written before that commit and pointed at after it.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from lookalike.config import Config
 from lookalike.embed import catalog, shards
 from lookalike.errors import LookalikeError
 from lookalike.index import builds, shard_index
-from lookalike.recommend import history
-from lookalike.recommend.scoring import profile_rows, rank_user, reasons, score_user
+from lookalike.recommend import history, incremental
+from lookalike.recommend.scoring import entry_score, profile_rows, rank_user, reasons, score_user
 from lookalike.results import StageResult
 from lookalike.storage import files, tables
 
@@ -92,6 +93,7 @@ RESULT_SCHEMA = pa.schema(
         ("because", pa.list_(pa.string())),
     ]
 )
+RANKED_SCHEMA = RESULT_SCHEMA.append(pa.field("entry", pa.float64()))
 MAX_POPULAR = 10_000
 """Most popular items broadcast for the fill: a user who excluded more than this many of them may end short."""
 
@@ -115,6 +117,7 @@ class Settings:
     covisit_neighbours: int
     because: int
     chunk_size: int
+    incremental: bool
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -132,6 +135,7 @@ class Settings:
             covisit_neighbours=cfg["recommend.covisit_neighbours"],
             because=cfg["recommend.because"],
             chunk_size=cfg["recommend.chunk_size"],
+            incremental=cfg["recommend.incremental"],
         )
 
 
@@ -248,7 +252,8 @@ def profiles_task(max_interests: int, dim: int) -> Callable[[Iterable[pa.RecordB
 
 
 def rank_task(settings: Settings) -> Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The `mapInArrow` body of step 5: scored candidates sorted by user and item -> RESULT_SCHEMA rows."""
+    """The `mapInArrow` body of step 5: scored candidates sorted by user and item -> RANKED_SCHEMA rows (the
+    table's, and each user's `scoring.entry_score` for the incremental state)."""
     weight = settings.covisit_weight
 
     def rank(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -257,15 +262,15 @@ def rank_task(settings: Settings) -> Callable[[Iterable[pa.RecordBatch]], Iterat
             visual = table.column("visual").to_numpy().astype(np.float64)
             covisit = table.column("covisit").fill_null(0.0).to_numpy().astype(np.float64)
             shares = table.column("shares")
-            kept, scores, ranks, tops = [], [], [], []
+            kept, scores, ranks, tops, entries = [], [], [], [], []
             for a, b in zip(bounds[:-1], bounds[1:]):
-                keep, score = rank_user(
-                    interest[a:b], visual[a:b], covisit[a:b], np.asarray(shares[int(a)].as_py()), settings.n, weight
-                )
+                user_shares = np.asarray(shares[int(a)].as_py())
+                keep, score = rank_user(interest[a:b], visual[a:b], covisit[a:b], user_shares, settings.n, weight)
                 kept.append(a + keep)
                 scores.append(score)
                 ranks.append(np.arange(1, len(keep) + 1, dtype=np.int32))
                 tops.append(np.full(len(keep), covisit[a:b].max()))
+                entries.append(np.full(len(keep), entry_score(interest[a:b], score, user_shares, settings.n)))
             rows = table.take(pa.array(np.concatenate(kept)))
             because = [
                 reasons(v_names, v_parts, c_names, c_parts, float(top), weight, settings.because)
@@ -284,8 +289,9 @@ def rank_task(settings: Settings) -> Callable[[Iterable[pa.RecordBatch]], Iterat
                     rows.column("item_id").combine_chunks(),
                     pa.array(np.concatenate(scores), type=pa.float32()),
                     pa.array(because, type=pa.list_(pa.string())),
+                    pa.array(np.concatenate(entries)),
                 ],
-                schema=RESULT_SCHEMA,
+                schema=RANKED_SCHEMA,
             )
 
     return rank
@@ -346,6 +352,229 @@ def inputs_fingerprint(cfg: Config, settings: Settings) -> dict[str, Any]:
     )
 
 
+def _reusable_state(
+    previous: Any, inputs: dict[str, Any], model: str, table_version: int | None
+) -> incremental.State | None:
+    """The previous run's per-user state, where this run may start from it (`incremental`): same settings
+    and model, the table as that run left it, its state folders all there."""
+
+    def results_settings(settings: dict[str, Any]) -> dict[str, Any]:  # the flag changes no list
+        return {key: value for key, value in settings.items() if key != "incremental"}
+
+    if (
+        previous is None
+        or not inputs["settings"]["incremental"]
+        or results_settings(previous.get("inputs", {}).get("settings", {})) != results_settings(inputs["settings"])
+        or previous.get("model") != model
+        or previous.get("table_version") != table_version
+        or "state" not in previous
+        or not all(files.exists(f"{previous['state'][part]}/_SUCCESS") for part in incremental.PARTS)
+    ):
+        return None
+    return incremental.State(previous["state"], previous["popular"])
+
+
+def _scope(
+    spark: SparkSession,
+    run_id: str,
+    settings: Settings,
+    state: incremental.State | None,
+    same_events: bool,
+    popular_rows: list[list],
+    digests: DataFrame,
+    covisits: DataFrame,
+    items_now: DataFrame,
+    embeddings: DataFrame,
+    items: DataFrame,
+) -> tuple[DataFrame | None, DataFrame | None]:
+    """The users this run recomputes (None: everyone) and the users whose rows leave the table (None: none)."""
+    if state is None:
+        log.info(
+            "recommend %s: every user recomputed (first run, settings or model changed, table not as the last run "
+            "left it, or recommend.incremental off)",
+            run_id,
+        )
+        return None, None
+    changed = incremental.changed_items(items_now, state, spark).cache()
+    n_changed = changed.count()
+    if n_changed > incremental.MAX_CHANGED_ITEMS:
+        log.info("recommend %s: every user recomputed (%d items changed)", run_id, n_changed)
+        changed.unpersist()
+        return None, None
+    fresh = (
+        changed.join(embeddings.select("item_id", "shard", "embedding"), "item_id")
+        .join(items.select("item_id"), "item_id")
+        .collect()
+    )
+    vectors = np.array([r["embedding"] for r in fresh], dtype=np.float32) if fresh else np.zeros((0, 0), np.float32)
+    dirty, gone = incremental.dirty_users(
+        spark,
+        state,
+        digests,
+        changed,
+        (vectors, [r["shard"] for r in fresh]),
+        covisits,
+        None if same_events else incremental.covisit_changes(covisits, state, spark),
+        popular_rows != state.popular,
+        settings.covisit_weight,
+        spark.sparkContext.defaultParallelism,
+    )
+    dirty = dirty.join(digests, "user_id", "left_semi").cache()
+    gone = gone.cache()
+    n_dirty, n_gone, n_all = dirty.count(), gone.count(), digests.count()
+    changed.unpersist()
+    if n_dirty > incremental.MAX_DIRTY_SHARE * n_all:
+        log.info("recommend %s: every user recomputed (%d of %d changed)", run_id, n_dirty, n_all)
+        dirty.unpersist()
+        gone.unpersist()
+        return None, None
+    log.info(
+        "recommend %s: %d of %d users to recompute, %d gone (%d items changed%s%s)",
+        run_id,
+        n_dirty,
+        n_all,
+        n_gone,
+        n_changed,
+        "" if same_events else ", events changed",
+        ", popular list changed" if popular_rows != state.popular else "",
+    )
+    if not n_gone:
+        gone.unpersist()
+    return dirty, gone if n_gone else None
+
+
+def _user_state(n: int, digests: DataFrame, limited: DataFrame, ranked: DataFrame, rows: DataFrame) -> DataFrame:
+    """The state rows (`incremental`) of the users this run recomputed: their history digest, history and
+    listed items, entry score (-inf for lists that take any newcomer) and whether popular items filled them."""
+    history_of = limited.groupBy("user_id").agg(F.sort_array(F.collect_list("item_id")).alias("history"))
+    listed = rows.groupBy("user_id").agg(F.sort_array(F.collect_list("item_id")).alias("listed"))
+    entries = ranked.groupBy("user_id").agg(F.first("entry").alias("entry"), F.count("*").alias("_mine"))
+    return (
+        digests.join(rows.select("user_id").distinct(), "user_id", "left_semi")
+        .join(history_of, "user_id", "left")
+        .join(listed, "user_id", "left")
+        .join(entries, "user_id", "left")
+        .select(
+            "user_id",
+            "digest",
+            F.coalesce("history", F.array().cast("array<string>")).alias("history"),
+            F.coalesce("listed", F.array().cast("array<string>")).alias("listed"),
+            F.coalesce("entry", F.lit(float("-inf"))).alias("entry"),
+            (F.coalesce("_mine", F.lit(0)) < n).alias("filled"),
+        )
+    )
+
+
+def _write_state(
+    spark: SparkSession,
+    root: str,
+    run_id: str,
+    state: incremental.State | None,
+    redone: DataFrame | None,
+    parts: dict[str, DataFrame | str],
+) -> dict[str, str]:
+    """This run's state (`incremental`): each part's folder, written under this run's own folder when it is
+    a frame (a string is a folder already written: the state's, carried over). Written before the commit it
+    describes; the JSON that points at it after. With `redone` (the users recomputed or gone) `users` and
+    `profiles` hold the recomputed users' rows, or the state's folder when none was, and the other users' rows
+    are kept."""
+    if state is not None and redone is not None:
+        for part in ("users", "profiles"):
+            kept = state.read(spark, part).join(redone, "user_id", "left_anti")
+            new = parts[part]
+            parts[part] = kept if isinstance(new, str) else kept.unionByName(new)
+    folders = {}
+    for part in incremental.PARTS:
+        frame = parts[part]
+        if isinstance(frame, str):
+            folders[part] = frame
+        else:
+            folders[part] = incremental.folder(root, run_id, part)
+            frame.write.mode("overwrite").parquet(folders[part])
+    return folders
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """What steps 2-6 read, restricted to the users they recompute (`users`; everyone on a full run)."""
+
+    users: DataFrame
+    limited: DataFrame
+    excluded: DataFrame
+    embeddings: DataFrame
+    items: DataFrame
+    covisits: DataFrame
+    popular: DataFrame
+
+
+def _recompute(
+    spark: SparkSession,
+    run_id: str,
+    settings: Settings,
+    job: Job,
+    pieces: Pieces,
+    n_users: int,
+    shard_names: list[str],
+    started: float,
+) -> tuple[DataFrame, DataFrame, DataFrame, int]:
+    """Steps 2-6 for `pieces.users`, in `job.staging`: (staged profiles, ranked rows with entry scores, the
+    table's rows, scoring tasks)."""
+    n_chunks = max(
+        1,
+        math.ceil(n_users / settings.chunk_size),
+        min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)),
+    )
+    vectors = pieces.embeddings.select("item_id", "shard", "embedding")
+    usable = pieces.limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
+    profiles = distributor.by_key(usable, n_chunks, "user_id", "item_id").mapInArrow(
+        profiles_task(settings.max_interests, job.dim), from_arrow_schema(PROFILE_SCHEMA)
+    )
+    requests = history.covisit_candidates(pieces.limited, pieces.covisits, settings.candidates, settings.because)
+    requests = requests.join(vectors.select("item_id", "shard"), "item_id")
+    staging = job.staging
+    chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
+    staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
+    log.info("recommend %s: %d users' interests staged (%.1f s in)", run_id, n_users, time.time() - started)
+    staged_requests = distributor.stage(
+        shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
+        f"{staging}/requests",
+        ["shard_dir", "chunk"],
+    )
+    log.info("recommend %s: co-visited candidates staged (%.1f s in)", run_id, time.time() - started)
+    asked = (
+        staged.select(F.explode("targets").alias("shard"), "chunk")
+        .unionByName(staged_requests.select("shard", "chunk"))
+        .distinct()
+        .collect()
+    )
+    units = sorted(Unit(r["shard"], r["chunk"]) for r in asked)
+    log.info(
+        "recommend %s: %d users in %d chunks, %d (shard, chunk) scoring tasks", run_id, n_users, n_chunks, len(units)
+    )
+    distributor.run_tasks(spark, units, score_task(job), CANDIDATE_SCHEMA).write.parquet(f"{staging}/candidates")
+    candidates = spark.read.parquet(f"{staging}/candidates")
+    log.info("recommend %s: candidates scored (%.1f s in)", run_id, time.time() - started)
+    shares = staged.groupBy("user_id").agg(
+        F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"]).alias("shares")
+    )
+    scored = (
+        candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
+        .join(pieces.excluded, ["user_id", "item_id"], "left_anti")
+        .join(pieces.items.select("item_id"), "item_id")
+        .join(shares, "user_id")
+    )
+    ranked = distributor.by_key(scored, n_chunks, "user_id", "item_id").mapInArrow(
+        rank_task(settings), from_arrow_schema(RANKED_SCHEMA)
+    )
+    ranked.write.parquet(f"{staging}/ranked")
+    ranked = spark.read.parquet(f"{staging}/ranked")
+    log.info("recommend %s: lists ranked (%.1f s in)", run_id, time.time() - started)
+    listed = ranked.drop("entry")
+    filled = _fill(pieces.users, listed, pieces.popular, pieces.excluded, settings.n)
+    listed.unionByName(filled).withColumn("run_id", F.lit(run_id)).write.parquet(f"{staging}/rows")
+    return staged, ranked, spark.read.parquet(f"{staging}/rows"), len(units)
+
+
 def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     started = time.time()
     settings = Settings.from_config(cfg)
@@ -355,11 +584,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     state_path, table_path = files.state_path(root, RECOMMENDATIONS), tables.table_path(root, RECOMMENDATIONS)
     inputs = inputs_fingerprint(cfg, settings)
     previous = files.read_json(state_path)
-    if (
-        previous is not None
-        and previous["inputs"] == inputs
-        and previous["table_version"] == tables.version(table_path)
-    ):
+    table_version = tables.version(table_path)
+    if previous is not None and previous["inputs"] == inputs and previous["table_version"] == table_version:
         log.info(
             "recommend %s: events, catalog, embeddings and settings unchanged since run %s, nothing to do",
             run_id,
@@ -404,107 +630,116 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
             run_id,
             unknown,
         )
-    users = events.select("user_id").distinct().cache()
-    n_users = users.count()
-    n_chunks = max(
-        1,
-        math.ceil(n_users / settings.chunk_size),
-        min(2 * spark.sparkContext.defaultParallelism, math.ceil(n_users / 50)),
-    )
     weighted = history.weighted(events, settings.event_weights, settings.half_life_days).cache()
     pairs = history.user_items(weighted, settings.exclude_events).cache()
     excluded = pairs.filter("excluded").select("user_id", "item_id")
     limited = history.limit_history(pairs, settings.history_limit).cache()
     long_history = history.limit_history(pairs, max(settings.history_limit, settings.covisit_history))
-    vectors = embeddings.select("item_id", "shard", "embedding")
-    usable = limited.join(vectors, "item_id").select("user_id", "item_id", "weight", "shard", "embedding")
-    profiles = distributor.by_key(usable, n_chunks, "user_id", "item_id").mapInArrow(
-        profiles_task(settings.max_interests, dim), from_arrow_schema(PROFILE_SCHEMA)
-    )
-    covisits = history.covisitation(long_history, settings.covisit_neighbours, spark.sparkContext.defaultParallelism)
-    requests = history.covisit_candidates(limited, covisits, settings.candidates, settings.because).join(
-        vectors.select("item_id", "shard"), "item_id"
-    )
+    # Enough popular items that every user has n left after their own exclusions and their list.
+    most_excluded = _only_row(excluded.groupBy("user_id").count().agg(F.max("count")))[0] or 0
+    top = _popular(weighted, items.select("item_id"), 2 * settings.n + min(most_excluded, MAX_POPULAR)).collect()
+    popular = spark.createDataFrame(top, "item_id string, popularity double, pop_score float")
+    popular_rows = [[r["item_id"], round(float(r["pop_score"]), 6)] for r in top]  # what the state compares
 
+    state = _reusable_state(previous, inputs, summary["model"], table_version)
+    same_events = state is not None and previous["inputs"]["events"] == inputs["events"]
+    if state is not None and same_events:
+        covisits_folder = state.folders["covisits"]
+    else:  # read by the state's checks, the candidates and the next run: computed once, into the state
+        covisits_folder = incremental.folder(root, run_id, "covisits")
+        history.covisitation(
+            long_history, settings.covisit_neighbours, spark.sparkContext.defaultParallelism
+        ).write.mode("overwrite").parquet(covisits_folder)
+    covisits = spark.read.parquet(covisits_folder)
+    digests = (
+        state.read(spark, "users").select("user_id", "digest")
+        if state is not None and same_events
+        else incremental.user_digests(events.select("user_id").distinct(), pairs)
+    ).cache()
+    n_all = digests.count()
+    items_now = incremental.item_keys(embeddings, items)
+    scope, gone = _scope(
+        spark, run_id, settings, state, same_events, popular_rows, digests, covisits, items_now, embeddings, items
+    )
+    n_users = n_all if scope is None else scope.count()
     staging = files.staging_dir(root, run_id, "recommend")
-    chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
+    units = 0
     try:
-        staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
-        log.info("recommend %s: %d users' interests staged (%.1f s in)", run_id, n_users, time.time() - started)
-        staged_requests = distributor.stage(
-            shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
-            f"{staging}/requests",
-            ["shard_dir", "chunk"],
-        )
-        log.info("recommend %s: co-visited candidates staged (%.1f s in)", run_id, time.time() - started)
-        asked = (
-            staged.select(F.explode("targets").alias("shard"), "chunk")
-            .unionByName(staged_requests.select("shard", "chunk"))
-            .distinct()
-            .collect()
-        )
-        units = sorted(Unit(r["shard"], r["chunk"]) for r in asked)
-        job = Job(
-            output_root=root,
-            build=build,
-            model=summary["model"],
-            dim=dim,
-            staging=staging,
-            candidates=settings.candidates,
-            because=settings.because,
-            embeddings=tuple(tables.current_files(embeddings_path, embeddings_version)),
-        )
-        log.info(
-            "recommend %s: %d users in %d chunks, %d (shard, chunk) scoring tasks",
-            run_id,
-            n_users,
-            n_chunks,
-            len(units),
-        )
-        distributor.run_tasks(spark, units, score_task(job), CANDIDATE_SCHEMA).write.parquet(f"{staging}/candidates")
-        candidates = spark.read.parquet(f"{staging}/candidates")
-        log.info("recommend %s: candidates scored (%.1f s in)", run_id, time.time() - started)
-        shares = staged.groupBy("user_id").agg(
-            F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"]).alias(
-                "shares"
+        parts: dict[str, DataFrame | str] = {"items": items_now, "covisits": covisits_folder}
+        if state is not None:  # kept unless users were recomputed or left
+            parts.update(users=state.folders["users"], profiles=state.folders["profiles"])
+        rows = None
+        if scope is None or n_users:
+            pieces = Pieces(
+                users=digests.select("user_id") if scope is None else scope,
+                limited=limited if scope is None else limited.join(scope, "user_id", "left_semi"),
+                excluded=excluded if scope is None else excluded.join(scope, "user_id", "left_semi"),
+                embeddings=embeddings,
+                items=items,
+                covisits=covisits,
+                popular=popular,
             )
-        )
-        scored = (
-            candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
-            .join(excluded, ["user_id", "item_id"], "left_anti")
-            .join(items.select("item_id"), "item_id")
-            .join(shares, "user_id")
-        )
-        ranked = distributor.by_key(scored, n_chunks, "user_id", "item_id").mapInArrow(
-            rank_task(settings), from_arrow_schema(RESULT_SCHEMA)
-        )
-        ranked.write.parquet(f"{staging}/ranked")
-        ranked = spark.read.parquet(f"{staging}/ranked")
-        log.info("recommend %s: lists ranked (%.1f s in)", run_id, time.time() - started)
-        # Enough popular items that every user has n left after their own exclusions and their list.
-        most_excluded = _only_row(excluded.groupBy("user_id").count().agg(F.max("count")))[0] or 0
-        popular = _popular(weighted, items.select("item_id"), 2 * settings.n + min(most_excluded, MAX_POPULAR))
-        table = ranked.unionByName(_fill(users, ranked, popular, excluded, settings.n))
-        result = tables.write(table.withColumn("run_id", F.lit(run_id)), table_path, mode="overwrite")
+            job = Job(
+                output_root=root,
+                build=build,
+                model=summary["model"],
+                dim=dim,
+                staging=staging,
+                candidates=settings.candidates,
+                because=settings.because,
+                embeddings=tuple(tables.current_files(embeddings_path, embeddings_version)),
+            )
+            staged, ranked, rows, units = _recompute(
+                spark, run_id, settings, job, pieces, n_users, shard_names, started
+            )
+            parts["users"] = _user_state(settings.n, digests, pieces.limited, ranked, rows)
+            parts["profiles"] = staged.select("user_id", "interest", "vector", "targets")
+        redone = None if scope is None or (not n_users and gone is None) else scope
+        if redone is not None and gone is not None:
+            redone = redone.unionByName(gone)
+        folders = _write_state(spark, root, run_id, state, redone, parts)
+        if scope is None:
+            assert rows is not None
+            result = tables.write(rows, table_path, mode="overwrite")
+        elif rows is not None or gone is not None:
+            empty = spark.createDataFrame([], tables.spark_schema(table_path))
+            result = tables.replace_by_key(rows if rows is not None else empty, table_path, "user_id", gone)
+        else:
+            assert table_version is not None  # a reusable state recorded this version of the table
+            result = tables.CommitResult(table_version, 0, 0, 0)
         files.write_text(
-            state_path, json.dumps({"run_id": run_id, "inputs": inputs, "table_version": result.version}, indent=2)
+            state_path,
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "inputs": inputs,
+                    "table_version": result.version,
+                    "model": summary["model"],
+                    "state": folders,
+                    "popular": popular_rows,
+                },
+                indent=2,
+            ),
         )
+        incremental.remove_unused(root, folders.values())
         written = tables.read(spark, table_path)
         personal, distinct_items = _only_row(
             written.agg(F.countDistinct(F.when(F.size("because") > 0, F.col("user_id"))), F.countDistinct("item_id"))
         )
     finally:
         files.remove_dir(staging)
-        for frame in (weighted, pairs, limited, users):
-            frame.unpersist()
+        for frame in (weighted, pairs, limited, digests, scope, gone):
+            if frame is not None:
+                frame.unpersist()
     n_items = sum(r["n"] for r in stats)
     metrics = {
-        "users": float(n_users),
+        "users": float(n_all),
+        "users_recomputed": float(n_users),
         "users_personalised": float(personal),
-        "users_popularity_only": float(n_users - personal),
+        "users_popularity_only": float(n_all - personal),
         "catalog_coverage": round(distinct_items / n_items, 4) if n_items else 0.0,
-        "scoring_tasks": float(len(units)),
+        "scoring_tasks": float(units),
         "seconds": round(time.time() - started, 3),
     }
-    log.info("recommend %s: %d rows for %d users; %s", run_id, result.rows_added, n_users, metrics)
+    log.info("recommend %s: %d rows for %d of %d users; %s", run_id, result.rows_added, n_users, n_all, metrics)
     return StageResult("recommend", rows_in=n_users, rows_out=result.rows_added, metrics=metrics)

@@ -72,6 +72,14 @@ def remove_dir(path: str) -> None:
         fs.delete_dir(local)
 
 
+def list_dirs(path: str) -> list[str]:
+    """The names of the folders directly inside `path` (none when it is not there)."""
+    fs, local = filesystem(path)
+    if fs.get_file_info(local).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(local)) if i.type == pafs.FileType.Directory)
+
+
 def listing_digest(path: str) -> str:
     """A digest of the files at `path` (a file or a folder, recursively): names, sizes and modification
     times. Changes when any file is added, removed or rewritten; reads no contents, so it is cheap for the
