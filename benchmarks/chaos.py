@@ -42,7 +42,8 @@ broken, fixed), the kill time (or "no kill", or the bad feed), where the kill la
   `tables.vacuum_min_age_hours: 0`, so nothing is spared for its age). The lines below the tables count the
   same beside them: index builds that are incomplete or beyond `index.keep_builds` (LATEST's always kept),
   export snapshots without `_SUCCESS` or beyond `export.keep`, anything left under `staging/`, and stray
-  files (temporary files of an interrupted write, a lock left behind).
+  files (temporary files of an interrupted write, a lock left behind, recommend state that
+  `state/recommendations.json` does not point at).
 
 Target: 0 lost, 0 doubled, 0 orphaned, every bad feed refused with nothing committed, and every night that
 was neither killed nor a bad feed exiting 0. The exit status is 1 otherwise. The work folder (`--out`, default
@@ -349,7 +350,13 @@ def orphans(root: str | Path) -> dict[str, list[str]]:
     staging = root / files.STAGING
     # Empty per-run folders may stay until the next run; files may not.
     found["staging"] = [str(p.relative_to(root)) for p in _files_under(staging)] if staging.exists() else []
-    other = [p for p in _files_under(root / "state") if p.suffix != ".json"] if (root / "state").exists() else []
+    state = files.read_json(files.state_path(str(root), "recommendations")) or {}
+    referenced = [Path(folder) for folder in state.get("state", {}).values()]  # the recommend state's datasets
+    other = [
+        p
+        for p in (_files_under(root / "state") if (root / "state").exists() else [])
+        if p.suffix != ".json" and not any(p.is_relative_to(folder) for folder in referenced)
+    ]
     known = {"tables", "indexes", "export", files.STAGING, "state", lock.LOCK_FILE + lock.MUTEX_SUFFIX}
     for entry in sorted(root.iterdir()):
         if entry.name not in known:

@@ -69,12 +69,18 @@ def folder(output_root: str, run_id: str, part: str) -> str:
 
 
 def remove_unused(output_root: str, used: Iterable[str]) -> None:
-    """Delete the state folders of runs the current state no longer points at (old or crashed runs')."""
+    """Delete the state folders the current state does not point at: old or crashed runs', and the parts of
+    a run whose other parts are still used (its co-visitation lists, carried over while events stay)."""
     root = f"{output_root.rstrip('/')}/state/recommendations"
-    keep = {path.rstrip("/").split("/")[-2] for path in used}
+    used = {path.rstrip("/") for path in used}
     for run in files.list_dirs(root):
-        if run not in keep:
+        parts = [f"{root}/{run}/{part}" for part in files.list_dirs(f"{root}/{run}")]
+        if not any(part in used for part in parts):
             files.remove_dir(f"{root}/{run}")
+            continue
+        for part in parts:
+            if part not in used:
+                files.remove_dir(part)
 
 
 def item_keys(embeddings: DataFrame, eligible: DataFrame) -> DataFrame:
