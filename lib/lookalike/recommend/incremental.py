@@ -38,6 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from lookalike import distributor
+from lookalike.index import shard_index
 from lookalike.recommend.scoring import could_enter
 from lookalike.storage import files
 
@@ -128,8 +129,7 @@ def reach_task(
     def reach(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table, bounds in distributor.key_groups(batches, "user_id"):
             users = table.column("user_id").to_pylist()
-            interests = np.asarray(table.column("vector").combine_chunks().flatten(), dtype=np.float32)
-            interests = interests.reshape(-1, dim)
+            interests = shard_index.matrix(table.column("vector"), dim)
             targets = table.column("targets").to_pylist()
             entry = table.column("entry").to_numpy()
             hit = [

@@ -382,6 +382,7 @@ def _scope(
     same_events: bool,
     popular_rows: list[list],
     digests: DataFrame,
+    n_all: int,
     covisits: DataFrame,
     items_now: DataFrame,
     embeddings: DataFrame,
@@ -421,7 +422,7 @@ def _scope(
     )
     dirty = dirty.join(digests, "user_id", "left_semi").cache()
     gone = gone.cache()
-    n_dirty, n_gone, n_all = dirty.count(), gone.count(), digests.count()
+    n_dirty, n_gone = dirty.count(), gone.count()
     changed.unpersist()
     if n_dirty > incremental.MAX_DIRTY_SHARE * n_all:
         log.info("recommend %s: every user recomputed (%d of %d changed)", run_id, n_dirty, n_all)
@@ -659,7 +660,18 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
     n_all = digests.count()
     items_now = incremental.item_keys(embeddings, items)
     scope, gone = _scope(
-        spark, run_id, settings, state, same_events, popular_rows, digests, covisits, items_now, embeddings, items
+        spark,
+        run_id,
+        settings,
+        state,
+        same_events,
+        popular_rows,
+        digests,
+        n_all,
+        covisits,
+        items_now,
+        embeddings,
+        items,
     )
     n_users = n_all if scope is None else scope.count()
     staging = files.staging_dir(root, run_id, "recommend")
