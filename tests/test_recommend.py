@@ -135,12 +135,17 @@ def config(folder: Path, **overrides: object) -> Config:
     )
 
 
+def read_table(folder: Path) -> pd.DataFrame:
+    rows = tables.read_arrow(tables.table_path(str(folder / "out"), "recommendations")).to_pandas()
+    return rows.sort_values(["user_id", "rank"]).reset_index(drop=True)
+
+
 def run_stage(spark: SparkSession, world: tuple[Path, pd.DataFrame], **overrides: object) -> pd.DataFrame:
     cfg = config(world[0], **overrides)
     result = recommend.run(cfg, spark, "r1")
-    rows = tables.read_arrow(tables.table_path(cfg["output.root"], "recommendations")).to_pandas()
+    rows = read_table(world[0])
     assert result.rows_out == len(rows)
-    return rows.sort_values(["user_id", "rank"]).reset_index(drop=True)
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +278,6 @@ def fresh_copy(world: tuple[Path, pd.DataFrame], folder: Path) -> Path:
     shutil.rmtree(folder / "out" / "tables" / "recommendations", ignore_errors=True)
     shutil.rmtree(folder / "out" / "state", ignore_errors=True)
     return folder
-
-
-def read_table(folder: Path) -> pd.DataFrame:
-    rows = tables.read_arrow(tables.table_path(str(folder / "out"), "recommendations")).to_pandas()
-    return rows.sort_values(["user_id", "rank"]).reset_index(drop=True)
 
 
 def incremental_against_scratch(
