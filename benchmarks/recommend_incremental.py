@@ -8,8 +8,9 @@ one user per 5 items with 10 events each) the recommend stage runs once in full,
 
 each time incrementally (the default) and then from scratch (`recommend.incremental: false`) over the same
 inputs, in the same SparkSession. Printed per change: users recomputed, both times, their ratio, and whether
-the two runs wrote the same table (the same items with scores within 1e-5 at every rank; tied items may come
-in either order).
+the two runs wrote the same table, by the chaos benchmark's comparison (`chaos.diff`: every row's item, score
+and `because`, scores within 1e-5; items whose scores tie may come in either order, and the last tie at the
+cut may be another item with the same score).
 
     .venv/bin/python benchmarks/recommend_incremental.py --n 50000
 """
@@ -26,20 +27,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chaos import diff, read_rows  # noqa: E402
 from index_build import cluster_model, sample  # noqa: E402
 from scale import EVENTS_PER_USER, write_catalog_and_events  # noqa: E402
 from similar_items import write_embeddings  # noqa: E402
-
-
-def _differing_users(a: pd.DataFrame, b: pd.DataFrame) -> set[str]:
-    """Users whose lists differ between two tables: other items, or a score at some rank or of some item more
-    than 1e-5 apart. Items whose scores tie within 1e-5 may come in either order: a list kept from the night
-    before broke the tie on weights decayed from an older newest event, equal up to float rounding."""
-    ranks = a.merge(b, on=["user_id", "rank"], how="outer", suffixes=("_a", "_b"))
-    items = a.merge(b, on=["user_id", "item_id"], how="outer", suffixes=("_a", "_b"))
-    return set(ranks.loc[~((ranks["score_a"] - ranks["score_b"]).abs() <= 1e-5), "user_id"]) | set(
-        items.loc[~((items["score_a"] - items["score_b"]).abs() <= 1e-5), "user_id"]
-    )
 
 
 def main() -> None:
@@ -77,13 +68,13 @@ def main() -> None:
     vectors = sample(cluster_model(256, max(1, args.n // 500), args.seed), args.n, args.seed + 1)
     write_embeddings(spark, vectors, str(work / "out"), work, shards=args.shards)
     index.run(cfg(), spark, "i0")
-    table_path = tables.table_path(str(work / "out"), "recommendations")
 
     def recommend_run(run_id: str, **extra: object) -> tuple[float, float, pd.DataFrame]:
         started = time.perf_counter()
         result = recommend.run(cfg(**extra), spark, run_id)
         seconds = time.perf_counter() - started
-        rows = tables.read_arrow(table_path).to_pandas().sort_values(["user_id", "rank"]).reset_index(drop=True)
+        rows = read_rows(work / "out", "recommendations")
+        assert rows is not None
         return seconds, result.metrics["users_recomputed"], rows
 
     print(f"{args.n:,} items in {args.shards} shards, {users:,} users x {EVENTS_PER_USER} events", flush=True)
@@ -124,12 +115,14 @@ def main() -> None:
         change()
         inc_s, recomputed, inc_rows = recommend_run(f"{name}-inc")
         scratch_s, _, scratch_rows = recommend_run(f"{name}-scratch", **{"recommend.incremental": False})
-        differ = sorted(_differing_users(inc_rows, scratch_rows))
+        found = diff("recommendations", scratch_rows, inc_rows)
         verdict = "yes"
-        if differ:  # kept for a look: both tables, and the users whose lists differ
+        if not found.equal:  # kept for a look: both tables
             inc_rows.to_parquet(work / f"{name}-incremental.parquet")
             scratch_rows.to_parquet(work / f"{name}-scratch.parquet")
-            verdict = f"NO: {len(differ)} users differ ({', '.join(differ[:3])}, ...; tables in {work})"
+            verdict = (
+                f"NO: {found.lost} rows lost, {found.doubled} other ({', '.join(found.examples)}; tables in {work})"
+            )
         print(
             f"{name:<12}{f'{recomputed:,.0f} / {len(scratch_rows.user_id.unique()):,}':>14}{inc_s:>11.1f} s"
             f"{scratch_s:>12.1f} s{inc_s / scratch_s:>7.2f}x  {verdict}",
