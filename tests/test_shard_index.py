@@ -99,6 +99,30 @@ def test_search_needs_the_vectors_to_rerank(built: shard_index.BuiltIndex, vecto
         shard_index.search(built.index, vectors, vectors[:2, :32], 10, 4, 100)
 
 
+def test_rerank_breaks_ties_by_id_and_pads_short_rows() -> None:
+    # Items 1 and 3 are the same vector (a twin), item 0 the query's closest: the exact step must rank
+    # the twins by FAISS id whatever order the proposer gave them, and pad past the 4 items there are.
+    vectors = np.eye(4, DIM, dtype=np.float32)
+    vectors[3] = vectors[1] = np.array([0.6, 0.8] + [0.0] * (DIM - 2), dtype=np.float32)
+    proposer = faiss.IndexFlatIP(DIM)
+    proposer.add(vectors[::-1].copy())  # proposer ids are reversed: ties come in the wrong order
+    order = np.arange(4)[::-1]
+
+    class Reversed:
+        d, ntotal = DIM, 4
+
+        def search(self, queries: np.ndarray, k: int, params: object = None) -> tuple[np.ndarray, np.ndarray]:
+            scores, ids = proposer.search(queries, k)
+            return scores, np.where(ids >= 0, order[np.maximum(ids, 0)], -1)
+
+    query = np.zeros((1, DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    scores, ids = shard_index.search(Reversed(), vectors, query, 6, 0, 6)  # type: ignore[arg-type]
+    assert ids.tolist() == [[1, 3, 0, 2, -1, -1]]
+    np.testing.assert_allclose(scores[0, :4], [0.96, 0.96, 0.8, 0.0], atol=1e-6)
+    assert np.isneginf(scores[0, 4:]).all()
+
+
 def test_flat_shard_is_exact() -> None:
     vectors = clustered(3000, seed=4)
     params = choose_params(len(vectors), DIM)
