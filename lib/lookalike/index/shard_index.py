@@ -56,8 +56,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lookalike.index.params import (
-    KMEANS_ITERATIONS,
     PQ_CENTROIDS,
+    PQ_KMEANS_ITERATIONS,
     PQ_TRAIN_POINTS,
     RECALL_K,
     TRAIN_POINTS_PER_LIST,
@@ -237,7 +237,7 @@ def build(
             ivf.pq.cp.seed = seed  # type: ignore[attr-defined]
             ivf.cp.min_points_per_centroid = TRAIN_POINTS_PER_LIST  # type: ignore[attr-defined]
             ivf.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS // PQ_CENTROIDS  # type: ignore[attr-defined]
-            ivf.cp.niter = ivf.pq.cp.niter = KMEANS_ITERATIONS  # type: ignore[attr-defined]
+            ivf.pq.cp.niter = PQ_KMEANS_ITERATIONS  # type: ignore[attr-defined]
             index.train(vectors[sample])
             baseline = quantization_error(index, vectors, seed)
             update = {**update, "reused": False, "trained_in": None, "quantization_error": baseline}
