@@ -7,6 +7,8 @@ A generated corpus of good, odd and bad images goes through `embed.run`: every g
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from lookalike.config import Config
+from lookalike.embed import reader
 from lookalike.embed import stage as embed
 from lookalike.embed.models import device
 from lookalike.embed.task import Readers, TaskModel, WorkRow, _prefetch, embed_rows
@@ -115,6 +118,32 @@ def test_incremental_reruns(spark: SparkSession, tmp_path: Path) -> None:
         embed.run(config(tmp_path, write_catalog(tmp_path, uris), **{"embed.image_size": 48}), spark, "r4").rows_out
         == 6
     )
+
+
+def test_unchanged_local_images_are_not_read_again(spark: SparkSession, tmp_path: Path) -> None:
+    """A local image's stat is its validator (`reader.stat_tag`, kept in `fetch_state`): an unchanged night
+    reads no image (nothing is `fetched`), a rewritten image is read and embedded, a touched one read and
+    found unchanged."""
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(3):
+        photo(40 + i, 30, seed=i).save(images / f"p{i}.png")
+    time.sleep(reader.FRESH_SECONDS + 0.1)  # older than the window in which a file gets no validator
+    cfg = config(tmp_path, write_catalog(tmp_path, {f"p{i}": f"img/p{i}.png" for i in range(3)}))
+    assert embed.run(cfg, spark, "r1").metrics["fetched"] == 3
+    state = tables.read_arrow(tables.table_path(str(tmp_path / "out"), "fetch_state")).to_pandas()
+    tags = {f"p{i}": reader.stat_tag(os.stat(images / f"p{i}.png"), time.time()) for i in range(3)}
+    assert dict(zip(state["item_id"], state["etag"])) == tags
+
+    second = embed.run(cfg, spark, "r2")
+    assert second.metrics["fetched"] == 0 and second.metrics["unchanged"] == 3
+
+    photo(40, 30, seed=99).save(images / "p0.png")
+    os.utime(images / "p1.png")
+    time.sleep(reader.FRESH_SECONDS + 0.1)
+    third = embed.run(cfg, spark, "r3")
+    assert third.rows_out == 1 and third.metrics["fetched"] == 2 and third.metrics["unchanged"] == 2
+    assert embeddings(tmp_path / "out")["run_id"].to_dict() == {"p0": "r3", "p1": "r1", "p2": "r1"}
 
 
 def test_too_many_bad_images_stops_and_commits_nothing(spark: SparkSession, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -35,6 +36,25 @@ def kind_of(uri: str, max_bytes: int = 10_000) -> ImageError:
 
 def test_reads_a_local_path(image_file: Path) -> None:
     assert read_bytes(str(image_file), 10_000) == PAYLOAD
+
+
+def test_a_local_file_is_validated_by_its_stat(image_file: Path) -> None:
+    fresh = reader.read(str(image_file), 10_000)
+    assert fresh.data == PAYLOAD and fresh.etag is None  # just written: a second write could keep its stat
+    info = os.stat(image_file)
+    assert reader.stat_tag(info, info.st_ctime + reader.FRESH_SECONDS / 2) is None
+    tag = reader.stat_tag(info, info.st_ctime + reader.FRESH_SECONDS)
+    assert tag == f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}-{info.st_ctime_ns:x}"'
+
+    time.sleep(reader.FRESH_SECONDS + 0.1)
+    read = reader.read(str(image_file), 10_000)
+    assert read.data == PAYLOAD and read.etag == tag
+    assert reader.read(str(image_file), 10_000, etag=tag).data is None  # unchanged: not read
+    assert reader.read(str(image_file), 10_000, etag='"other"').data == PAYLOAD
+    # Rewritten with the same size and its modification time put back: the change time still moves.
+    image_file.write_bytes(PAYLOAD[::-1])
+    os.utime(image_file, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert reader.read(str(image_file), 10_000, etag=tag).data == PAYLOAD[::-1]
 
 
 def test_reads_file_uris_in_both_spellings(image_file: Path) -> None:

@@ -11,6 +11,12 @@ Runs on executors once per image, so:
   (a folder, FIFO, device or socket: a FIFO would block the task forever), `unreadable`, `too_large`.
 * The byte limit is checked from the file size before reading, and enforced again while reading, so a
   stray multi-gigabyte file (or one that grows) is never pulled into memory.
+* A local file gets a validator, as a web server gives a static file its ETag: its inode, size,
+  modification and change times (`stat_tag`). Handed the validator of the bytes seen last time, `read`
+  answers like a 304 when the file's stat still matches, without reading it: an unchanged night then costs
+  one `stat` per image, not its bytes. The change time is set by the kernel on every write and cannot be
+  set back by `touch` or `cp -p`; a file changed less than `FRESH_SECONDS` ago gets no validator, since on
+  a file system with coarse timestamps a second write of the same size within one tick would keep its stat.
 
 The policy (`ImagePolicy`): a local path that names a file under the catalog's folder (every relative
 `image_uri` is resolved there) must really be inside it once `..` and symlinks are resolved, so a catalog row
@@ -24,6 +30,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -33,6 +40,10 @@ import pyarrow as pa
 from lookalike.embed.decode import ImageError
 from lookalike.embed.fetcher import Fetched, Fetcher, is_http
 from lookalike.storage.uri import file_uri_path, is_local, remote_filesystem
+
+FRESH_SECONDS = 2.0
+"""A local file modified or changed less than this long ago gets no validator (see the module docstring):
+2 s covers the coarsest timestamps in use (FAT's)."""
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,16 @@ def read(
     """The image at `uri` (a local path, `file:` URI, http(s) URL or a pyarrow-supported URI).
 
     http(s) goes through `fetcher`, conditionally when `etag` or `last_modified` (the validators of the bytes
-    seen last time) are given: then `Fetched.data` is None if they are still current. Raises ImageError with
-    one of the kinds in the module docstring, or those of `lookalike.embed.fetcher`.
+    seen last time) are given: then `Fetched.data` is None if they are still current. A local file is
+    validated the same way against `etag` (its `stat_tag`, which every read of it returns). Raises ImageError
+    with one of the kinds in the module docstring, or those of `lookalike.embed.fetcher`.
     """
     if not uri or not uri.strip():
         raise ImageError("missing", "no image URI (empty or null)")
     if "\x00" in uri:
         raise ImageError("bad_uri", f"{uri!r}: a NUL character cannot be in a path or URI")
     if is_local(uri):
-        return Fetched(_read_local(uri, _local_path(uri, policy), max_bytes))
+        return _read_local(uri, _local_path(uri, policy), max_bytes, etag)
     if is_http(uri):
         if fetcher is None:
             raise ImageError("bad_uri", f"{uri}: http(s) images are read by the embed stage's fetcher only")
@@ -130,7 +142,16 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
-def _read_local(uri: str, path: str, max_bytes: int) -> bytes:
+def stat_tag(info: os.stat_result, now: float) -> str | None:
+    """A local file's validator: inode, size, modification and change times (in ns), as a quoted ETag;
+    None while the file changed less than `FRESH_SECONDS` before `now`."""
+    if now - max(info.st_mtime, info.st_ctime) < FRESH_SECONDS:
+        return None
+    return f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}-{info.st_ctime_ns:x}"'
+
+
+def _read_local(uri: str, path: str, max_bytes: int, etag: str | None) -> Fetched:
+    """The file's bytes and validator, or (`data` None) just the validator when it equals `etag`."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; the type check below then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -140,6 +161,9 @@ def _read_local(uri: str, path: str, max_bytes: int) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError("not_a_file", f"{uri}: is a {_file_type(info.st_mode)}, not a regular file")
+        tag = stat_tag(info, time.time())
+        if etag is not None and tag == etag:
+            return Fetched(None, etag=tag)
         _check_size(uri, info.st_size, max_bytes)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(max_bytes + 1)
@@ -148,7 +172,7 @@ def _read_local(uri: str, path: str, max_bytes: int) -> bytes:
     finally:
         os.close(fd)
     _check_size(uri, len(data), max_bytes)  # it grew since fstat
-    return data
+    return Fetched(data, etag=tag)
 
 
 def _file_type(mode: int) -> str:

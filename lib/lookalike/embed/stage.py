@@ -16,7 +16,8 @@ of the bytes they name, and the next run sends them along, for those bytes only 
 embedded (or known-bad) ones; a failed URL is tried again after a delay that grows with each failed run
 (`quarantine.attempts`, `next_retry_at`), and until then it is `deferred`: its quarantine row, and the
 embedding of an item that failed only transiently (`kept`), stay as they are. `embed.retry_failed` (the
-`--retry-failed` flag) embeds the quarantined items only, now.
+`--retry-failed` flag) embeds the quarantined items only, now. Local files get a validator of their own, made
+from their stat (`reader.stat_tag`), kept in `fetch_state` the same way: an unchanged local image is not read.
 """
 
 from __future__ import annotations

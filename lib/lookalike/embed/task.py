@@ -5,7 +5,8 @@ thread pool (Pillow and file reads release the GIL) so that the next images are 
 current batch; http(s) images are read in a pool of their own (`fetch.concurrency` threads sharing the task's
 `Fetcher`), because a request spends its time waiting, not computing. A URL fetched before is asked for
 conditionally (`If-None-Match` / `If-Modified-Since` with the validators of the bytes seen then): a 304
-means those bytes, unchanged, with nothing moved, decoded or embedded. An image whose bytes hash to the
+means those bytes, unchanged, with nothing moved, decoded or embedded; a local file whose stat still matches
+its validator (`reader.stat_tag`) is not even read. An image whose bytes hash to the
 sha256 already stored for this model is not decoded at all, and a task with nothing to embed never loads the
 model (`TaskModel`): that is what makes an unchanged night cheap. Every per-image failure becomes a row
 with its `ImageError` kind; nothing a single image does can fail the task. A transient failure (a host down,
@@ -157,7 +158,7 @@ class _Loaded:
     error: ImageError | None = None
     unchanged: bool = False
     still_failed: bool = False
-    fetched: bool = False  # the bytes came in a 200 answer over http(s), with these validators
+    fetched: bool = False  # the bytes came with these validators (a 200 over http(s), or a local file's stat)
     etag: str | None = None
     last_modified: str | None = None
 
@@ -207,11 +208,11 @@ def _load(row: WorkRow, settings: EmbedSettings, fetcher: Fetcher | None) -> _Lo
         if row.uri is None or not row.uri.strip():
             raise ImageError("missing", "catalog row has no image_uri")
         got = read(row.uri, settings.max_bytes, settings.policy, fetcher, row.etag, row.last_modified)
-        if got.data is None:  # 304: the validators still name the bytes last seen
+        if got.data is None:  # 304, or a local file's stat unchanged: the validators name the bytes last seen
             loaded.sha256 = row.validated_sha
         else:
             loaded.sha256 = hashlib.sha256(got.data).hexdigest()
-            loaded.fetched = is_http(row.uri)
+            loaded.fetched = is_http(row.uri) or got.etag is not None  # a local file's validator is kept too
             loaded.etag, loaded.last_modified = got.etag, got.last_modified
         if loaded.sha256 is not None and loaded.sha256 == row.known_sha:
             loaded.unchanged = True
