@@ -647,7 +647,7 @@ def _rerank(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
     candidates = np.ascontiguousarray(candidates, dtype=np.int64)
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
-    faiss.knn_inner_products_by_idx(
+    faiss.knn_inner_products_by_idx(  # type: ignore[attr-defined]
         faiss.swig_ptr(queries),
         faiss.swig_ptr(vectors),
         faiss.swig_ptr(candidates),
