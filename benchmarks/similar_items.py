@@ -74,9 +74,12 @@ def recall(found: dict[int, set[int]], rows: np.ndarray, truth: np.ndarray) -> f
     return hits / (K * len(rows))
 
 
-def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path, model: str = MODEL, shards: int = 1) -> None:
+def write_embeddings(
+    spark, vectors: np.ndarray, root: str, workdir: Path, model: str = MODEL, shards: int = 1, clustered: bool = True
+) -> None:
     """The vectors as lookalike's `embeddings` table: item i is "i", in shard "all" (or `s<i % shards>`),
-    distinct images, embedded by `model`."""
+    distinct images, embedded by `model`; files clustered by shard as the embed stage writes them (or, with
+    `clustered` False, every file mixing all shards)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
@@ -108,7 +111,7 @@ def write_embeddings(spark, vectors: np.ndarray, root: str, workdir: Path, model
         F.lit("e1").alias("run_id"),
         F.current_timestamp().alias("embedded_at"),
     )
-    tables.write(frame, tables.table_path(root, "embeddings"), mode="overwrite")
+    tables.write(frame, tables.table_path(root, "embeddings"), mode="overwrite", cluster_by="shard" if clustered else None)
 
 
 def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:

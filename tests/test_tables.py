@@ -105,6 +105,33 @@ def test_replace_by_key_rewrites_only_touched_files(spark: SparkSession, tmp_pat
     assert tables.replace_by_key(empty, path, "item_id").version == result.version
 
 
+def shards_per_file(path: str) -> list[list[str]]:
+    """Each committed file's `value` column, in file order: which values share a file, and how sorted."""
+    return [pq.read_table(f"{path}/{rel}", columns=["value"])["value"].to_pylist() for rel in committed_files(path)]
+
+
+def test_clustered_writes_keep_each_value_in_one_file_sorted(spark: SparkSession, tmp_path: Path) -> None:
+    """`cluster_by` (how `embeddings` is written by shard): a shard's rows share one file, sorted, and a read
+    of one shard gets exactly its rows; an upsert rewrites clustered too."""
+    path = str(tmp_path / "t")
+    mixed = spark.createDataFrame(
+        [(f"i{i:04d}", f"s{i % 5}", [float(i), 1.0]) for i in range(200)], "item_id string, value string, vec array<float>"
+    ).repartition(4)
+    tables.write(mixed, path, cluster_by="value")
+    files = shards_per_file(path)
+    homes = [{value for value in values} for values in files]
+    assert sorted(value for home in homes for value in home) == [f"s{i}" for i in range(5)]  # no value in two files
+    assert all(values == sorted(values) for values in files)
+    one = tables.read_files(tables.current_files(path), ["item_id"], pc.field("value") == "s3")
+    assert sorted(one["item_id"].to_pylist()) == [f"i{i:04d}" for i in range(3, 200, 5)]
+
+    upsert = spark.createDataFrame([("i0003", "s1", [0.0, 0.0]), ("i0500", "s3", [0.0, 0.0])], mixed.schema)
+    tables.replace_by_key(upsert, path, "item_id", cluster_by="value")
+    after = tables.read_arrow(path, ["item_id", "value"]).to_pylist()
+    assert len(after) == 201 and {"item_id": "i0003", "value": "s1"} in after
+    assert all(values == sorted(values) for values in shards_per_file(path))
+
+
 def test_files_tasks_wrote_are_committed_and_read_without_spark(spark: SparkSession, tmp_path: Path) -> None:
     path = str(tmp_path / "t")
     tables.write(frame(spark, range(5), partitions=1), path)

@@ -255,7 +255,7 @@ def _commit(
         now.alias("embedded_at"),
     )
     if existing is None:
-        tables.write(new_rows, paths[EMBEDDINGS], mode="overwrite")
+        tables.write(new_rows, paths[EMBEDDINGS], mode="overwrite", cluster_by="shard")
     else:
         # Items whose vector stays but whose shard moved (a category grew past index.max_shard_size) keep it.
         unchanged = staged.filter(vectors.keeps_vector(settings))
@@ -266,7 +266,11 @@ def _commit(
             .select(*new_rows.columns)
         )
         tables.replace_by_key(
-            new_rows.unionByName(moved), paths[EMBEDDINGS], "item_id", delete_keys=_gone(existing, staged, settings)
+            new_rows.unionByName(moved),
+            paths[EMBEDDINGS],
+            "item_id",
+            delete_keys=_gone(existing, staged, settings),
+            cluster_by="shard",
         )
 
     q_path = paths[QUARANTINE]

@@ -214,23 +214,34 @@ def _add_actions(path: str, folder: str, names: Sequence[str] | None = None) -> 
     return actions, rows
 
 
-def _write_files(df: DataFrame, path: str) -> tuple[list[AddAction], int]:
+def _write_files(df: DataFrame, path: str, cluster_by: str | None) -> tuple[list[AddAction], int]:
     """Executors write `df` into a fresh folder of the table; returns its add actions and rows (the folder's
-    _SUCCESS and .crc checksums are not table files)."""
+    _SUCCESS and .crc checksums are not table files).
+
+    `cluster_by` names a column whose equal values should share files: rows are hash-partitioned by it (one
+    value's rows in one file; adaptive execution packs small values together) and sorted by it inside each
+    file, so a reader filtering on one value (`read_files`) skips the other files' row groups by their
+    statistics. `embeddings` is written by `shard`: every index, similar and recommend task reads one shard,
+    and with shards mixed in every file each such read decoded the whole table (at 300,000 x 256-d in 10
+    shards, reading every shard once took 2.8x as long; `benchmarks/shard_reads.py`)."""
+    if cluster_by is not None:
+        df = df.repartition(cluster_by).sortWithinPartitions(cluster_by)
     folder = files_folder(path)
     parquet_writer(df).mode("errorifexists").parquet(folder)
     return _add_actions(path, folder)
 
 
-def write(df: DataFrame, path: str, mode: str = "append", replace_schema: bool = False) -> CommitResult:
+def write(
+    df: DataFrame, path: str, mode: str = "append", replace_schema: bool = False, cluster_by: str | None = None
+) -> CommitResult:
     """Append to or overwrite a table (creating it on first write) in one atomic commit.
 
     `replace_schema` (overwrite only) lets the new rows bring new columns: the stage that owns the table uses
-    it once when its contract grew, instead of refusing the table as drifted.
+    it once when its contract grew, instead of refusing the table as drifted. `cluster_by`: see `_write_files`.
     """
     schema = arrow_schema(df.schema)
     table = _writable(path, mode, schema, replace_schema)
-    actions, rows = _write_files(df, path)
+    actions, rows = _write_files(df, path, cluster_by)
     return _commit_adds(path, table, schema, actions, rows, mode)
 
 
@@ -272,15 +283,17 @@ def _commit_adds(
     return CommitResult(table.version(), len(actions), removed, rows)
 
 
-def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | None = None) -> CommitResult:
+def replace_by_key(
+    df: DataFrame, path: str, key: str, delete_keys: DataFrame | None = None, cluster_by: str | None = None
+) -> CommitResult:
     """Upsert `df` by `key` and drop `delete_keys`, rewriting only the files that hold a touched key.
 
     Rows of `df` replace the current rows with the same key; keys in `delete_keys` (a one-column frame named
     `key`) leave the table. Untouched files stay as they are, so an incremental night costs in proportion to
-    what changed, not to the table.
+    what changed, not to the table. The rewritten files are clustered by `cluster_by` (`_write_files`).
     """
     if not exists(path):
-        return write(df, path, mode="overwrite")
+        return write(df, path, mode="overwrite", cluster_by=cluster_by)
     table = _open(path)
     schema = arrow_schema(df.schema)
     _check_schema(path, table, schema)
@@ -314,7 +327,7 @@ def replace_by_key(df: DataFrame, path: str, key: str, delete_keys: DataFrame | 
             spark.read.schema(df.schema).parquet(*_spark_paths(path, touched_files)).join(touched, key, "left_anti")
         )
     new_rows = df if survivors is None else survivors.unionByName(df)
-    adds, rows = _write_files(new_rows, path)
+    adds, rows = _write_files(new_rows, path, cluster_by)
     now_ms = int(time.time() * 1000)
     removes = [RemoveAction(rel, True, now_ms) for rel in touched_files]
     table.create_write_transaction([*removes, *adds], mode="append", schema=schema)
