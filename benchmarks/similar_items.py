@@ -111,7 +111,8 @@ def write_embeddings(
         F.lit("e1").alias("run_id"),
         F.current_timestamp().alias("embedded_at"),
     )
-    tables.write(frame, tables.table_path(root, "embeddings"), mode="overwrite", cluster_by="shard" if clustered else None)
+    path = tables.table_path(root, "embeddings")
+    tables.write(frame, path, mode="overwrite", cluster_by="shard" if clustered else None)
 
 
 def run_lookalike(spark, cfg, vectors: np.ndarray, workdir: Path) -> dict:

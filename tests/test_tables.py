@@ -114,12 +114,12 @@ def test_clustered_writes_keep_each_value_in_one_file_sorted(spark: SparkSession
     """`cluster_by` (how `embeddings` is written by shard): a shard's rows share one file, sorted, and a read
     of one shard gets exactly its rows; an upsert rewrites clustered too."""
     path = str(tmp_path / "t")
-    mixed = spark.createDataFrame(
-        [(f"i{i:04d}", f"s{i % 5}", [float(i), 1.0]) for i in range(200)], "item_id string, value string, vec array<float>"
-    ).repartition(4)
+    schema = "item_id string, value string, vec array<float>"
+    mixed = spark.createDataFrame([(f"i{i:04d}", f"s{i % 5}", [float(i), 1.0]) for i in range(200)], schema)
+    mixed = mixed.repartition(4)
     tables.write(mixed, path, cluster_by="value")
     files = shards_per_file(path)
-    homes = [{value for value in values} for values in files]
+    homes = [set(values) for values in files]
     assert sorted(value for home in homes for value in home) == [f"s{i}" for i in range(5)]  # no value in two files
     assert all(values == sorted(values) for values in files)
     one = tables.read_files(tables.current_files(path), ["item_id"], pc.field("value") == "s3")
