@@ -439,3 +439,19 @@ def test_drifted_vectors_retrain(built: shard_index.BuiltIndex, vectors: np.ndar
     assert "this shard needs" in resized.update["retrained_because"]
     never = shard_index.build(vectors[:12_000], other, exact_fallback=False, previous=previous, max_drift=None)
     assert "retrained_because" not in never.update and never.update["reused"] is False
+
+
+def test_matrices_split_ragged_rows_of_vectors() -> None:
+    """Rows of any number of vectors (a user's members) as one matrix each, across chunks and after a filter
+    (sliced offsets); a value count that is not whole vectors is refused."""
+    rows = pa.chunked_array(
+        [pa.array([[1, 2, 3, 4], [], [5, 6]], pa.list_(pa.float32())), pa.array([[7, 8]], pa.list_(pa.float32()))]
+    )
+    got = shard_index.matrices(rows, 2)
+    assert [m.tolist() for m in got] == [[[1, 2], [3, 4]], [], [[5, 6]], [[7, 8]]]
+    assert all(m.dtype == np.float32 and m.shape[1:] == (2,) for m in got)
+    kept = pa.table({"v": rows}).filter(pa.array([False, False, True, True]))["v"]
+    assert [m.tolist() for m in shard_index.matrices(kept, 2)] == [[[5, 6]], [[7, 8]]]
+    assert shard_index.matrices(kept.slice(0, 0), 2) == []
+    with pytest.raises(ValueError, match="2-dimensional"):
+        shard_index.matrices(pa.chunked_array([pa.array([[1, 2, 3]], pa.list_(pa.float32()))]), 2)

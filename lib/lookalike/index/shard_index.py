@@ -678,3 +678,16 @@ def matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     if flat.size != len(column) * dim:
         raise ValueError(f"embeddings are not all {dim}-dimensional")
     return flat.astype(np.float32, copy=False).reshape(len(column), dim)
+
+
+def matrices(column: pa.ChunkedArray, dim: int) -> list[np.ndarray]:
+    """An array<float> column whose rows hold any number of `dim`-vectors as one (m, dim) float32 matrix per
+    row, views of one flat array: `to_pylist` made a Python float of every value, and was half of the
+    recommend stage's scoring time (users' member vectors, `benchmarks/scale.py`)."""
+    flat = pc.list_flatten(column).to_numpy().astype(np.float32, copy=False)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if flat.size % dim or np.any(lengths % dim):
+        raise ValueError(f"vectors are not all {dim}-dimensional")
+    if not len(column):
+        return []
+    return np.split(flat.reshape(-1, dim), np.cumsum(lengths // dim)[:-1])

@@ -191,10 +191,8 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     asking = asking.sort_by([("user_id", "ascending"), ("interest", "ascending")])
     users, members = asking.column("user_id").to_pylist(), asking.column("members").to_pylist()
     interests = shard_index.matrix(asking.column("vector"), job.dim)
-    weights = [np.asarray(w, dtype=np.float32) for w in asking.column("member_weights").to_pylist()]
-    member_vectors = [
-        np.asarray(v, dtype=np.float32).reshape(-1, job.dim) for v in asking.column("member_vectors").to_pylist()
-    ]
+    weights = [w[:, 0] for w in shard_index.matrices(asking.column("member_weights"), 1)]
+    member_vectors = shard_index.matrices(asking.column("member_vectors"), job.dim)
     columns: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
     positions_of: list[np.ndarray] = []
     bounds = distributor.group_bounds(asking.column("user_id"))
