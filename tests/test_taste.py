@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lookalike.recommend import scoring, taste
 
@@ -110,3 +112,39 @@ def test_could_enter_only_through_a_searched_shard_and_above_the_entry_score() -
     assert not scoring.could_enter(interests, targets, 0.1, far, ["Shoe"], 0.5)  # looks like nothing they like
     assert not scoring.could_enter(interests, targets, -np.inf, near, ["Pan"], 0.5)  # a shard no interest searches
     assert scoring.could_enter(interests, targets, -np.inf, far, ["Bag"], 0.5)  # an open list takes anything
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 6),
+    interests=st.integers(1, 3),
+    shard_count=st.integers(1, 3),
+    weight=st.sampled_from([0.0, 0.3, 1.0]),
+    coarse=st.booleans(),
+)
+def test_contenders_drop_only_candidates_that_can_never_be_ranked(
+    seed: int, n: int, interests: int, shard_count: int, weight: float, coarse: bool
+) -> None:
+    """Pruning each shard's candidates to its contenders keeps the user's ranked list, scores and entry score
+    exactly: with ties (coarse cosines), co-visited candidates, several shards and any blend weight."""
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, 40))
+    visual = rng.uniform(-1, 1, m).astype(np.float32)
+    if coarse:
+        visual = np.round(visual, 1).astype(np.float32)
+    interest = rng.integers(0, interests, m)
+    covisit = np.where(rng.random(m) < 0.3, rng.uniform(0, 5, m), 0.0)
+    shard = rng.integers(0, shard_count, m)
+    shares = rng.dirichlet(np.ones(interests))
+    keep_all, score_all = scoring.rank_user(interest, visual.astype(np.float64), covisit, shares, n, weight)
+
+    kept = np.zeros(m, dtype=bool)
+    for s in range(shard_count):  # positions are in item id order: a candidate's position is its id's rank
+        mine = np.flatnonzero(shard == s)
+        kept[mine[scoring.contenders(interest[mine], visual[mine], mine, covisit[mine] > 0, n, weight)]] = True
+    rest = np.flatnonzero(kept)
+    keep, score = scoring.rank_user(interest[rest], visual[rest].astype(np.float64), covisit[rest], shares, n, weight)
+    assert rest[keep].tolist() == keep_all.tolist()
+    assert score.tolist() == score_all.tolist()
+    assert scoring.entry_score(interest[rest], score, shares, n) == scoring.entry_score(interest, score_all, shares, n)

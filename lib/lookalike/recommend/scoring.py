@@ -1,5 +1,5 @@
 """The recommend stage's per-user math on plain arrays: a user's interests as profile rows, each candidate's
-best interest and its `because` members, and one user's ranked list with its reasons (steps 2, 4 and 5 of
+best interest, whether it can still reach the list, its `because` members, and one user's ranked list with its reasons (steps 2, 4 and 5 of
 `lookalike.recommend.stage`). The stage calls these once per user inside tasks that hold many users' rows."""
 
 from __future__ import annotations
@@ -47,19 +47,42 @@ def profile_rows(
     return rows
 
 
-def score_user(
-    interests: np.ndarray,
+def best_interest(interests: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate vector's best interest (the first of equals) and its cosine to it."""
+    sims = candidates @ interests.T
+    best = np.argmax(sims, axis=1)
+    return best, sims[np.arange(len(candidates)), best]
+
+
+def contenders(
+    interest: np.ndarray, visual: np.ndarray, order: np.ndarray, covisited: np.ndarray, n: int, covisit_weight: float
+) -> np.ndarray:
+    """Positions of the candidates (one shard's, of one user, bought and unavailable items already gone) that
+    can still reach the user's n: every co-visited one, and of the rest each interest's n best by their
+    looks-only blended score (`taste.blend` with no co-visitation, as `rank_user` computes it), ties by
+    `order` (the rank of the item id: `fair_merge` breaks ties by position, and positions are in item id
+    order). A candidate behind n others of its interest is behind them in that interest's queue and in the
+    list's fill order wherever the others live, so it is never kept: the scoring tasks drop it instead of
+    explaining, writing and shuffling it to the ranking step (most of ~200 candidates a user for 10 kept)."""
+    looks = taste.blend(visual.astype(np.float64), np.zeros(len(visual)), covisit_weight)
+    ranked = np.lexsort((order, -looks, interest))
+    grouped = interest[ranked]
+    within = np.arange(len(ranked)) - np.searchsorted(grouped, grouped, side="left")
+    keep = covisited.copy()
+    keep[ranked[within < n]] = True
+    return np.flatnonzero(keep)
+
+
+def explain(
+    best: np.ndarray,
     members: list[list[str]],
     member_weights: list[np.ndarray],
     member_vectors: list[np.ndarray],
     candidates: np.ndarray,
     because: int,
-) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[np.ndarray]]:
-    """Each candidate vector's best interest, its cosine to it, and the members of that interest with the
-    largest weight * cosine to the candidate (names and contributions, largest first, ties by name)."""
-    sims = candidates @ interests.T
-    best = np.argmax(sims, axis=1)
-    visual = sims[np.arange(len(candidates)), best]
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """For each candidate vector, the members of its best interest (`best_interest`) with the largest
+    weight * cosine to it: names and contributions, largest first, ties by name."""
     names: list[list[str]] = [[] for _ in range(len(candidates))]
     contribs: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(candidates)
     for k in np.unique(best):
@@ -70,7 +93,7 @@ def score_user(
         for row, picked, values in zip(rows, by_name[order], np.take_along_axis(parts, order, axis=1)):
             names[row] = [members[k][i] for i in picked]
             contribs[row] = values.astype(np.float32)
-    return best, visual, names, contribs
+    return names, contribs
 
 
 def rank_user(

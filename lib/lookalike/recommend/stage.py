@@ -17,11 +17,13 @@ Flow (Spark unless named otherwise):
    Python worker keeps one FAISS shard loaded (the one-entry cache of the similar stage's design; its vectors
    read straight from the files of the `embeddings` version the driver read): every interest that targets
    the shard asks it for `recommend.candidates` items (index search, exact re-rank); every candidate, found
-   there or co-visited and living there, gets its cosine to each of the user's interests, joins the best
-   one, and names the members of that interest that resemble it most.
-5. Per user (again over partitions sorted by user): purchased and out-of-stock items are gone (joins), the
-   visual cosine and the co-visitation score are blended (`taste.blend`) and the interests share the list
-   (`taste.fair_merge`). `because` holds the history items with the largest blended contributions.
+   there or co-visited and living there, gets its cosine to each of the user's interests and joins the best
+   one; items the user bought and items not offered (staged per shard and chunk like the co-visited ones)
+   leave, and so do candidates that can never reach the user's list (`scoring.contenders`: behind n others
+   of their interest on looks alone); the rest name the members of their interest that resemble them most.
+5. Per user (again over partitions sorted by user): the visual cosine and the co-visitation score are
+   blended (`taste.blend`) and the interests share the list (`taste.fair_merge`). `because` holds the
+   history items with the largest blended contributions.
 6. Users with no usable history, or fewer than n candidates left, are filled from the most popular items
    they have not bought, with an empty `because`.
 A run whose inputs are unchanged since the last one (the events and catalog files, the `embeddings` table
@@ -54,7 +56,15 @@ from lookalike.embed import catalog, shards
 from lookalike.errors import LookalikeError
 from lookalike.index import builds, shard_index
 from lookalike.recommend import history, incremental
-from lookalike.recommend.scoring import entry_score, profile_rows, rank_user, reasons, score_user
+from lookalike.recommend.scoring import (
+    best_interest,
+    contenders,
+    entry_score,
+    explain,
+    profile_rows,
+    rank_user,
+    reasons,
+)
 from lookalike.results import StageResult
 from lookalike.storage import files, tables
 
@@ -146,6 +156,8 @@ class Job(builds.SearchJob):
 
     candidates: int
     because: int
+    n: int
+    covisit_weight: float
     embeddings: tuple[str, ...]
 
 
@@ -160,33 +172,64 @@ class Unit:
 # ----------------------------------------------------------------------------------------- executors
 
 
-def _load_target(job: Job, shard: str) -> tuple[shard_index.LoadedShard, np.ndarray]:
-    """A shard's index and its vectors, read from the `embeddings` files, in FAISS id order, for
-    `distributor.worker_cached`."""
+@dataclass(frozen=True)
+class Target:
+    """A shard as scoring tasks use it: its index, its vectors in FAISS id order, and each position's rank in
+    item id order (`scoring.contenders` breaks ties by it)."""
+
+    loaded: shard_index.LoadedShard
+    vectors: np.ndarray
+    id_order: np.ndarray
+
+
+def _load_target(job: Job, shard: str) -> Target:
+    """A shard's `Target`, its vectors read from the `embeddings` files, for `distributor.worker_cached`."""
     table = tables.read_files(job.embeddings, ["item_id", "embedding"], pc.field("shard") == shard)
     loaded = builds.load_shard(job.output_root, job.build, shard, model=job.model, dim=job.dim)
-    return loaded, loaded.align(table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim))
+    vectors = loaded.align(table["item_id"].combine_chunks(), shard_index.matrix(table["embedding"], job.dim))
+    id_order = np.empty(len(loaded.item_ids), dtype=np.int64)
+    id_order[pc.sort_indices(loaded.item_ids).to_numpy()] = np.arange(len(id_order))
+    return Target(loaded, vectors, id_order)
+
+
+def _pairs(staged: pa.Table | None, item_ids: pa.Array) -> dict[str, set[int]]:
+    """Staged (user_id, item_id) rows of one shard as each user's set of positions in it."""
+    pairs: dict[str, set[int]] = {}
+    if staged is not None:
+        positions = pc.index_in(staged["item_id"], value_set=item_ids)
+        for user, position in zip(staged["user_id"].to_pylist(), positions.to_pylist()):
+            if position is not None:  # always, for an index built from the current embeddings
+                pairs.setdefault(user, set()).add(position)
+    return pairs
 
 
 def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
-    """Candidates of one chunk's users in one shard (module docstring, step 4)."""
-    (loaded, vectors), _ = distributor.worker_cached(job.cache_key(unit.shard), lambda: _load_target(job, unit.shard))
+    """Candidates of one chunk's users in one shard (module docstring, step 4): found by the user's
+    interests or co-visited, less what the user bought and what is not offered, less what cannot reach the
+    user's list (`scoring.contenders`)."""
+    target, _ = distributor.worker_cached(job.cache_key(unit.shard), lambda: _load_target(job, unit.shard))
+    loaded, vectors = target.loaded, target.vectors
+    folder = f"shard_dir={shards.folder_name(unit.shard)}"
     profiles = distributor.read_staged(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS)
     requests = distributor.read_staged_if_any(
-        f"{job.staging}/requests/shard_dir={shards.folder_name(unit.shard)}/chunk={unit.chunk}", ["user_id", "item_id"]
+        f"{job.staging}/requests/{folder}/chunk={unit.chunk}", ["user_id", "item_id"]
     )
-    found: dict[str, set[int]] = {}
+    bought = distributor.read_staged_if_any(
+        f"{job.staging}/excluded/{folder}/chunk={unit.chunk}", ["user_id", "item_id"]
+    )
+    unavailable = distributor.read_staged_if_any(f"{job.staging}/unavailable/{folder}", ["item_id"])
+    covisited = _pairs(requests, loaded.item_ids)
+    dropped = _pairs(bought, loaded.item_ids)
+    offered = np.ones(len(vectors), dtype=bool)
+    if unavailable is not None:
+        offered[pc.index_in(unavailable["item_id"], value_set=loaded.item_ids).drop_null().to_numpy()] = False
+    found: dict[str, set[int]] = {user: set(positions) for user, positions in covisited.items()}
     asks = profiles.filter(_targets(profiles, unit.shard))
     if asks.num_rows:
         queries = shard_index.matrix(asks.column("vector"), job.dim)
         _, ids = loaded.search(vectors, queries, min(job.candidates, len(vectors)))
         for user, row in zip(asks.column("user_id").to_pylist(), ids):
             found.setdefault(user, set()).update(row[row >= 0].tolist())
-    if requests is not None:
-        positions = pc.index_in(requests["item_id"], value_set=loaded.item_ids)
-        for user, position in zip(requests["user_id"].to_pylist(), positions.to_pylist()):
-            if position is not None:  # always, for an index built from the current embeddings
-                found.setdefault(user, set()).add(position)
     asking = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=pa.array(list(found), pa.string())))
     asking = asking.sort_by([("user_id", "ascending"), ("interest", "ascending")])
     users, members = asking.column("user_id").to_pylist(), asking.column("members").to_pylist()
@@ -197,9 +240,16 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     positions_of: list[np.ndarray] = []
     bounds = distributor.group_bounds(asking.column("user_id"))
     for a, b in zip(bounds[:-1], bounds[1:]):
-        positions = np.array(sorted(found[users[a]]), dtype=np.int64)
-        best, visual, names, contribs = score_user(
-            interests[a:b], members[a:b], weights[a:b], member_vectors[a:b], vectors[positions], job.because
+        user = users[a]
+        positions = np.array(sorted(found[user]), dtype=np.int64)
+        best, visual = best_interest(interests[a:b], vectors[positions])
+        usable = offered[positions] & ~np.isin(positions, np.fromiter(dropped.get(user, ()), dtype=np.int64))
+        positions, best, visual = positions[usable], best[usable], visual[usable]
+        is_covisited = np.isin(positions, np.fromiter(covisited.get(user, ()), dtype=np.int64))
+        keep = contenders(best, visual, target.id_order[positions], is_covisited, job.n, job.covisit_weight)
+        positions, best, visual = positions[keep], best[keep], visual[keep]
+        names, contribs = explain(
+            best, members[a:b], weights[a:b], member_vectors[a:b], vectors[positions], job.because
         )
         positions_of.append(positions)
         columns["user_id"] += [users[a]] * len(positions)
@@ -539,7 +589,19 @@ def _recompute(
         f"{staging}/requests",
         ["shard_dir", "chunk"],
     )
-    log.info("recommend %s: co-visited candidates staged (%.1f s in)", run_id, time.time() - started)
+    located = vectors.select("item_id", "shard")
+    distributor.stage(
+        shards.with_folder(spark, pieces.excluded.join(located, "item_id").withColumn("chunk", chunk), shard_names),
+        f"{staging}/excluded",
+        ["shard_dir", "chunk"],
+    )
+    if settings.in_stock_only:
+        distributor.stage(
+            shards.with_folder(spark, located.join(pieces.items, "item_id", "left_anti"), shard_names),
+            f"{staging}/unavailable",
+            ["shard_dir"],
+        )
+    log.info("recommend %s: co-visited candidates and exclusions staged (%.1f s in)", run_id, time.time() - started)
     asked = (
         staged.select(F.explode("targets").alias("shard"), "chunk")
         .unionByName(staged_requests.select("shard", "chunk"))
@@ -556,11 +618,8 @@ def _recompute(
     shares = staged.groupBy("user_id").agg(
         F.transform(F.sort_array(F.collect_list(F.struct("interest", "share"))), lambda s: s["share"]).alias("shares")
     )
-    scored = (
-        candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left")
-        .join(pieces.excluded, ["user_id", "item_id"], "left_anti")
-        .join(pieces.items.select("item_id"), "item_id")
-        .join(shares, "user_id")
+    scored = candidates.join(staged_requests.drop("shard", "shard_dir", "chunk"), ["user_id", "item_id"], "left").join(
+        shares, "user_id"
     )
     ranked = distributor.by_key(scored, n_chunks, "user_id", "item_id").mapInArrow(
         rank_task(settings), from_arrow_schema(RANKED_SCHEMA)
@@ -697,6 +756,8 @@ def run(cfg: Config, spark: SparkSession, run_id: str) -> StageResult:
                 staging=staging,
                 candidates=settings.candidates,
                 because=settings.because,
+                n=settings.n,
+                covisit_weight=settings.covisit_weight,
                 embeddings=tuple(tables.current_files(embeddings_path, embeddings_version)),
             )
             staged, ranked, rows, units = _recompute(
