@@ -7,9 +7,8 @@ a few consecutive units: for each it takes the target shard from the one-entry p
 `distributor.worker_cached`: the index from the latest build, the shard's vectors read with Arrow straight
 from the files of the `embeddings` version the driver read (`tables.read_files`, no Spark copy of them),
 put in FAISS id order and checked by `LoadedShard.align`, and its staged columns in the same order. (A
-load decodes every row group whose statistics do not rule its shard out: all of them where `embeddings`' files
-mix shards, so each shard's load reads the table's vectors once; one Spark copy of them cost more than that
-for a few shards.) A unit's queries are a chunk of the target's own rows. Units are sorted by target, so a
+load decodes the row groups whose statistics do not rule its shard out; the embed stage writes `embeddings`
+clustered by shard, so that is about the shard's own rows.) A unit's queries are a chunk of the target's own rows. Units are sorted by target, so a
 reused Python worker loads each shard about once and never holds two. With `similar.scope: shard` an item's
 only target is its own shard; with `all` every (target, chunk) pair is a unit, the staged chunks also carry
 vectors (a unit's queries may come from another shard), and Spark merges the per-target top-k lists by score.
