@@ -1,6 +1,7 @@
-"""The recommend stage's per-user math on plain arrays: a user's interests as profile rows, each candidate's
-best interest, whether it can still reach the list, its `because` members, and one user's ranked list with its reasons (steps 2, 4 and 5 of
-`lookalike.recommend.stage`). The stage calls these once per user inside tasks that hold many users' rows."""
+"""The recommend stage's per-user math on plain arrays: a user's interests as profile rows, each candidate's best
+interest, whether it can still reach the list, its `because` members, and one user's ranked list with its reasons
+(steps 2, 4 and 5 of `lookalike.recommend.stage`). The stage calls these once per user inside tasks that hold many
+users' rows."""
 
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
 """The similar stage: every item in `embeddings` -> its `similar.k` most similar items in `similar_items`.
 
-Work layout. The driver stages each item's exclusion key, eligibility and query chunk (small columns, no
-vectors) as Parquet partitioned by shard and chunk (`<output.root>/staging/<run_id>/similar/items/
-shard_dir=<folder>/chunk=<c>/`), and plans work units (target shard, query shard, chunk). One Spark task runs
-a few consecutive units: for each it takes the target shard from the one-entry per-worker cache
-`distributor.worker_cached`: the index from the latest build, the shard's vectors read with Arrow straight
-from the files of the `embeddings` version the driver read (`tables.read_files`, no Spark copy of them),
-put in FAISS id order and checked by `LoadedShard.align`, and its staged columns in the same order. (A
-load decodes the row groups whose statistics do not rule its shard out; the embed stage writes `embeddings`
-clustered by shard, so that is about the shard's own rows.) A unit's queries are a chunk of the target's own rows. Units are sorted by target, so a
-reused Python worker loads each shard about once and never holds two. With `similar.scope: shard` an item's
-only target is its own shard; with `all` every (target, chunk) pair is a unit, the staged chunks also carry
-vectors (a unit's queries may come from another shard), and Spark merges the per-target top-k lists by score.
-That merge is exact: a target's own top k holds everything it can contribute to the global top k.
+Work layout. The driver stages each item's exclusion key, eligibility and query chunk (small columns, no vectors) as
+Parquet partitioned by shard and chunk (`<output.root>/staging/<run_id>/similar/items/
+shard_dir=<folder>/chunk=<c>/`), and plans work units (target shard, query shard, chunk). One Spark task runs a few
+consecutive units: for each it takes the target shard from the one-entry per-worker cache
+`distributor.worker_cached`: the index from the latest build, the shard's vectors read with Arrow straight from the
+files of the `embeddings` version the driver read (`tables.read_files`, no Spark copy of them), put in FAISS id
+order and checked by `LoadedShard.align`, and its staged columns in the same order. (A load decodes the row groups
+whose statistics do not rule its shard out; the embed stage writes `embeddings` clustered by shard, so that is about
+the shard's own rows.) A unit's queries are a chunk of the target's own rows. Units are sorted by target, so a
+reused Python worker loads each shard about once and never holds two. With `similar.scope: shard` an item's only
+target is its own shard; with `all` every (target, chunk) pair is a unit, the staged chunks also carry vectors (a
+unit's queries may come from another shard), and Spark merges the per-target top-k lists by score. That merge is
+exact: a target's own top k holds everything it can contribute to the global top k.
 
 Writing. With scope shard each task writes its rows, as Arrow, into one Parquet file and reports its name.
 When every shard was computed those files go into a fresh folder of `similar_items` and the driver commits
