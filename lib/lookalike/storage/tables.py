@@ -223,7 +223,7 @@ def _write_files(df: DataFrame, path: str, cluster_by: str | None) -> tuple[list
     file, so a reader filtering on one value (`read_files`) skips the other files' row groups by their
     statistics. `embeddings` is written by `shard`: every index, similar and recommend task reads one shard,
     and with shards mixed in every file each such read decoded the whole table (at 300,000 x 256-d in 10
-    shards, reading every shard once took 2.8x as long; `benchmarks/shard_reads.py`)."""
+    shards, reading every shard once took 5.3x as long; `benchmarks/shard_reads.py`)."""
     if cluster_by is not None:
         df = df.repartition(cluster_by).sortWithinPartitions(cluster_by)
     folder = files_folder(path)
