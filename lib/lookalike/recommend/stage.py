@@ -192,6 +192,12 @@ def _load_target(job: Job, shard: str) -> Target:
     return Target(loaded, vectors, id_order)
 
 
+def _staged_part(job: Job, part: str, unit: Unit, columns: list[str], per_chunk: bool = True) -> pa.Table | None:
+    """The unit's rows of a part `_recompute` staged by shard (and user chunk), or None where it has none."""
+    folder = f"{job.staging}/{part}/shard_dir={shards.folder_name(unit.shard)}"
+    return distributor.read_staged_if_any(f"{folder}/chunk={unit.chunk}" if per_chunk else folder, columns)
+
+
 def _pairs(staged: pa.Table | None, item_ids: pa.Array) -> dict[str, set[int]]:
     """Staged (user_id, item_id) rows of one shard as each user's set of positions in it."""
     pairs: dict[str, set[int]] = {}
@@ -209,15 +215,10 @@ def _score_unit(job: Job, unit: Unit) -> pa.RecordBatch:
     user's list (`scoring.contenders`)."""
     target, _ = distributor.worker_cached(job.cache_key(unit.shard), lambda: _load_target(job, unit.shard))
     loaded, vectors = target.loaded, target.vectors
-    folder = f"shard_dir={shards.folder_name(unit.shard)}"
     profiles = distributor.read_staged(f"{job.staging}/profiles/chunk={unit.chunk}", PROFILE_COLUMNS)
-    requests = distributor.read_staged_if_any(
-        f"{job.staging}/requests/{folder}/chunk={unit.chunk}", ["user_id", "item_id"]
-    )
-    bought = distributor.read_staged_if_any(
-        f"{job.staging}/excluded/{folder}/chunk={unit.chunk}", ["user_id", "item_id"]
-    )
-    unavailable = distributor.read_staged_if_any(f"{job.staging}/unavailable/{folder}", ["item_id"])
+    requests = _staged_part(job, "requests", unit, ["user_id", "item_id"])
+    bought = _staged_part(job, "excluded", unit, ["user_id", "item_id"])
+    unavailable = _staged_part(job, "unavailable", unit, ["item_id"], per_chunk=False)
     covisited = _pairs(requests, loaded.item_ids)
     dropped = _pairs(bought, loaded.item_ids)
     offered = np.ones(len(vectors), dtype=bool)
@@ -578,29 +579,24 @@ def _recompute(
     profiles = distributor.by_key(usable, n_chunks, "user_id", "item_id").mapInArrow(
         profiles_task(settings.max_interests, job.dim), from_arrow_schema(PROFILE_SCHEMA)
     )
+    located = vectors.select("item_id", "shard")
     requests = history.covisit_candidates(pieces.limited, pieces.covisits, settings.candidates, settings.because)
-    requests = requests.join(vectors.select("item_id", "shard"), "item_id")
     staging = job.staging
     chunk = F.pmod(F.xxhash64("user_id"), F.lit(n_chunks)).cast("int")
     staged = distributor.stage(profiles.withColumn("chunk", chunk), f"{staging}/profiles", ["chunk"])
     log.info("recommend %s: %d users' interests staged (%.1f s in)", run_id, n_users, time.time() - started)
-    staged_requests = distributor.stage(
-        shards.with_folder(spark, requests.withColumn("chunk", chunk), shard_names),
-        f"{staging}/requests",
-        ["shard_dir", "chunk"],
-    )
-    located = vectors.select("item_id", "shard")
-    distributor.stage(
-        shards.with_folder(spark, pieces.excluded.join(located, "item_id").withColumn("chunk", chunk), shard_names),
-        f"{staging}/excluded",
-        ["shard_dir", "chunk"],
-    )
+
+    def by_shard(part: str, frame: DataFrame, per_chunk: bool = True) -> DataFrame:
+        """`frame`'s rows where `_staged_part` reads them: by shard folder (and by user chunk)."""
+        if per_chunk:
+            frame = frame.withColumn("chunk", chunk)
+        folders = shards.with_folder(spark, frame, shard_names)
+        return distributor.stage(folders, f"{staging}/{part}", ["shard_dir", "chunk"] if per_chunk else ["shard_dir"])
+
+    staged_requests = by_shard("requests", requests.join(located, "item_id"))
+    by_shard("excluded", pieces.excluded.join(located, "item_id"))
     if settings.in_stock_only:
-        distributor.stage(
-            shards.with_folder(spark, located.join(pieces.items, "item_id", "left_anti"), shard_names),
-            f"{staging}/unavailable",
-            ["shard_dir"],
-        )
+        by_shard("unavailable", located.join(pieces.items, "item_id", "left_anti"), per_chunk=False)
     log.info("recommend %s: co-visited candidates and exclusions staged (%.1f s in)", run_id, time.time() - started)
     asked = (
         staged.select(F.explode("targets").alias("shard"), "chunk")
